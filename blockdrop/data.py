@@ -1,0 +1,163 @@
+"""Datasets by name: cifar10, cifar100, imagenet, imagefolder, and the offline digits set.
+
+`load_dataset(preset, split, name=None, data_dir=None)` returns a torch Dataset of
+(normalised image tensor, label) with the preset's input size and the original's augmentation on
+the train split. Missing or mismatched data is a UserError that says what to put where.
+"""
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset
+from torchvision import datasets, transforms as T
+
+from blockdrop.errors import UserError
+from blockdrop.presets import Preset
+
+DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder", "digits")
+SPLITS = ("train", "test")
+DEFAULT_DATA_DIR = Path("data")
+DOWNLOAD_TIMEOUT_S = 30.0
+
+
+def _normalize(preset: Preset) -> T.Normalize:
+    return T.Normalize(preset.mean, preset.std)
+
+
+def _presence_only(cls: type) -> type:
+    """torchvision's CIFAR class with per-file checksums off: files are checked for presence.
+
+    The archive's checksum is still verified on download; what is checked off is re-hashing the
+    extracted batches on every start (and so small local copies in the real format load too).
+    """
+    return type(cls.__name__, (cls,), {
+        "train_list": [[name, None] for name, _ in cls.train_list],
+        "test_list": [[name, None] for name, _ in cls.test_list],
+        "meta": {**cls.meta, "md5": None},
+    })
+
+
+_CIFAR = {"cifar10": (_presence_only(datasets.CIFAR10), 10), "cifar100": (_presence_only(datasets.CIFAR100), 100)}
+
+
+def _cifar(preset: Preset, name: str, root: Path, train: bool, download: bool) -> Dataset:
+    cls, _ = _CIFAR[name]
+    if preset.image_size != 32 or preset.in_channels != 3:
+        raise UserError(f"{name} has 32x32 RGB images; preset {preset.name} expects "
+                        f"{preset.image_size}x{preset.image_size} with {preset.in_channels} channel(s)")
+    folder = root / cls.base_folder
+    augment = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train else []
+    transform = T.Compose([*augment, T.ToTensor(), _normalize(preset)])
+    present = all((folder / f).is_file() for f, _ in cls.train_list + cls.test_list + [[cls.meta["filename"], None]])
+    if not present:
+        if not download:
+            raise UserError(f"{name} not found in {folder}; pass --data-dir pointing at the folder that "
+                            f"holds {cls.base_folder}/, or allow the download")
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # torchvision prints progress on stdout
+                cls(str(root), train=train, download=True)
+        except Exception as err:
+            raise UserError(
+                f"{name} is not in {folder} and could not be downloaded ({type(err).__name__}: {err}). "
+                f"On a machine without internet, copy {cls.filename} (extracted) into {root}/ "
+                "or pass --data-dir"
+            ) from None
+        finally:
+            socket.setdefaulttimeout(previous)
+    try:
+        return cls(str(root), train=train, transform=transform)
+    except Exception as err:
+        raise UserError(f"{name} in {folder} could not be read ({type(err).__name__}: {err})") from None
+
+
+def _folder_transform(preset: Preset, train: bool, imagenet: bool) -> T.Compose:
+    size = preset.image_size
+    gray = [T.Grayscale(preset.in_channels)] if preset.in_channels == 1 else []
+    if imagenet and train:
+        geometry = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+    elif imagenet:
+        geometry = [T.Resize(size * 256 // 224), T.CenterCrop(size)]
+    else:
+        geometry = [T.Resize((size, size))] + ([T.RandomHorizontalFlip()] if train else [])
+    return T.Compose([*gray, *geometry, T.ToTensor(), _normalize(preset)])
+
+
+def _image_folder(preset: Preset, name: str, root: Path, train: bool) -> Dataset:
+    """imagenet: root/train and root/val; imagefolder: those, root/test, or one folder split 90/10."""
+    split_dirs = ["train"] if train else ["val", "test"]
+    folder = next((root / d for d in split_dirs if (root / d).is_dir()), None)
+    whole = folder is None and name == "imagefolder"
+    if whole:
+        folder = root
+    if folder is None or not folder.is_dir():
+        want = f"{root}/train/ and {root}/val/" if name == "imagenet" else f"{root}/ (class subfolders)"
+        raise UserError(f"{name} data not found: expected class folders under {want}; pass --data-dir")
+    try:
+        ds = datasets.ImageFolder(str(folder), transform=_folder_transform(preset, train, name == "imagenet"))
+    except (FileNotFoundError, RuntimeError) as err:
+        raise UserError(f"{folder} holds no images in class subfolders ({err})") from None
+    if len(ds.classes) != preset.num_classes:
+        raise UserError(f"{folder} has {len(ds.classes)} class folders; preset {preset.name} has "
+                        f"{preset.num_classes} classes")
+    if whole:  # a deterministic split: every 10th image of each class is held out
+        held_out = [i for i, _ in enumerate(ds.samples) if i % 10 == 9]
+        keep = set(held_out) if not train else set(range(len(ds))) - set(held_out)
+        ds = Subset(ds, sorted(keep))
+    return ds
+
+
+class Digits(Dataset):
+    """scikit-learn's 1797 bundled 8x8 handwritten digits; a fixed stratified 80/20 split."""
+
+    def __init__(self, preset: Preset, train: bool):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        if preset.image_size != 8 or preset.in_channels != 1:
+            raise UserError(f"digits are 8x8 grayscale; preset {preset.name} expects "
+                            f"{preset.image_size}x{preset.image_size} with {preset.in_channels} channels")
+        bunch = load_digits()
+        images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        labels = torch.tensor(bunch.target, dtype=torch.long)
+        train_idx, test_idx = train_test_split(range(len(labels)), test_size=0.2, random_state=0,
+                                               stratify=bunch.target)
+        idx = torch.tensor(train_idx if train else test_idx)
+        self.images = (images[idx] - preset.mean[0]) / preset.std[0]
+        self.labels = labels[idx]
+        self.classes = [str(d) for d in range(10)]
+        # Small random shifts: digits are not flip-invariant.
+        self.augment = T.RandomCrop(8, padding=1, padding_mode="edge") if train else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = self.images[i]
+        return (self.augment(image) if self.augment else image), int(self.labels[i])
+
+
+def load_dataset(preset: Preset, split: str, name: str | None = None, data_dir: str | Path | None = None,
+                 download: bool = True) -> Dataset:
+    """The `split` ("train" or "test") of dataset `name` (default: the preset's) for `preset`."""
+    name = name or preset.dataset
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    train = split == "train"
+    if name == "digits":
+        return Digits(preset, train)
+    if name in _CIFAR:
+        classes = _CIFAR[name][1]
+        if classes != preset.num_classes:
+            raise UserError(f"{name} has {classes} classes; preset {preset.name} has {preset.num_classes}")
+        return _cifar(preset, name, Path(data_dir or DEFAULT_DATA_DIR), train, download)
+    if data_dir is None:
+        raise UserError(f"dataset {name} needs --data-dir (a folder of class subfolders)")
+    return _image_folder(preset, name, Path(data_dir), train)

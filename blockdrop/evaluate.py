@@ -1,0 +1,151 @@
+"""The evaluation report: greedy policy, sparse execution, the original's figures.
+
+    python -m blockdrop.evaluate --preset R110_C10 --checkpoint ckpt.pt [--json]
+
+prints Accuracy, Block Usage (mean +- std), FLOPs/img (mean +- std, policy network included),
+Unique Policies, and the full model's accuracy and FLOPs on the same images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from blockdrop.checkpoints import load_models
+from blockdrop.data import DATASETS, load_dataset
+from blockdrop.errors import UserError, run_cli
+from blockdrop.execution import run_sparse
+from blockdrop.flops import CostModel, cost_model
+from blockdrop.models.resnet import FlatResNet, PolicyNet
+from blockdrop.policy import greedy_policy
+from blockdrop.presets import PRESETS, get_preset
+
+
+@dataclass
+class Report:
+    images: int
+    accuracy: float
+    blocks_mean: float
+    blocks_std: float
+    flops_mean: float
+    flops_std: float
+    unique_policies: int
+    full_accuracy: float
+    full_flops: int
+    speedup: float  # full_flops / flops_mean
+
+    def text(self) -> str:
+        return "\n".join([
+            f"Accuracy: {self.accuracy:.3f}",
+            f"Block Usage: {self.blocks_mean:.3f} +- {self.blocks_std:.3f}",
+            f"FLOPs/img: {self.flops_mean:.2E} +- {self.flops_std:.2E}",
+            f"Unique Policies: {self.unique_policies}",
+            f"Full model: accuracy {self.full_accuracy:.3f}, FLOPs/img {self.full_flops:.2E}",
+            f"FLOPs speedup: {self.speedup:.2f}x  ({self.images} images)",
+        ])
+
+
+@torch.inference_mode()
+def evaluate(backbone: FlatResNet, policy: PolicyNet | None, loader: DataLoader, costs: CostModel,
+             device: torch.device, progress: bool = True) -> Report:
+    """Run the greedy policy with sparse execution (and the full model) over `loader`."""
+    backbone.eval()
+    if policy is not None:
+        policy.eval()
+    correct, full_correct, policies = [], [], []
+    for images, labels in tqdm(loader, desc="evaluate", unit="batch", disable=None if progress else True, file=sys.stderr):
+        images, labels = images.to(device), labels.to(device)
+        full_logits = backbone(images)
+        if policy is None:
+            actions = torch.ones(len(images), backbone.num_blocks, device=device)
+            logits = full_logits
+        else:
+            actions = greedy_policy(policy(images))
+            logits = run_sparse(backbone, images, actions)
+        correct.append((logits.argmax(1) == labels).cpu())
+        full_correct.append((full_logits.argmax(1) == labels).cpu())
+        policies.append(actions.bool().cpu())
+    if not correct:
+        raise UserError("the evaluation set is empty")
+    actions = torch.cat(policies)
+    blocks = actions.sum(1, dtype=torch.float64)
+    flops = costs.per_image(actions) if policy is not None else torch.full_like(blocks, costs.full)
+    return Report(
+        images=len(actions),
+        accuracy=torch.cat(correct).double().mean().item(),
+        blocks_mean=blocks.mean().item(),
+        blocks_std=blocks.std(correction=0).item(),
+        flops_mean=flops.mean().item(),
+        flops_std=flops.std(correction=0).item(),
+        unique_policies=len(torch.unique(actions, dim=0)),
+        full_accuracy=torch.cat(full_correct).double().mean().item(),
+        full_flops=costs.full,
+        speedup=costs.full / flops.mean().item(),
+    )
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but this machine has no CUDA GPU")
+    return torch.device(name)
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, limit: int | None = None) -> DataLoader:
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    if limit is not None:
+        dataset = Subset(dataset, range(min(limit, len(dataset))))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m blockdrop.evaluate",
+        description="Evaluate a BlockDrop checkpoint: the greedy policy (s >= 0.5) with sparse execution, "
+                    "reported as in the paper. A checkpoint without a policy evaluates the full ResNet.",
+        epilog="Checkpoints: this project's files, original BlockDrop files (agent/resnet), or pretrained "
+               "ResNets in torchvision layout.",
+    )
+    parser.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file to evaluate")
+    parser.add_argument("--backbone", help="pretrained ResNet file, for a checkpoint that holds only a policy")
+    parser.add_argument("--dataset", choices=DATASETS, help="default: the preset's dataset")
+    parser.add_argument("--data-dir", help="dataset folder (CIFAR: downloaded here when missing; default ./data)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N test images")
+    parser.add_argument("--num-workers", type=int, help="data loader processes (default: 0 for in-memory sets, "
+                                                        "else up to 4)")
+    parser.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--no-download", action="store_true", help="never download a missing dataset")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    args = parser.parse_args(argv)
+
+    preset = get_preset(args.preset)
+    device = pick_device(args.device)
+    backbone, policy, ckpt = load_models(preset, args.checkpoint, args.backbone)
+    dataset = load_dataset(preset, "test", args.dataset, args.data_dir, download=not args.no_download)
+    if args.num_workers is None:  # the in-memory digits gain nothing from worker processes
+        args.num_workers = 0 if (args.dataset or preset.dataset) == "digits" else min(4, os.cpu_count() or 1)
+    loader = make_loader(dataset, args.batch_size, args.num_workers, args.limit)
+    if policy is None:
+        print(f"{args.checkpoint} has no policy network: evaluating the full ResNet", file=sys.stderr)
+    report = evaluate(backbone.to(device), policy and policy.to(device), loader, cost_model(preset), device,
+                      progress=not args.json)
+    if args.json:
+        print(json.dumps({"preset": preset.name, "checkpoint": str(args.checkpoint), "source": ckpt.source,
+                          **asdict(report)}))
+    else:
+        print(f"{preset.name}  {args.checkpoint}  ({ckpt.source} checkpoint)")
+        print(report.text())
+
+
+if __name__ == "__main__":
+    run_cli(main)

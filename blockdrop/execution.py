@@ -1,0 +1,86 @@
+"""Running a backbone under per-image policies.
+
+A policy is a (batch, K) 0/1 matrix: row i says which residual blocks image i runs. A dropped
+block keeps its shortcut, so a stage's first block still downsamples when it is dropped.
+
+- `run_full`: every block for every image (the pretrained ResNet).
+- `run_masked`: every kept block is computed for the whole batch and the result is blended with
+  the shortcut by the mask, like the original; differentiable with respect to the backbone, and
+  what joint finetuning needs (BatchNorm sees the whole batch).
+- `run_sparse`: block k runs only on the rows that keep it; the other rows take the shortcut and
+  a block no row keeps costs nothing. This is where the wall-clock saving comes from.
+In eval mode `run_masked` and `run_sparse` compute the same function.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from blockdrop.models.resnet import FlatResNet
+
+MODES = ("full", "masked", "sparse")
+
+
+def _check_policy(net: FlatResNet, x: torch.Tensor, policy: torch.Tensor) -> None:
+    if policy.shape != (x.shape[0], net.num_blocks):
+        raise ValueError(
+            f"policy has shape {tuple(policy.shape)}; expected (batch={x.shape[0]}, "
+            f"blocks={net.num_blocks})"
+        )
+
+
+def run_full(net: FlatResNet, x: torch.Tensor) -> torch.Tensor:
+    """Logits of the full network."""
+    return net(x)
+
+
+def run_masked(net: FlatResNet, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    """Logits under `policy`, computing each block on every row and masking (the original's way)."""
+    _check_policy(net, x, policy)
+    mask = policy.to(device=x.device, dtype=x.dtype)
+    active = mask.any(0).tolist()  # one host sync for the whole pass
+    x = net.seed(x)
+    for k in range(net.num_blocks):
+        residual = net.shortcut(k, x)
+        if not active[k]:
+            x = residual
+            continue
+        keep = mask[:, k].view(-1, 1, 1, 1)
+        fx = F.relu(residual + net.block(k)(x))
+        x = fx * keep + residual * (1 - keep)
+    return net.head(x)
+
+
+def run_sparse(net: FlatResNet, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    """Logits under `policy`, running each block only on the rows that keep it."""
+    _check_policy(net, x, policy)
+    keep = policy.to(device=x.device, dtype=torch.bool)
+    counts = keep.sum(0).tolist()  # one host sync for the whole pass
+    batch = x.shape[0]
+    x = net.seed(x)
+    for k in range(net.num_blocks):
+        residual = net.shortcut(k, x)
+        if counts[k] == 0:
+            x = residual
+        elif counts[k] == batch:
+            x = F.relu(residual + net.block(k)(x))
+        else:
+            rows = keep[:, k].nonzero().squeeze(1)
+            out = F.relu(residual.index_select(0, rows) + net.block(k)(x.index_select(0, rows)))
+            # In-place scatter where autograd does not need `residual` intact.
+            scatter = residual.index_copy if torch.is_grad_enabled() else residual.index_copy_
+            x = scatter(0, rows, out)
+    return net.head(x)
+
+
+def run(net: FlatResNet, x: torch.Tensor, policy: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """Dispatch on `mode` (one of MODES); `full` ignores the policy."""
+    if mode == "full":
+        return run_full(net, x)
+    if policy is None:
+        raise ValueError(f"mode {mode!r} needs a policy")
+    if mode == "masked":
+        return run_masked(net, x, policy)
+    if mode == "sparse":
+        return run_sparse(net, x, policy)
+    raise ValueError(f"unknown execution mode {mode!r}; expected one of {MODES}")

@@ -1,0 +1,162 @@
+"""Analytic cost model in the paper's convention: the one source of every FLOPs number printed.
+
+conv: 2 * Cin * Cout * kh * kw * Hout * Wout; linear: 2 * in * out; BatchNorm, ReLU, pooling and
+the parameter-free CIFAR shortcut are free. The cost of an image under a policy u is
+`fixed + sum_k u_k * block_k`, where `fixed` holds the stem, the classifier, the shortcut convs
+(they run whether or not their block does) and the policy network.
+
+`python -m blockdrop.flops --preset R110_C10 [--json]` prints the per-block table and totals.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+
+import torch
+
+from blockdrop.errors import run_cli
+from blockdrop.models.resnet import ResNetSpec
+from blockdrop.presets import PRESETS, Preset, get_preset
+
+
+def conv_flops(cin: int, cout: int, kernel: int, hout: int, wout: int) -> int:
+    return 2 * cin * cout * kernel * kernel * hout * wout
+
+
+def linear_flops(fin: int, fout: int) -> int:
+    return 2 * fin * fout
+
+
+def _out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+@dataclass(frozen=True)
+class ResNetCost:
+    """FLOPs of one flat ResNet at one input size, split the way a policy can change them."""
+
+    stem: int
+    blocks: tuple[int, ...]  # residual branch of each block
+    shortcuts: int  # 1x1 conv shortcuts: always run
+    head: int  # the final linear layer
+
+    @property
+    def total(self) -> int:
+        return self.stem + sum(self.blocks) + self.shortcuts + self.head
+
+
+def resnet_cost(spec: ResNetSpec, image_size: int, num_outputs: int) -> ResNetCost:
+    """Walk the network's shapes; no tensors are made."""
+    size = image_size
+    width = spec.widths[0]
+    if spec.stem == "cifar":
+        stem = conv_flops(spec.in_channels, width, 3, size, size)
+    else:
+        size = _out(size, 7, 2, 3)
+        stem = conv_flops(spec.in_channels, width, 7, size, size)
+        size = _out(size, 3, 2, 1)  # maxpool
+
+    expansion = 4 if spec.block == "bottleneck" else 1
+    blocks: list[int] = []
+    shortcuts = 0
+    inplanes = width
+    for stage, (planes, count) in enumerate(zip(spec.widths, spec.layers)):
+        for b in range(count):
+            stride = 2 if stage > 0 and b == 0 else 1
+            out = _out(size, 3, stride, 1)
+            if spec.block == "bottleneck":
+                cost = (conv_flops(inplanes, planes, 1, size, size)
+                        + conv_flops(planes, planes, 3, out, out)
+                        + conv_flops(planes, planes * 4, 1, out, out))
+            else:
+                cost = conv_flops(inplanes, planes, 3, out, out) + conv_flops(planes, planes, 3, out, out)
+            blocks.append(cost)
+            outplanes = planes * expansion
+            if b == 0 and spec.shortcut == "conv" and (stride != 1 or inplanes != outplanes):
+                shortcuts += conv_flops(inplanes, outplanes, 1, _out(size, 1, stride, 0), _out(size, 1, stride, 0))
+            inplanes, size = outplanes, out
+    return ResNetCost(stem, tuple(blocks), shortcuts, linear_flops(inplanes, num_outputs))
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Per-image FLOPs of a preset under any policy, policy network included."""
+
+    backbone: ResNetCost
+    policy: int
+
+    @property
+    def full(self) -> int:
+        """The pretrained ResNet alone, every block run, no policy network."""
+        return self.backbone.total
+
+    @property
+    def fixed(self) -> int:
+        """What every image costs under BlockDrop whatever the policy."""
+        b = self.backbone
+        return b.stem + b.shortcuts + b.head + self.policy
+
+    def per_image(self, policy: torch.Tensor) -> torch.Tensor:
+        """FLOPs of each row of a (batch, K) 0/1 policy matrix, as float64."""
+        blocks = torch.tensor(self.backbone.blocks, dtype=torch.float64, device=policy.device)
+        return self.fixed + policy.to(torch.float64) @ blocks
+
+
+def cost_model(preset: Preset) -> CostModel:
+    backbone = resnet_cost(preset.backbone, preset.image_size, preset.num_classes)
+    policy = resnet_cost(preset.policy, preset.image_size // preset.policy_pool, preset.num_blocks)
+    return CostModel(backbone, policy.total)
+
+
+def describe(preset: Preset) -> dict:
+    """The cost table of a preset as a JSON-able dict."""
+    costs = cost_model(preset)
+    b = costs.backbone
+    index = preset.backbone.block_index
+    return {
+        "preset": preset.name,
+        "blocks": [
+            {"k": k, "stage": s, "index": i, "flops": f} for k, ((s, i), f) in enumerate(zip(index, b.blocks))
+        ],
+        "stem_flops": b.stem,
+        "shortcut_flops": b.shortcuts,
+        "head_flops": b.head,
+        "full_flops": costs.full,
+        "policy_flops": costs.policy,
+        "fixed_flops": costs.fixed,
+        "min_flops": costs.fixed,
+        "max_flops": costs.fixed + sum(b.blocks),
+    }
+
+
+def _print_table(info: dict) -> None:
+    print(f"{info['preset']}: per-block FLOPs (paper convention: 2 x multiply-adds, BN/ReLU/pool free)")
+    print(f"{'k':>4} {'stage':>5} {'block':>5} {'FLOPs':>11}")
+    for row in info["blocks"]:
+        print(f"{row['k']:>4} {row['stage']:>5} {row['index']:>5} {row['flops']:>11.3E}")
+    print(f"stem {info['stem_flops']:.3E}  shortcut convs {info['shortcut_flops']:.3E}  "
+          f"classifier {info['head_flops']:.3E}")
+    print(f"full model:      {info['full_flops']:.3E}")
+    print(f"policy network:  {info['policy_flops']:.3E}")
+    print(f"BlockDrop range: {info['min_flops']:.3E} (no block) .. {info['max_flops']:.3E} (every block)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m blockdrop.flops",
+        description="Print a preset's analytic FLOPs: each residual block, the full model and the "
+                    "policy network, in the paper's convention.",
+    )
+    parser.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    info = describe(get_preset(args.preset))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_table(info)
+
+
+if __name__ == "__main__":
+    run_cli(main)

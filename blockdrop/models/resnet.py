@@ -1,0 +1,196 @@
+"""Flat ResNets: the backbone as a list of residual branches that a policy can switch off.
+
+The state-dict layout is the original BlockDrop one (`conv1`, `bn1`, `blocks.{stage}.{block}.*`,
+`ds.{stage}.*`, `fc`), so original checkpoints load without renaming. A block module holds only
+its residual branch F(x); the shortcut lives in `ds[stage]` and the sum `relu(shortcut + F(x))`
+is taken by the executor (blockdrop.execution), which decides per image whether F runs at all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Residual branch of a basic block: conv3x3-BN-ReLU-conv3x3-BN."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return self.bn2(self.conv2(out))
+
+
+class Bottleneck(nn.Module):
+    """Residual branch of a bottleneck block (stride on the 3x3 conv, as torchvision)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return self.bn3(self.conv3(out))
+
+
+class PadShortcut(nn.Module):
+    """CIFAR 'option A' shortcut: average-pool by the stride, zero-pad the new channels.
+
+    Has no weights and costs no FLOPs; it runs even when the block it belongs to is dropped.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.extra = cout - cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = F.avg_pool2d(x, self.stride)
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra))
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+@dataclass(frozen=True)
+class ResNetSpec:
+    """Shape of a flat ResNet: block type, blocks per stage, stage widths, stem and shortcut."""
+
+    block: str  # "basic" | "bottleneck"
+    layers: tuple[int, ...]
+    widths: tuple[int, ...]
+    stem: str  # "cifar": conv3x3 | "imagenet": conv7x7/2 + maxpool
+    shortcut: str  # "pad": parameter-free (CIFAR) | "conv": 1x1 conv + BN (ImageNet)
+    in_channels: int = 3
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.layers)
+
+    @property
+    def block_index(self) -> list[tuple[int, int]]:
+        """(stage, block-in-stage) of each flat block index k."""
+        return [(s, b) for s, count in enumerate(self.layers) for b in range(count)]
+
+    @property
+    def depth(self) -> int:
+        per_block = 3 if self.block == "bottleneck" else 2
+        return per_block * self.num_blocks + 2
+
+
+class FlatResNet(nn.Module):
+    """A ResNet whose residual blocks are addressed by one flat index k = 0..K-1."""
+
+    def __init__(self, spec: ResNetSpec, num_classes: int | None):
+        super().__init__()
+        self.spec = spec
+        block = BLOCKS[spec.block]
+        width0 = spec.widths[0]
+        if spec.stem == "cifar":
+            self.conv1 = conv3x3(spec.in_channels, width0)
+        else:
+            self.conv1 = nn.Conv2d(spec.in_channels, width0, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width0)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if spec.stem == "imagenet" else None
+
+        blocks, shortcuts = [], []
+        inplanes = width0
+        for stage, (planes, count) in enumerate(zip(spec.widths, spec.layers)):
+            stride = 1 if stage == 0 else 2
+            outplanes = planes * block.expansion
+            shortcuts.append(self._shortcut(inplanes, outplanes, stride))
+            stage_blocks = [block(inplanes, planes, stride)]
+            stage_blocks += [block(outplanes, planes) for _ in range(count - 1)]
+            blocks.append(nn.ModuleList(stage_blocks))
+            inplanes = outplanes
+        self.blocks = nn.ModuleList(blocks)
+        self.ds = nn.ModuleList(shortcuts)
+        self.feature_dim = inplanes
+        self.fc = nn.Linear(inplanes, num_classes) if num_classes else None
+        self.block_index = spec.block_index
+        self._init_weights()
+
+    def _shortcut(self, cin: int, cout: int, stride: int) -> nn.Module:
+        if stride == 1 and cin == cout:
+            return nn.Identity()
+        if self.spec.shortcut == "pad":
+            return PadShortcut(cin, cout, stride)
+        return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_index)
+
+    def block(self, k: int) -> nn.Module:
+        stage, b = self.block_index[k]
+        return self.blocks[stage][b]
+
+    def shortcut(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Block k's shortcut path: the stage's downsampling for a stage's first block."""
+        stage, b = self.block_index[k]
+        return self.ds[stage](x) if b == 0 else x
+
+    def seed(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.maxpool(x) if self.maxpool is not None else x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(x) if self.fc is not None else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The full network: every block runs for every image."""
+        x = self.seed(x)
+        for k in range(self.num_blocks):
+            x = F.relu(self.shortcut(k, x) + self.block(k)(x))
+        return self.head(x)
+
+
+class PolicyNet(nn.Module):
+    """The policy network: a small ResNet that maps an image to K keep-probabilities.
+
+    `input_pool` average-pools the image first (the ImageNet policy looks at 112x112).
+    The original's value head (`vnet`) is unused by the method and is not built.
+    """
+
+    def __init__(self, spec: ResNetSpec, num_blocks: int, input_pool: int = 1):
+        super().__init__()
+        self.input_pool = input_pool
+        self.features = FlatResNet(spec, num_classes=None)
+        self.logit = nn.Linear(self.features.feature_dim, num_blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_pool > 1:
+            x = F.avg_pool2d(x, self.input_pool)
+        return torch.sigmoid(self.logit(self.features(x)))

@@ -1,0 +1,87 @@
+"""Named configurations: backbone, policy network, dataset and input pipeline of each setting."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from blockdrop.errors import UserError
+from blockdrop.models.resnet import FlatResNet, PolicyNet, ResNetSpec
+
+# The original code's normalisation constants.
+CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
+CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# scikit-learn's 8x8 digits scaled to [0, 1]; mean and std of all 1797 images.
+DIGITS_MEAN = (0.3053,)
+DIGITS_STD = (0.3760,)
+
+
+def cifar_resnet(layers: tuple[int, ...], widths: tuple[int, ...] = (16, 32, 64), in_channels: int = 3) -> ResNetSpec:
+    return ResNetSpec("basic", layers, widths, stem="cifar", shortcut="pad", in_channels=in_channels)
+
+
+def imagenet_resnet(block: str, layers: tuple[int, ...]) -> ResNetSpec:
+    return ResNetSpec(block, layers, (64, 128, 256, 512), stem="imagenet", shortcut="conv")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One BlockDrop setting. `image_size` is the backbone's input; the policy sees it pooled."""
+
+    name: str
+    summary: str
+    backbone: ResNetSpec
+    policy: ResNetSpec
+    num_classes: int
+    dataset: str
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    policy_pool: int = 1  # the policy looks at the image average-pooled by this factor
+
+    @property
+    def num_blocks(self) -> int:
+        return self.backbone.num_blocks
+
+    @property
+    def in_channels(self) -> int:
+        return self.backbone.in_channels
+
+    def build_backbone(self) -> FlatResNet:
+        return FlatResNet(self.backbone, self.num_classes)
+
+    def build_policy(self) -> PolicyNet:
+        return PolicyNet(self.policy, self.num_blocks, input_pool=self.policy_pool)
+
+
+_RESNET8 = cifar_resnet((1, 1, 1))
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("R32_C10", "CIFAR-10, ResNet-32 (15 blocks), ResNet-8 policy", cifar_resnet((5, 5, 5)), _RESNET8,
+               10, "cifar10", 32, CIFAR_MEAN, CIFAR_STD),
+        Preset("R110_C10", "CIFAR-10, ResNet-110 (54 blocks), ResNet-8 policy", cifar_resnet((18, 18, 18)), _RESNET8,
+               10, "cifar10", 32, CIFAR_MEAN, CIFAR_STD),
+        Preset("R32_C100", "CIFAR-100, ResNet-32 (15 blocks), ResNet-8 policy", cifar_resnet((5, 5, 5)), _RESNET8,
+               100, "cifar100", 32, CIFAR_MEAN, CIFAR_STD),
+        Preset("R110_C100", "CIFAR-100, ResNet-110 (54 blocks), ResNet-8 policy", cifar_resnet((18, 18, 18)), _RESNET8,
+               100, "cifar100", 32, CIFAR_MEAN, CIFAR_STD),
+        Preset("R101_ImgNet", "ImageNet, ResNet-101 (33 blocks), ResNet-10 policy on 112x112",
+               imagenet_resnet("bottleneck", (3, 4, 23, 3)), imagenet_resnet("basic", (1, 1, 1, 1)),
+               1000, "imagenet", 224, IMAGENET_MEAN, IMAGENET_STD, policy_pool=2),
+        # Offline: scikit-learn's bundled 8x8 digits; trains end to end in minutes on 2 CPU cores.
+        Preset("R26_DIGITS", "offline 8x8 digits (ships with scikit-learn), ResNet-26 (12 blocks), "
+               "half-width ResNet-8 policy",
+               cifar_resnet((4, 4, 4), in_channels=1), cifar_resnet((1, 1, 1), (8, 16, 32), in_channels=1),
+               10, "digits", 8, DIGITS_MEAN, DIGITS_STD),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`; a UserError listing the known ones otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None

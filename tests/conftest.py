@@ -1,0 +1,55 @@
+"""Shared fixtures: small files in the real on-disk formats, and helpers to perturb models."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(2)
+
+
+def randomize_batchnorm(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics, so that eval-mode comparisons cannot pass by accident."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return module.eval()
+
+
+def write_cifar(root: Path, name: str = "cifar10", per_batch: int = 20, test: int = 30, seed: int = 0) -> np.ndarray:
+    """CIFAR-10/100 in torchvision's extracted layout (python pickles); returns the test labels."""
+    rng = np.random.default_rng(seed)
+    classes = 10 if name == "cifar10" else 100
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True)
+    train_files = [f"data_batch_{i}" for i in range(1, 6)] if name == "cifar10" else ["train"]
+
+    def dump(fname: str, n: int) -> np.ndarray:
+        labels = rng.integers(0, classes, n)
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        with open(folder / fname, "wb") as f:
+            pickle.dump({"data": data, label_key: labels.tolist()}, f)
+        return labels
+
+    for fname in train_files:
+        dump(fname, per_batch)
+    test_labels = dump("test_batch" if name == "cifar10" else "test", test)
+    meta_file, meta_key = ("batches.meta", "label_names") if name == "cifar10" else ("meta", "fine_label_names")
+    with open(folder / meta_file, "wb") as f:
+        pickle.dump({meta_key: [f"class{i}" for i in range(classes)]}, f)
+    return test_labels
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path: Path) -> Path:
+    write_cifar(tmp_path)
+    return tmp_path
