@@ -78,17 +78,23 @@ def save_checkpoint(path: str | os.PathLike, preset: Preset, backbone: nn.Module
 def _torch_load(path: Path) -> object:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; PyTorch < 1.6 wrote a bare pickle (first byte 0x80).
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        raise UserError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip nor a pickle)")
     try:
         with torch.serialization.safe_globals(_NUMPY_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, encoding="latin1")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"it pickles {found[1]}" if found else str(err).splitlines()[0]
         raise UserError(
-            f"{path} cannot be read as a weights-only checkpoint ({first}). Files that pickle whole "
-            "modules are not accepted: save a state_dict instead"
+            f"{path} cannot be read as weights only: {what}. Checkpoints that pickle whole modules or "
+            "other objects are not accepted (they could run code): save a state_dict instead"
         ) from None
-    except Exception as err:  # corrupt zip, truncated file, text file, ...
-        raise UserError(f"{path} is not a PyTorch checkpoint ({type(err).__name__}: {err})") from None
+    except Exception as err:  # corrupt zip, truncated file, ...
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
 
 
 def _is_state_dict(obj: object) -> bool:
