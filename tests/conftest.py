@@ -1,7 +1,10 @@
 """Shared fixtures: small files in the real on-disk formats, and helpers to perturb models."""
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,13 @@ import torch
 from torch import nn
 
 torch.set_num_threads(2)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m module args` as a user runs it, from the current directory."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env)
 
 
 def randomize_batchnorm(module: nn.Module, seed: int = 0) -> nn.Module:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +11,8 @@ from blockdrop.execution import run_sparse
 from blockdrop.flops import cost_model, describe, resnet_cost
 from blockdrop.models.resnet import ResNetSpec
 from blockdrop.presets import PRESETS, get_preset
+
+from conftest import run_module
 
 
 def sig4(x: float) -> str:
@@ -105,18 +105,16 @@ def test_per_image_costs_equal_calls_made_by_sparse_execution(name, batch):
 
 
 def test_cli_prints_table_and_json():
-    out = subprocess.run([sys.executable, "-m", "blockdrop.flops", "--preset", "R110_C10"],
-                         capture_output=True, text=True, check=True).stdout
+    out = run_module("blockdrop.flops", "--preset", "R110_C10").stdout
     assert "full model:      5.058E+08" in out and "policy network:  2.448E+07" in out
     assert len([line for line in out.splitlines() if line.strip().split(" ")[0].isdigit()]) == 54
-    info = json.loads(subprocess.run([sys.executable, "-m", "blockdrop.flops", "--preset", "R32_C10", "--json"],
-                                     capture_output=True, text=True, check=True).stdout)
+    info = json.loads(run_module("blockdrop.flops", "--preset", "R32_C10", "--json").stdout)
     assert info == describe(get_preset("R32_C10"))
     assert len(info["blocks"]) == 15 and info["full_flops"] == 137_725_184
 
 
 def test_cli_unknown_preset_is_a_clear_error():
-    proc = subprocess.run([sys.executable, "-m", "blockdrop.flops", "--preset", "R999"], capture_output=True, text=True)
+    proc = run_module("blockdrop.flops", "--preset", "R999")
     assert proc.returncode == 2
     assert "unknown preset 'R999'" in proc.stderr and "R110_C10" in proc.stderr
     assert "Traceback" not in proc.stderr

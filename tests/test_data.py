@@ -1,0 +1,154 @@
+"""Datasets load from their real on-disk formats; missing or mismatched data is a clear error."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from blockdrop.data import load_dataset
+from blockdrop.errors import UserError
+from blockdrop.presets import get_preset
+
+from conftest import write_cifar
+
+
+@pytest.mark.parametrize("name, preset", [("cifar10", "R110_C10"), ("cifar100", "R32_C100")])
+def test_cifar_reads_torchvision_layout(tmp_path, name, preset):
+    test_labels = write_cifar(tmp_path, name)
+    train = load_dataset(get_preset(preset), "train", name, tmp_path, download=False)
+    test = load_dataset(get_preset(preset), "test", name, tmp_path, download=False)
+    assert len(train) == (100 if name == "cifar10" else 20) and len(test) == 30
+    image, label = test[4]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert label == test_labels[4]
+    # normalised with the original's constants: uniform bytes have mean ~ (127.5 - 125.3) / 63
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    assert abs(images[:, 0].mean().item() - (127.5 - 125.3) / 63.0) < 0.05
+
+
+def test_cifar_train_split_is_augmented_and_test_split_is_not(cifar10_dir):
+    preset = get_preset("R32_C10")
+    train = load_dataset(preset, "train", "cifar10", cifar10_dir, download=False)
+    test = load_dataset(preset, "test", "cifar10", cifar10_dir, download=False)
+    torch.manual_seed(0)
+    assert any(not torch.equal(train[0][0], train[0][0]) for _ in range(5))
+    assert torch.equal(test[0][0], test[0][0])
+
+
+def test_missing_cifar_without_download_says_where_to_put_it(tmp_path):
+    with pytest.raises(UserError, match=f"cifar10 not found in {tmp_path}/cifar-10-batches-py.*--data-dir"):
+        load_dataset(get_preset("R32_C10"), "test", "cifar10", tmp_path, download=False)
+
+
+def test_cifar100_for_a_10_class_preset_is_rejected(tmp_path):
+    with pytest.raises(UserError, match="cifar100 has 100 classes; preset R32_C10 has 10"):
+        load_dataset(get_preset("R32_C10"), "test", "cifar100", tmp_path)
+
+
+def write_images(folder, classes: int, per_class: int, size=(40, 30)) -> None:
+    for c in range(classes):
+        (folder / f"class_{c:04d}").mkdir(parents=True)
+        for i in range(per_class):
+            color = ((c * 37) % 256, (i * 53) % 256, 128)
+            Image.new("RGB", size, color).save(folder / f"class_{c:04d}" / f"{i}.png")
+
+
+def test_imagefolder_single_folder_is_resized_and_split_90_10(tmp_path):
+    write_images(tmp_path, 10, 10)
+    preset = get_preset("R32_C10")
+    train = load_dataset(preset, "train", "imagefolder", tmp_path)
+    test = load_dataset(preset, "test", "imagefolder", tmp_path)
+    assert len(train) == 90 and len(test) == 10
+    assert train[0][0].shape == (3, 32, 32)
+    assert sorted(label for _, label in (test[i] for i in range(10))) == list(range(10))
+
+
+def test_imagefolder_with_train_and_val_folders_and_grayscale_preset(tmp_path):
+    write_images(tmp_path / "train", 10, 3)
+    write_images(tmp_path / "val", 10, 2)
+    preset = get_preset("R26_DIGITS")
+    assert len(load_dataset(preset, "train", "imagefolder", tmp_path)) == 30
+    test = load_dataset(preset, "test", "imagefolder", tmp_path)
+    assert len(test) == 20 and test[0][0].shape == (1, 8, 8)
+
+
+def test_imagefolder_with_wrong_class_count_or_no_images_is_rejected(tmp_path):
+    write_images(tmp_path / "a", 3, 2)
+    with pytest.raises(UserError, match="has 3 class folders; preset R32_C10 has 10 classes"):
+        load_dataset(get_preset("R32_C10"), "train", "imagefolder", tmp_path / "a")
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(UserError, match="holds no images"):
+        load_dataset(get_preset("R32_C10"), "train", "imagefolder", tmp_path / "empty")
+    with pytest.raises(UserError, match="needs --data-dir"):
+        load_dataset(get_preset("R32_C10"), "train", "imagefolder", None)
+
+
+def test_imagenet_reads_train_and_val_class_folders(tmp_path):
+    write_images(tmp_path / "train", 1000, 1, size=(8, 6))
+    write_images(tmp_path / "val", 1000, 1, size=(8, 6))
+    preset = get_preset("R101_ImgNet")
+    train = load_dataset(preset, "train", "imagenet", tmp_path)
+    val = load_dataset(preset, "test", "imagenet", tmp_path)
+    assert len(train) == len(val) == 1000
+    assert val[999][0].shape == (3, 224, 224) and val[999][1] == 999
+
+
+def test_imagenet_without_val_folder_is_a_clear_error(tmp_path):
+    write_images(tmp_path / "train", 2, 1)
+    with pytest.raises(UserError, match=f"expected class folders under {tmp_path}/train/ and {tmp_path}/val/"):
+        load_dataset(get_preset("R101_ImgNet"), "test", "imagenet", tmp_path)
+
+
+def test_digits_ship_with_scikit_learn_and_split_80_20():
+    preset = get_preset("R26_DIGITS")
+    train, test = load_dataset(preset, "train"), load_dataset(preset, "test")
+    assert len(train) == 1437 and len(test) == 360
+    images = torch.cat([train.images, test.images])
+    assert abs(images.mean().item()) < 0.01 and abs(images.std().item() - 1) < 0.01
+    assert test[0][0].shape == (1, 8, 8)
+    assert sorted(set(test.labels.tolist())) == list(range(10))
+
+
+def test_unknown_dataset_lists_the_known_ones():
+    with pytest.raises(UserError, match="unknown dataset 'mnist'; choose one of: cifar10, cifar100"):
+        load_dataset(get_preset("R32_C10"), "train", "mnist")
+
+
+@pytest.fixture
+def cifar_archive_server(tmp_path, monkeypatch):
+    """Serve a small cifar-10-python.tar.gz over HTTP on loopback and point torchvision at it."""
+    import functools
+    import hashlib
+    import http.server
+    import tarfile
+    import threading
+
+    from blockdrop.data import _CIFAR
+
+    staging = tmp_path / "staging"
+    write_cifar(staging)
+    archive = tmp_path / "www" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(staging / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(archive.parent))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cls = _CIFAR["cifar10"][0]
+    monkeypatch.setattr(cls, "url", f"http://127.0.0.1:{server.server_port}/{archive.name}")
+    monkeypatch.setattr(cls, "tgz_md5", hashlib.md5(archive.read_bytes()).hexdigest())
+    yield cls
+    server.shutdown()
+
+
+def test_missing_cifar_is_downloaded_and_extracted(tmp_path, cifar_archive_server):
+    root = tmp_path / "fresh"
+    test = load_dataset(get_preset("R32_C10"), "test", "cifar10", root)
+    assert len(test) == 30 and (root / "cifar-10-batches-py" / "data_batch_5").is_file()
+
+
+def test_failed_download_says_how_to_provide_the_data(tmp_path, cifar_archive_server, monkeypatch):
+    monkeypatch.setattr(cifar_archive_server, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    with pytest.raises(UserError, match="could not be downloaded.*copy cifar-10-python.tar.gz"):
+        load_dataset(get_preset("R32_C10"), "test", "cifar10", tmp_path / "fresh")
