@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
                "ResNets in torchvision layout.",
     )
     parser.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file to evaluate")
+    parser.add_argument("--checkpoint", help="checkpoint file to evaluate; without it, the preset's untrained "
+                                             "initialisation (a smoke test of data, policy and sparse execution)")
     parser.add_argument("--backbone", help="pretrained ResNet file, for a checkpoint that holds only a policy")
     parser.add_argument("--dataset", choices=DATASETS, help="default: the preset's dataset")
     parser.add_argument("--data-dir", help="dataset folder (CIFAR: downloaded here when missing; default ./data)")
@@ -136,7 +137,13 @@ def main(argv: list[str] | None = None) -> None:
 
     preset = get_preset(args.preset)
     device = pick_device(args.device)
-    backbone, policy, ckpt = load_models(preset, args.checkpoint, args.backbone)
+    if args.checkpoint is None:
+        print(f"no --checkpoint: evaluating an untrained {preset.name} (random weights, seed 0)", file=sys.stderr)
+        torch.manual_seed(0)
+        backbone, policy, source = preset.build_backbone(), preset.build_policy(), "untrained"
+    else:
+        backbone, policy, ckpt = load_models(preset, args.checkpoint, args.backbone)
+        source = ckpt.source
     dataset = load_dataset(preset, "test", args.dataset, args.data_dir, download=not args.no_download)
     if args.num_workers is None:  # the in-memory digits gain nothing from worker processes
         args.num_workers = 0 if (args.dataset or preset.dataset) == "digits" else min(4, os.cpu_count() or 1)
@@ -146,10 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     report = evaluate(backbone.to(device), policy and policy.to(device), loader, cost_model(preset), device,
                       progress=not args.json)
     if args.json:
-        print(json.dumps({"preset": preset.name, "checkpoint": str(args.checkpoint), "source": ckpt.source,
+        print(json.dumps({"preset": preset.name, "checkpoint": args.checkpoint, "source": source,
                           **asdict(report)}))
     else:
-        print(f"{preset.name}  {args.checkpoint}  ({ckpt.source} checkpoint)")
+        print(f"{preset.name}  {args.checkpoint or '(untrained)'}  ({source})")
         print(report.text())
 
 

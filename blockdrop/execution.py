@@ -66,7 +66,9 @@ def run_sparse(net: FlatResNet, x: torch.Tensor, policy: torch.Tensor) -> torch.
             x = F.relu(residual + net.block(k)(x))
         else:
             rows = keep[:, k].nonzero().squeeze(1)
-            out = F.relu(residual.index_select(0, rows) + net.block(k)(x.index_select(0, rows)))
+            kept = x[rows]  # unlike index_select, keeps a channels_last layout
+            kept_residual = kept if residual is x else residual[rows]
+            out = F.relu(kept_residual + net.block(k)(kept))
             # In-place scatter where autograd does not need `residual` intact.
             scatter = residual.index_copy if torch.is_grad_enabled() else residual.index_copy_
             x = scatter(0, rows, out)

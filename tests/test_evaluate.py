@@ -123,3 +123,12 @@ def test_help_explains_the_options():
     out = cli("--help").stdout
     for flag in ("--preset", "--checkpoint", "--backbone", "--dataset", "--data-dir", "--batch-size", "--json"):
         assert flag in out
+
+
+def test_without_checkpoint_the_untrained_preset_is_evaluated_end_to_end():
+    proc = cli("--preset", "R26_DIGITS", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["source"] == "untrained" and report["checkpoint"] is None and report["images"] == 360
+    assert 0 <= report["blocks_mean"] <= 12 and report["flops_mean"] >= cost_model(get_preset("R26_DIGITS")).fixed
+    assert "no --checkpoint" in proc.stderr
