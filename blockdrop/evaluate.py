@@ -23,7 +23,7 @@ from blockdrop.errors import UserError, run_cli
 from blockdrop.execution import run_sparse
 from blockdrop.flops import CostModel, cost_model
 from blockdrop.models.resnet import FlatResNet, PolicyNet
-from blockdrop.policy import greedy_policy
+from blockdrop.reinforce import greedy
 from blockdrop.presets import PRESETS, get_preset
 
 
@@ -66,7 +66,7 @@ def evaluate(backbone: FlatResNet, policy: PolicyNet | None, loader: DataLoader,
             actions = torch.ones(len(images), backbone.num_blocks, device=device)
             logits = full_logits
         else:
-            actions = greedy_policy(policy(images))
+            actions = greedy(policy(images))
             logits = run_sparse(backbone, images, actions)
         correct.append((logits.argmax(1) == labels).cpu())
         full_correct.append((full_logits.argmax(1) == labels).cpu())
