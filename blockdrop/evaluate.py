@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -25,6 +29,71 @@ from blockdrop.flops import CostModel, cost_model
 from blockdrop.models.resnet import FlatResNet, PolicyNet
 from blockdrop.reinforce import greedy
 from blockdrop.presets import PRESETS, get_preset
+
+
+@dataclass
+class Moments:
+    """Count, mean and sum of squared deviations; merges exactly across batches and workers (Chan)."""
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, values: torch.Tensor) -> None:
+        values = values.double()
+        n = len(values)
+        if n:
+            self.merge(Moments(n, values.mean().item(), ((values - values.mean()) ** 2).sum().item()))
+
+    def merge(self, other: Moments) -> None:
+        if other.n == 0:
+            return
+        total = self.n + other.n
+        delta = other.mean - self.mean
+        self.mean += delta * other.n / total
+        self.m2 += other.m2 + delta * delta * self.n * other.n / total
+        self.n = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.m2, 0.0) / self.n) if self.n else 0.0
+
+
+@dataclass
+class Tally:
+    """What an evaluation accumulates; tallies of shards merge into the tally of the whole set."""
+
+    correct: int = 0
+    full_correct: int = 0
+    blocks: Moments = field(default_factory=Moments)
+    flops: Moments = field(default_factory=Moments)
+    policies: set[bytes] = field(default_factory=set)
+
+    def add(self, correct: torch.Tensor, full_correct: torch.Tensor, actions: torch.Tensor,
+            flops: torch.Tensor) -> None:
+        self.correct += int(correct.sum())
+        self.full_correct += int(full_correct.sum())
+        self.blocks.add(actions.sum(1))
+        self.flops.add(flops)
+        packed = np.packbits(actions.bool().cpu().numpy(), axis=1)
+        self.policies.update(row.tobytes() for row in packed)
+
+    def merge(self, other: Tally) -> None:
+        self.correct += other.correct
+        self.full_correct += other.full_correct
+        self.blocks.merge(other.blocks)
+        self.flops.merge(other.flops)
+        self.policies |= other.policies
+
+    def report(self, full_flops: int) -> Report:
+        n = self.blocks.n
+        if n == 0:
+            raise UserError("the evaluation set is empty")
+        return Report(
+            images=n, accuracy=self.correct / n, blocks_mean=self.blocks.mean, blocks_std=self.blocks.std,
+            flops_mean=self.flops.mean, flops_std=self.flops.std, unique_policies=len(self.policies),
+            full_accuracy=self.full_correct / n, full_flops=full_flops, speedup=full_flops / self.flops.mean,
+        )
 
 
 @dataclass
@@ -52,42 +121,31 @@ class Report:
 
 
 @torch.inference_mode()
-def evaluate(backbone: FlatResNet, policy: PolicyNet | None, loader: DataLoader, costs: CostModel,
-             device: torch.device, progress: bool = True) -> Report:
-    """Run the greedy policy with sparse execution (and the full model) over `loader`."""
+def tally(backbone: FlatResNet, policy: PolicyNet | None, loader: Iterable, costs: CostModel,
+          device: torch.device, progress: bool = False) -> Tally:
+    """Greedy policy with sparse execution, and the full model, over `loader` (one shard or all)."""
     backbone.eval()
     if policy is not None:
         policy.eval()
-    correct, full_correct, policies = [], [], []
-    for images, labels in tqdm(loader, desc="evaluate", unit="batch", disable=None if progress else True, file=sys.stderr):
+    result = Tally()
+    for images, labels in tqdm(loader, desc="evaluate", unit="batch", disable=None if progress else True,
+                               file=sys.stderr):
         images, labels = images.to(device), labels.to(device)
         full_logits = backbone(images)
         if policy is None:
             actions = torch.ones(len(images), backbone.num_blocks, device=device)
-            logits = full_logits
+            logits, flops = full_logits, torch.full((len(images),), float(costs.full))
         else:
             actions = greedy(policy(images))
-            logits = run_sparse(backbone, images, actions)
-        correct.append((logits.argmax(1) == labels).cpu())
-        full_correct.append((full_logits.argmax(1) == labels).cpu())
-        policies.append(actions.bool().cpu())
-    if not correct:
-        raise UserError("the evaluation set is empty")
-    actions = torch.cat(policies)
-    blocks = actions.sum(1, dtype=torch.float64)
-    flops = costs.per_image(actions) if policy is not None else torch.full_like(blocks, costs.full)
-    return Report(
-        images=len(actions),
-        accuracy=torch.cat(correct).double().mean().item(),
-        blocks_mean=blocks.mean().item(),
-        blocks_std=blocks.std(correction=0).item(),
-        flops_mean=flops.mean().item(),
-        flops_std=flops.std(correction=0).item(),
-        unique_policies=len(torch.unique(actions, dim=0)),
-        full_accuracy=torch.cat(full_correct).double().mean().item(),
-        full_flops=costs.full,
-        speedup=costs.full / flops.mean().item(),
-    )
+            logits, flops = run_sparse(backbone, images, actions), costs.per_image(actions)
+        result.add(logits.argmax(1) == labels, full_logits.argmax(1) == labels, actions, flops)
+    return result
+
+
+def evaluate(backbone: FlatResNet, policy: PolicyNet | None, loader: Iterable, costs: CostModel,
+             device: torch.device, progress: bool = True) -> Report:
+    """The report over the whole of `loader`."""
+    return tally(backbone, policy, loader, costs, device, progress).report(costs.full)
 
 
 def pick_device(name: str) -> torch.device:

@@ -132,3 +132,23 @@ def test_without_checkpoint_the_untrained_preset_is_evaluated_end_to_end():
     assert report["source"] == "untrained" and report["checkpoint"] is None and report["images"] == 360
     assert 0 <= report["blocks_mean"] <= 12 and report["flops_mean"] >= cost_model(get_preset("R26_DIGITS")).fixed
     assert "no --checkpoint" in proc.stderr
+
+
+def test_tallies_of_shards_merge_into_the_tally_of_the_whole_set():
+    from blockdrop.evaluate import Tally, tally
+
+    preset = get_preset("R26_DIGITS")
+    torch.manual_seed(1)
+    backbone, policy = randomize_batchnorm(preset.build_backbone()), randomize_batchnorm(preset.build_policy())
+    data = load_dataset(preset, "test")
+    costs = cost_model(preset)
+    whole = tally(backbone, policy, make_loader(data, 50, 0), costs, torch.device("cpu")).report(costs.full)
+    merged = Tally()
+    for rank in range(3):  # shards of unequal size, as the workers of a job see them
+        shard = torch.utils.data.Subset(data, range(rank, len(data), 3))
+        merged.merge(tally(backbone, policy, make_loader(shard, 7, 0), costs, torch.device("cpu")))
+    report = merged.report(costs.full)
+    assert report.images == whole.images == 360
+    assert report.unique_policies == whole.unique_policies and report.accuracy == whole.accuracy
+    for key in ("blocks_mean", "blocks_std", "flops_mean", "flops_std"):
+        assert getattr(report, key) == pytest.approx(getattr(whole, key), rel=1e-9)
