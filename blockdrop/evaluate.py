@@ -27,7 +27,7 @@ from blockdrop.errors import UserError, run_cli
 from blockdrop.execution import run_sparse
 from blockdrop.flops import CostModel, cost_model
 from blockdrop.models.resnet import FlatResNet, PolicyNet
-from blockdrop.reinforce import greedy
+from blockdrop.reinforce import force_undecided, greedy
 from blockdrop.presets import PRESETS, get_preset
 
 
@@ -122,8 +122,11 @@ class Report:
 
 @torch.inference_mode()
 def tally(backbone: FlatResNet, policy: PolicyNet | None, loader: Iterable, costs: CostModel,
-          device: torch.device, progress: bool = False) -> Tally:
-    """Greedy policy with sparse execution, and the full model, over `loader` (one shard or all)."""
+          device: torch.device, progress: bool = False, decided: torch.Tensor | None = None) -> Tally:
+    """Greedy policy with sparse execution, and the full model, over `loader` (one shard or all).
+
+    `decided` (a K-vector of 0/1) forces the other blocks on, as during the curriculum stage.
+    """
     backbone.eval()
     if policy is not None:
         policy.eval()
@@ -137,6 +140,8 @@ def tally(backbone: FlatResNet, policy: PolicyNet | None, loader: Iterable, cost
             logits, flops = full_logits, torch.full((len(images),), float(costs.full))
         else:
             actions = greedy(policy(images))
+            if decided is not None:
+                actions = force_undecided(actions, decided.to(device))
             logits, flops = run_sparse(backbone, images, actions), costs.per_image(actions)
         result.add(logits.argmax(1) == labels, full_logits.argmax(1) == labels, actions, flops)
     return result

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from blockdrop.models.resnet import FlatResNet
 
@@ -86,3 +87,14 @@ def run(net: FlatResNet, x: torch.Tensor, policy: torch.Tensor | None, mode: str
     if mode == "sparse":
         return run_sparse(net, x, policy)
     raise ValueError(f"unknown execution mode {mode!r}; expected one of {MODES}")
+
+
+class Executor(nn.Module):
+    """`run` as a module, so that DDP, whose forward must be the entry point, can wrap it."""
+
+    def __init__(self, backbone: FlatResNet):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None, mode: str = "full") -> torch.Tensor:
+        return run(self.backbone, x, policy, mode)

@@ -1,7 +1,7 @@
 """Named configurations: backbone, policy network, dataset and input pipeline of each setting."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from blockdrop.errors import UserError
 from blockdrop.models.resnet import FlatResNet, PolicyNet, ResNetSpec
@@ -25,6 +25,35 @@ def imagenet_resnet(block: str, layers: tuple[int, ...]) -> ResNetSpec:
 
 
 @dataclass(frozen=True)
+class StageDefaults:
+    """Per-stage defaults a training job uses when no flag overrides them."""
+
+    epochs: int
+    batch_size: int  # per job (split over the workers)
+    lr: float
+    weight_decay: float = 0.0
+    drop_rate: float = 0.0  # pretrain: stochastic depth, so the ResNet tolerates dropped blocks
+
+
+# The paper's schedules where ANCHORS.md gives them; pretraining follows the usual ResNet recipes.
+CIFAR_STAGES = {
+    "pretrain": StageDefaults(164, 128, 0.1, 1e-4),
+    "curriculum": StageDefaults(5000, 2048, 1e-3),
+    "finetune": StageDefaults(2000, 256, 1e-4),
+}
+IMAGENET_STAGES = {
+    "pretrain": StageDefaults(90, 256, 0.1, 1e-4),
+    "curriculum": StageDefaults(45, 256, 1e-3),
+    "finetune": StageDefaults(10, 320, 1e-4),
+}
+DIGITS_STAGES = {
+    "pretrain": StageDefaults(30, 64, 0.1, 5e-4, drop_rate=0.5),
+    "curriculum": StageDefaults(30, 128, 1e-3),
+    "finetune": StageDefaults(15, 64, 1e-4),
+}
+
+
+@dataclass(frozen=True)
 class Preset:
     """One BlockDrop setting. `image_size` is the backbone's input; the policy sees it pooled."""
 
@@ -38,6 +67,8 @@ class Preset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     policy_pool: int = 1  # the policy looks at the image average-pooled by this factor
+    stages: dict = field(default_factory=lambda: CIFAR_STAGES, hash=False)
+    penalty: float = -10.0  # default gamma
 
     @property
     def num_blocks(self) -> int:
@@ -69,12 +100,13 @@ PRESETS: dict[str, Preset] = {
                100, "cifar100", 32, CIFAR_MEAN, CIFAR_STD),
         Preset("R101_ImgNet", "ImageNet, ResNet-101 (33 blocks), ResNet-10 policy on 112x112",
                imagenet_resnet("bottleneck", (3, 4, 23, 3)), imagenet_resnet("basic", (1, 1, 1, 1)),
-               1000, "imagenet", 224, IMAGENET_MEAN, IMAGENET_STD, policy_pool=2),
+               1000, "imagenet", 224, IMAGENET_MEAN, IMAGENET_STD, policy_pool=2,
+               stages=IMAGENET_STAGES, penalty=-5.0),
         # Offline: scikit-learn's bundled 8x8 digits; trains end to end in minutes on 2 CPU cores.
         Preset("R26_DIGITS", "offline 8x8 digits (ships with scikit-learn), ResNet-26 (12 blocks), "
                "half-width ResNet-8 policy",
                cifar_resnet((4, 4, 4), in_channels=1), cifar_resnet((1, 1, 1), (8, 16, 32), in_channels=1),
-               10, "digits", 8, DIGITS_MEAN, DIGITS_STD),
+               10, "digits", 8, DIGITS_MEAN, DIGITS_STD, stages=DIGITS_STAGES, penalty=-5.0),
     ]
 }
 

@@ -1,0 +1,176 @@
+"""One training step of each stage, and the optimisers and schedules that go with them.
+
+Plain PyTorch: the models may be DDP-wrapped by the caller (blockdrop.distributed), nothing here
+knows about Ray. Each step returns per-image tensors (loss is a scalar) that the epoch loop sums.
+
+- pretrain: supervised training of the ResNet (cross-entropy, SGD with momentum).
+- curriculum: the policy alone, ResNet frozen in eval mode; self-critical REINFORCE over the last
+  min(e+1, K) blocks, entropy bonus. No gradient reaches the ResNet, so both of its passes (sampled
+  and greedy policy) use sparse execution: dropped blocks are not computed.
+- finetune: policy and ResNet jointly: REINFORCE + cross-entropy of the ResNet run (train mode,
+  masked execution so BatchNorm sees the batch) under the sampled policy; the greedy baseline
+  pass needs no gradient and runs sparse in eval mode.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blockdrop import reinforce as R
+from blockdrop.evaluate import Moments
+from blockdrop.execution import run_sparse
+from blockdrop.models.resnet import FlatResNet
+
+STAGES = ("pretrain", "curriculum", "finetune")
+
+
+@dataclass
+class StepOut:
+    loss: torch.Tensor  # scalar, already backpropagated
+    correct: torch.Tensor  # per image: the prediction the stage trains (sampled policy for RL stages)
+    reward: torch.Tensor | None = None  # per image, sampled policy
+    blocks: torch.Tensor | None = None  # per image, blocks run by the sampled policy
+
+
+def survival(num_blocks: int, drop_rate: float, device: torch.device | None = None) -> torch.Tensor:
+    """Stochastic depth's linear rule: block k of K survives with probability 1 - drop_rate*(k+1)/K."""
+    return 1 - drop_rate * torch.arange(1, num_blocks + 1, device=device) / num_blocks
+
+
+def pretrain_step(executor: nn.Module, images: torch.Tensor, labels: torch.Tensor, drop_rate: float = 0.0) -> StepOut:
+    """Cross-entropy; with `drop_rate` > 0, each image also drops blocks at random (stochastic depth),
+    which makes the ResNet robust to the blocks a policy will later drop."""
+    if drop_rate > 0:
+        keep = survival(executor.backbone.num_blocks, drop_rate, images.device).expand(len(images), -1)
+        logits = executor(images, torch.bernoulli(keep), "masked")
+    else:
+        logits = executor(images)
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()
+    return StepOut(loss.detach(), logits.argmax(1) == labels)
+
+
+def _correct_sparse(backbone: FlatResNet, images: torch.Tensor, labels: torch.Tensor,
+                    policy: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return run_sparse(backbone, images, policy).argmax(1) == labels
+
+
+def curriculum_step(policy_net: nn.Module, backbone: FlatResNet, images: torch.Tensor, labels: torch.Tensor,
+                    epoch: int, gamma: float, alpha: float = R.ALPHA, beta: float = R.BETA) -> StepOut:
+    probs = policy_net(images)
+    bounded = R.bound(probs, alpha)
+    mask = R.curriculum_mask(probs.shape[1], epoch, probs.device)
+    sampled = R.force_undecided(R.sample(bounded), mask)
+    baseline = R.force_undecided(R.greedy(probs), mask)
+    reward = R.reward(_correct_sparse(backbone, images, labels, sampled), sampled, gamma)
+    advantage = reward - R.reward(_correct_sparse(backbone, images, labels, baseline), baseline, gamma)
+    loss = R.reinforce_loss(bounded, sampled, advantage, mask) - beta * R.entropy(bounded, mask)
+    loss.backward()
+    return StepOut(loss.detach(), reward > gamma, reward, sampled.sum(1))
+
+
+def finetune_step(policy_net: nn.Module, executor: nn.Module, backbone: FlatResNet, images: torch.Tensor,
+                  labels: torch.Tensor, gamma: float, alpha: float = R.ALPHA) -> StepOut:
+    """`executor` wraps `backbone` (possibly in DDP); the baseline pass uses `backbone` directly."""
+    probs = policy_net(images)
+    bounded = R.bound(probs, alpha)
+    sampled, baseline = R.sample(bounded), R.greedy(probs)
+    backbone.eval()
+    baseline_reward = R.reward(_correct_sparse(backbone, images, labels, baseline), baseline, gamma)
+    backbone.train()
+    logits = executor(images, sampled, "masked")
+    correct = logits.argmax(1) == labels
+    reward = R.reward(correct, sampled, gamma)
+    loss = R.reinforce_loss(bounded, sampled, reward - baseline_reward) + F.cross_entropy(logits, labels)
+    loss.backward()
+    return StepOut(loss.detach(), correct, reward, sampled.sum(1))
+
+
+def make_optimizer(stage: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD + momentum for the supervised ResNet, Adam for the policy stages (as the paper)."""
+    if stage == "pretrain":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+def make_schedule(stage: str, optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """pretrain: cosine to zero; finetune: lr x0.1 for the last quarter; curriculum: constant."""
+    if stage == "pretrain":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    if stage == "finetune":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, [max(int(epochs * 0.75), 1)], gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+@dataclass
+class EpochStats:
+    """Training figures of one epoch on one worker; merges across workers."""
+
+    images: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    reward: Moments = field(default_factory=Moments)
+    blocks: Moments = field(default_factory=Moments)
+
+    def add(self, out: StepOut) -> None:
+        n = len(out.correct)
+        self.images += n
+        self.loss_sum += out.loss.item() * n
+        self.correct += int(out.correct.sum())
+        if out.reward is not None:
+            self.reward.add(out.reward.cpu())
+            self.blocks.add(out.blocks.cpu())
+
+    def merge(self, other: EpochStats) -> None:
+        self.images += other.images
+        self.loss_sum += other.loss_sum
+        self.correct += other.correct
+        self.reward.merge(other.reward)
+        self.blocks.merge(other.blocks)
+
+    def metrics(self) -> dict[str, float]:
+        n = max(self.images, 1)
+        out = {"train_loss": self.loss_sum / n, "train_accuracy": self.correct / n}
+        if self.reward.n:
+            out |= {"train_reward": self.reward.mean, "train_blocks_used": self.blocks.mean}
+        return out
+
+
+@dataclass
+class Models:
+    """What a stage trains. `*_train` are the (possibly DDP-wrapped) modules gradients flow through."""
+
+    backbone: FlatResNet
+    policy: nn.Module | None
+    executor_train: nn.Module | None = None  # Executor(backbone), pretrain and finetune
+    policy_train: nn.Module | None = None  # the policy net, curriculum and finetune
+
+
+def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.optim.Optimizer, epoch: int,
+                gamma: float, device: torch.device, drop_rate: float = 0.0) -> EpochStats:
+    """One pass over `loader` (this worker's shard) of `stage`."""
+    stats = EpochStats()
+    if stage == "curriculum":
+        models.backbone.eval()  # frozen: BatchNorm statistics stay those of the pretrained ResNet
+        models.policy_train.train()
+    else:
+        models.backbone.train()
+        if models.policy_train is not None:
+            models.policy_train.train()
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        if stage == "pretrain":
+            out = pretrain_step(models.executor_train, images, labels, drop_rate)
+        elif stage == "curriculum":
+            out = curriculum_step(models.policy_train, models.backbone, images, labels, epoch, gamma)
+        else:
+            out = finetune_step(models.policy_train, models.executor_train, models.backbone, images, labels, gamma)
+        optimizer.step()
+        stats.add(out)
+    return stats
