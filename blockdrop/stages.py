@@ -41,12 +41,12 @@ def survival(num_blocks: int, drop_rate: float, device: torch.device | None = No
     return 1 - drop_rate * torch.arange(1, num_blocks + 1, device=device) / num_blocks
 
 
-def pretrain_step(executor: nn.Module, images: torch.Tensor, labels: torch.Tensor, drop_rate: float = 0.0) -> StepOut:
-    """Cross-entropy; with `drop_rate` > 0, each image also drops blocks at random (stochastic depth),
-    which makes the ResNet robust to the blocks a policy will later drop."""
-    if drop_rate > 0:
-        keep = survival(executor.backbone.num_blocks, drop_rate, images.device).expand(len(images), -1)
-        logits = executor(images, torch.bernoulli(keep), "masked")
+def pretrain_step(executor: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                  keep: torch.Tensor | None = None) -> StepOut:
+    """Cross-entropy; with `keep` (per-block survival probabilities) each image also drops blocks at
+    random (stochastic depth), which makes the ResNet robust to the blocks a policy will drop."""
+    if keep is not None:
+        logits = executor(images, torch.bernoulli(keep.expand(len(images), -1)), "masked")
     else:
         logits = executor(images)
     loss = F.cross_entropy(logits, labels)
@@ -155,6 +155,7 @@ def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.o
                 gamma: float, device: torch.device, drop_rate: float = 0.0) -> EpochStats:
     """One pass over `loader` (this worker's shard) of `stage`."""
     stats = EpochStats()
+    keep = survival(models.backbone.num_blocks, drop_rate, device) if drop_rate > 0 else None
     if stage == "curriculum":
         models.backbone.eval()  # frozen: BatchNorm statistics stay those of the pretrained ResNet
         models.policy_train.train()
@@ -166,7 +167,7 @@ def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.o
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         if stage == "pretrain":
-            out = pretrain_step(models.executor_train, images, labels, drop_rate)
+            out = pretrain_step(models.executor_train, images, labels, keep)
         elif stage == "curriculum":
             out = curriculum_step(models.policy_train, models.backbone, images, labels, epoch, gamma)
         else:

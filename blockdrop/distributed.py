@@ -1,0 +1,211 @@
+"""Ray Train wiring: one stage of training as a data-parallel TorchTrainer run.
+
+Each worker trains on its shard (DistributedSampler) with DDP-wrapped modules, evaluates the
+greedy policy on its shard of the test set, and the epoch's figures are merged over *all* workers
+before rank 0 reports them, with a checkpoint, to Ray Train and to MLflow. A worker that dies is
+replaced (FailureConfig) and the group resumes from the last reported checkpoint; running the same
+job name again against the same storage resumes it too.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from blockdrop.checkpoints import save_checkpoint
+from blockdrop.data import load_dataset
+from blockdrop.evaluate import Tally, tally
+from blockdrop.execution import Executor
+from blockdrop.flops import cost_model
+from blockdrop.presets import get_preset
+from blockdrop.reinforce import curriculum_mask
+from blockdrop.stages import EpochStats, Models, make_optimizer, make_schedule, train_epoch
+
+STATE_FILE = "train_state.pt"
+MODEL_FILE = "model.pt"
+
+
+@dataclass
+class StageConfig:
+    """Everything a worker needs; plain data so Ray can ship it."""
+
+    preset: str
+    stage: str
+    epochs: int
+    batch_size: int  # global: split over the workers
+    lr: float
+    weight_decay: float
+    gamma: float
+    drop_rate: float
+    dataset: str | None
+    data_dir: str | None
+    mlflow_uri: str | None
+    mlflow_run_id: str | None
+    seed: int = 0
+    loader_workers: int = 0
+
+
+def _gather(obj: object, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def epoch_metrics(stats: EpochStats, test: Tally, full_flops: int, lr: float) -> dict[str, float]:
+    report = test.report(full_flops)
+    return stats.metrics() | {
+        "test_accuracy": report.accuracy,
+        "full_accuracy": report.full_accuracy,
+        "blocks_used": report.blocks_mean,
+        "blocks_used_std": report.blocks_std,
+        "flops_per_image": report.flops_mean,
+        "flops_per_image_std": report.flops_std,
+        "speedup": report.speedup,
+        "unique_policies": report.unique_policies,
+        "lr": lr,
+    }
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The per-worker function of TorchTrainer: ordinary PyTorch plus Ray's report/checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = StageConfig(**config["stage"])
+    preset = get_preset(cfg.preset)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed * 1000 + rank)
+
+    backbone = preset.build_backbone()
+    policy = preset.build_policy() if cfg.stage != "pretrain" else None
+    init = ray.get(config["init"]) if config.get("init") is not None else None
+    if init is not None:
+        backbone.load_state_dict(init["backbone"], strict=False)
+        if policy is not None and init.get("policy") is not None:
+            policy.load_state_dict(init["policy"])
+
+    executor = Executor(backbone).to(device)
+    if policy is not None:
+        policy.to(device)
+    if cfg.stage == "curriculum":
+        backbone.requires_grad_(False)
+        models = Models(backbone, policy, policy_train=ray.train.torch.prepare_model(policy))
+        params = list(policy.parameters())
+    elif cfg.stage == "pretrain":
+        models = Models(backbone, None, executor_train=ray.train.torch.prepare_model(executor))
+        params = list(backbone.parameters())
+    else:  # finetune: blocks no image keeps get no gradient in a step
+        models = Models(backbone, policy,
+                        executor_train=ray.train.torch.prepare_model(executor, parallel_strategy_kwargs={
+                            "find_unused_parameters": True}),
+                        policy_train=ray.train.torch.prepare_model(policy))
+        params = list(policy.parameters()) + list(backbone.parameters())
+    optimizer = make_optimizer(cfg.stage, params, cfg.lr, cfg.weight_decay)
+    schedule = make_schedule(cfg.stage, optimizer, cfg.epochs)
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=True)
+        backbone.load_state_dict(state["backbone"])
+        if policy is not None:
+            policy.load_state_dict(state["policy"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start = state["epoch"] + 1
+        if rank == 0:
+            print(f"[{cfg.stage}] resuming after epoch {state['epoch']}", flush=True)
+
+    train_set = load_dataset(preset, "train", cfg.dataset, cfg.data_dir, download=False)
+    test_set = load_dataset(preset, "test", cfg.dataset, cfg.data_dir, download=False)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    per_worker = max(cfg.batch_size // world, 1)
+    loader = DataLoader(train_set, batch_size=per_worker, sampler=sampler, num_workers=cfg.loader_workers,
+                        drop_last=len(train_set) >= per_worker * world * 2)
+    test_loader = DataLoader(Subset(test_set, range(rank, len(test_set), world)), batch_size=256,
+                             num_workers=cfg.loader_workers)
+    costs = cost_model(preset)
+    tracker = None
+    if rank == 0 and cfg.mlflow_run_id:
+        from mlflow.tracking import MlflowClient
+
+        tracker = MlflowClient(cfg.mlflow_uri)
+
+    for epoch in range(start, cfg.epochs):
+        began = time.time()
+        sampler.set_epoch(epoch)
+        stats = train_epoch(cfg.stage, models, loader, optimizer, epoch, cfg.gamma, device, cfg.drop_rate)
+        lr = optimizer.param_groups[0]["lr"]
+        schedule.step()
+        decided = curriculum_mask(preset.num_blocks, epoch) if cfg.stage == "curriculum" else None
+        test = tally(backbone, policy, test_loader, costs, device, decided=decided)
+        merged_stats, merged_test = EpochStats(), Tally()
+        for s, t in _gather((stats, test), world):
+            merged_stats.merge(s)
+            merged_test.merge(t)
+        metrics = epoch_metrics(merged_stats, merged_test, costs.full, lr) | {"epoch": epoch}
+        if rank != 0:
+            ray.train.report(metrics)
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({
+                "backbone": backbone.state_dict(), "policy": None if policy is None else policy.state_dict(),
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "epoch": epoch,
+            }, Path(folder) / STATE_FILE)
+            save_checkpoint(Path(folder) / MODEL_FILE, preset, backbone, policy,
+                            {"stage": cfg.stage, "epoch": epoch, "metrics": metrics, "config": asdict(cfg)})
+            if tracker is not None:
+                from blockdrop.tracking import metric_batch
+
+                tracker.log_batch(cfg.mlflow_run_id, metrics=metric_batch(metrics, epoch))
+            print(f"[{cfg.stage}] epoch {epoch + 1}/{cfg.epochs}  "
+                  f"loss {metrics['train_loss']:.3f}  test acc {metrics['test_accuracy']:.3f}  "
+                  f"blocks {metrics['blocks_used']:.2f}/{preset.num_blocks}  speedup {metrics['speedup']:.2f}x  "
+                  f"({time.time() - began:.1f}s)", file=sys.stderr, flush=True)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def run_stage(cfg: StageConfig, init_ref, num_workers: int, use_gpu: bool, name: str,
+              storage_path: str | None, max_failures: int) -> tuple[Path, dict]:
+    """Fit one stage; returns a local copy of its final model checkpoint and its last metrics."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"stage": asdict(cfg), "init": init_ref},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {cfg.stage} finished without a checkpoint")
+    local = Path(tempfile.mkdtemp(prefix=f"blockdrop-{cfg.stage}-"))
+    with result.checkpoint.as_directory() as folder:
+        target = local / MODEL_FILE
+        target.write_bytes((Path(folder) / MODEL_FILE).read_bytes())
+    return target, dict(result.metrics or {})
+
+
+def quiet_ray_env() -> None:
+    """Ray's console output down to what a user needs: progress and errors."""
+    for key, value in {"RAY_DEDUP_LOGS": "1", "RAY_TRAIN_ENABLE_STATE_TRACKING": "0",
+                       "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}.items():
+        os.environ.setdefault(key, value)

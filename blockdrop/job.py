@@ -1,0 +1,192 @@
+"""A training job: one stage or all three, on Ray Train, tracked in MLflow (`train_job.py`)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from blockdrop.checkpoints import load_models, read_checkpoint
+from blockdrop.data import DATASETS, load_dataset
+from blockdrop.errors import UserError
+from blockdrop.evaluate import evaluate, make_loader
+from blockdrop.flops import cost_model
+from blockdrop.presets import PRESETS, Preset, get_preset
+from blockdrop.stages import STAGES
+
+DEFAULT_PRESET = "R26_DIGITS"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_job.py",
+        description="Train BlockDrop on Ray Train: pretrain the ResNet, train the policy with a curriculum, "
+                    "finetune both jointly, or all three in a row. Without --address it starts a local Ray; "
+                    "without --mlflow-uri it logs to MLflow's sqlite store ./mlflow.db.",
+        epilog="Examples:\n"
+               "  python train_job.py                                   # all stages, offline digits, 2 workers\n"
+               "  python train_job.py --preset R110_C10 --stage curriculum --init pretrained.pt --gpu\n"
+               "  ray job submit --working-dir . -- python train_job.py --preset R32_C10 --num-workers 4 --gpu\n"
+               "Per-stage defaults (epochs, batch size, lr) come from the preset; flags override every stage run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
+    parser.add_argument("--stage", default="all", choices=(*STAGES, "all"), help="default all: pretrain -> curriculum -> finetune")
+    parser.add_argument("--epochs", type=int, help="epochs of each stage run (default: the preset's)")
+    parser.add_argument("--penalty", type=float, help="gamma, the reward of a misclassified image; negative "
+                                                      "(default: the preset's, -10 CIFAR, -5 ImageNet/digits)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: the preset's per stage)")
+    parser.add_argument("--batch-size", type=int, help="global batch size, split over the workers")
+    parser.add_argument("--drop-rate", type=float, help="pretrain: stochastic-depth drop rate of the last block")
+    parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (default 2)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--init", help="checkpoint the (first) stage starts from: a previous stage's output, an "
+                                       "original BlockDrop file, or a pretrained ResNet (torchvision layout)")
+    parser.add_argument("--dataset", choices=DATASETS, help="default: the preset's dataset")
+    parser.add_argument("--data-dir", help="dataset folder; on a cluster, shared storage every node sees")
+    parser.add_argument("--experiment", default="blockdrop", help="MLflow experiment (default blockdrop)")
+    parser.add_argument("--name", help="job name (default PRESET-STAGE-TIMESTAMP); the same name again resumes")
+    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--storage-path", help="Ray Train run storage (default ~/ray_results; shared storage on a cluster)")
+    parser.add_argument("--output", default="checkpoints", help="folder for the final checkpoint (default ./checkpoints)")
+    parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts allowed per stage (default 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def stage_settings(preset: Preset, stage: str, args: argparse.Namespace) -> dict:
+    d = preset.stages[stage]
+    return {
+        "epochs": args.epochs if args.epochs is not None else d.epochs,
+        "batch_size": args.batch_size if args.batch_size is not None else d.batch_size,
+        "lr": args.lr if args.lr is not None else d.lr,
+        "weight_decay": d.weight_decay,
+        "drop_rate": args.drop_rate if args.drop_rate is not None else d.drop_rate,
+    }
+
+
+def validate(args: argparse.Namespace) -> tuple[Preset, list[str]]:
+    """Every check that needs no cluster, before any work starts."""
+    preset = get_preset(args.preset)
+    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    gamma = preset.penalty if args.penalty is None else args.penalty
+    if not gamma < 0:
+        raise UserError(f"--penalty must be negative (the reward of a misclassified image), not {args.penalty}")
+    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UserError(f"--lr must be positive, not {args.lr}")
+    if args.num_workers < 1:
+        raise UserError(f"--num-workers must be at least 1, not {args.num_workers}")
+    if args.epochs is not None and args.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, not {args.epochs}")
+    if args.batch_size is not None and args.batch_size < args.num_workers:
+        raise UserError(f"--batch-size {args.batch_size} is smaller than --num-workers {args.num_workers}")
+    if args.drop_rate is not None and not 0 <= args.drop_rate < 1:
+        raise UserError(f"--drop-rate must be in [0, 1), not {args.drop_rate}")
+    if args.max_failures < 0:
+        raise UserError(f"--max-failures must be >= 0, not {args.max_failures}")
+    if stages[0] != "pretrain" and not args.init:
+        raise UserError(f"--stage {stages[0]} starts from a trained ResNet: pass --init with a pretrain checkpoint "
+                        f"(checkpoints/*-pretrain.pt), an original BlockDrop file or a torchvision ResNet file")
+    if stages[0] == "finetune" and args.init and read_checkpoint(args.init).policy is None:
+        raise UserError(f"--stage finetune needs a policy: {args.init} has none; pass a curriculum checkpoint")
+    if args.init:
+        load_models(preset, args.init)  # fits the preset, or a clear error now rather than on a worker
+    # the data must be there before workers look for it
+    load_dataset(preset, "train", args.dataset, args.data_dir)
+    return preset, stages
+
+
+def init_payload(preset: Preset, path: str | None) -> dict | None:
+    if path is None:
+        return None
+    backbone, policy, _ = load_models(preset, path)
+    return {"backbone": backbone.state_dict(), "policy": None if policy is None else policy.state_dict()}
+
+
+def start_ray(address: str | None, use_gpu: bool, num_workers: int) -> None:
+    import ray
+
+    from blockdrop.distributed import quiet_ray_env
+
+    quiet_ray_env()
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        kwargs = {"logging_level": logging.WARNING} if not address else {}
+        ray.init(address=address, **kwargs)
+    resources = ray.cluster_resources()
+    if use_gpu and resources.get("GPU", 0) < 1:
+        raise UserError("--gpu was given but the Ray cluster has no GPU")
+    need = "GPU" if use_gpu else "CPU"
+    if resources.get(need, 0) < num_workers:
+        print(f"note: {num_workers} workers need {num_workers} {need}s; the cluster has "
+              f"{resources.get(need, 0):g} now (an autoscaling cluster adds them)", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> None:
+    from blockdrop.distributed import StageConfig, run_stage
+    from blockdrop.tracking import Tracker, resolve_uri
+
+    preset, stages = validate(args)
+    gamma = preset.penalty if args.penalty is None else args.penalty
+    name = args.name or f"{preset.name}-{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    uri = resolve_uri(args.mlflow_uri)
+    tracker = Tracker(uri, args.experiment)
+    common = {"preset": preset.name, "gamma": gamma, "num_workers": args.num_workers, "gpu": args.gpu,
+              "dataset": args.dataset or preset.dataset, "init": args.init or ""}
+    job_params = common | {"stage": args.stage} | (stage_settings(preset, stages[0], args) if len(stages) == 1 else {})
+    run_id, resumed = tracker.job_run(name, name, job_params)
+    print(f"{'continuing' if resumed else 'started'} MLflow {tracker.run_url(run_id)}", file=sys.stderr)
+
+    start_ray(args.address, args.gpu, args.num_workers)
+    import ray
+
+    init_path, ok, metrics = args.init, False, {}
+    try:
+        for stage in stages:
+            settings = stage_settings(preset, stage, args)
+            stage_run = run_id
+            if len(stages) > 1:
+                stage_run, _ = tracker.job_run(f"{name}/{stage}", f"{name}-{stage}",
+                                               common | {"stage": stage} | settings, parent_id=run_id)
+            cfg = StageConfig(preset=preset.name, stage=stage, gamma=gamma, dataset=args.dataset,
+                              data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
+                              mlflow_uri=uri, mlflow_run_id=stage_run, seed=args.seed, **settings)
+            print(f"== {stage}: {settings['epochs']} epochs, batch {settings['batch_size']}, lr {settings['lr']:g}"
+                  f"{f', gamma {gamma:g}' if stage != 'pretrain' else ''}, {args.num_workers} workers", file=sys.stderr)
+            ref = ray.put(init_payload(preset, init_path)) if init_path else None
+            checkpoint, metrics = run_stage(cfg, ref, args.num_workers, args.gpu, f"{name}-{stage}",
+                                            args.storage_path, args.max_failures)
+            out = Path(args.output) / f"{name}-{stage}.pt"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(checkpoint, out)
+            if stage_run != run_id:
+                tracker.client.log_artifact(stage_run, str(out), "checkpoint")
+                tracker.finish(stage_run, ok=True)
+            init_path = str(out)
+        ok = True
+    finally:
+        if not ok:
+            tracker.finish(run_id, ok=False)
+
+    backbone, policy, _ = load_models(preset, init_path)
+    device = torch.device("cuda" if args.gpu and torch.cuda.is_available() else "cpu")
+    test = load_dataset(preset, "test", args.dataset, args.data_dir)
+    report = evaluate(backbone.to(device), policy and policy.to(device), make_loader(test, 256, 0),
+                      cost_model(preset), device, progress=False)
+    tracker.log_metrics(run_id, {f"final_{k}": v for k, v in asdict(report).items()}, step=0)
+    model_uri = tracker.log_model(run_id, Path(init_path), report.text())
+    tracker.finish(run_id, ok=True)
+    print(f"\n{preset.name} {args.stage} ({name})")
+    print(report.text())
+    print(f"\ncheckpoint: {init_path}")
+    print(f"MLflow: {tracker.run_url(run_id)}; model {model_uri}")
+    if uri.startswith("sqlite:"):
+        print(f"browse: mlflow ui --backend-store-uri {uri}")
