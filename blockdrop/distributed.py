@@ -52,6 +52,13 @@ class StageConfig:
     loader_workers: int = 0
 
 
+def progress(line: str) -> None:
+    """A progress line from a worker, straight to its stdout (Ray forwards it to the driver once;
+    Train's patched print would log it twice)."""
+    sys.__stdout__.write(line + "\n")
+    sys.__stdout__.flush()
+
+
 def _gather(obj: object, world: int) -> list:
     if world == 1:
         return [obj]
@@ -80,6 +87,9 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress
     cfg = StageConfig(**config["stage"])
     preset = get_preset(cfg.preset)
     ctx = ray.train.get_context()
@@ -105,10 +115,8 @@ def train_loop_per_worker(config: dict) -> None:
     elif cfg.stage == "pretrain":
         models = Models(backbone, None, executor_train=ray.train.torch.prepare_model(executor))
         params = list(backbone.parameters())
-    else:  # finetune: blocks no image keeps get no gradient in a step
-        models = Models(backbone, policy,
-                        executor_train=ray.train.torch.prepare_model(executor, parallel_strategy_kwargs={
-                            "find_unused_parameters": True}),
+    else:
+        models = Models(backbone, policy, executor_train=ray.train.torch.prepare_model(executor),
                         policy_train=ray.train.torch.prepare_model(policy))
         params = list(policy.parameters()) + list(backbone.parameters())
     optimizer = make_optimizer(cfg.stage, params, cfg.lr, cfg.weight_decay)
@@ -126,7 +134,7 @@ def train_loop_per_worker(config: dict) -> None:
         schedule.load_state_dict(state["schedule"])
         start = state["epoch"] + 1
         if rank == 0:
-            print(f"[{cfg.stage}] resuming after epoch {state['epoch']}", flush=True)
+            progress(f"[{cfg.stage}] resuming after epoch {state['epoch']} (from the last checkpoint)")
 
     train_set = load_dataset(preset, "train", cfg.dataset, cfg.data_dir, download=False)
     test_set = load_dataset(preset, "test", cfg.dataset, cfg.data_dir, download=False)
@@ -170,10 +178,10 @@ def train_loop_per_worker(config: dict) -> None:
                 from blockdrop.tracking import metric_batch
 
                 tracker.log_batch(cfg.mlflow_run_id, metrics=metric_batch(metrics, epoch))
-            print(f"[{cfg.stage}] epoch {epoch + 1}/{cfg.epochs}  "
-                  f"loss {metrics['train_loss']:.3f}  test acc {metrics['test_accuracy']:.3f}  "
-                  f"blocks {metrics['blocks_used']:.2f}/{preset.num_blocks}  speedup {metrics['speedup']:.2f}x  "
-                  f"({time.time() - began:.1f}s)", file=sys.stderr, flush=True)
+            progress(f"[{cfg.stage}] epoch {epoch + 1}/{cfg.epochs}  "
+                     f"loss {metrics['train_loss']:.3f}  test acc {metrics['test_accuracy']:.3f}  "
+                     f"blocks {metrics['blocks_used']:.2f}/{preset.num_blocks}  speedup {metrics['speedup']:.2f}x  "
+                     f"({time.time() - began:.1f}s)")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -181,6 +189,7 @@ def run_stage(cfg: StageConfig, init_ref, num_workers: int, use_gpu: bool, name:
               storage_path: str | None, max_failures: int) -> tuple[Path, dict]:
     """Fit one stage; returns a local copy of its final model checkpoint and its last metrics."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.api.config import LoggingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
@@ -192,6 +201,7 @@ def run_stage(cfg: StageConfig, init_ref, num_workers: int, use_gpu: bool, name:
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="WARNING"),  # progress is ours; Ray's INFO is noise
         ),
     )
     result = trainer.fit()

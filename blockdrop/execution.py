@@ -35,11 +35,15 @@ def run_full(net: FlatResNet, x: torch.Tensor) -> torch.Tensor:
     return net(x)
 
 
-def run_masked(net: FlatResNet, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
-    """Logits under `policy`, computing each block on every row and masking (the original's way)."""
+def run_masked(net: FlatResNet, x: torch.Tensor, policy: torch.Tensor, skip_unused: bool = True) -> torch.Tensor:
+    """Logits under `policy`, computing each block on every row and masking (the original's way).
+
+    A block no row keeps is skipped unless `skip_unused` is False: DDP wants every parameter in
+    every step's graph (a zero gradient is fine, a missing one is not).
+    """
     _check_policy(net, x, policy)
     mask = policy.to(device=x.device, dtype=x.dtype)
-    active = mask.any(0).tolist()  # one host sync for the whole pass
+    active = mask.any(0).tolist() if skip_unused else [True] * net.num_blocks
     x = net.seed(x)
     for k in range(net.num_blocks):
         residual = net.shortcut(k, x)
@@ -90,11 +94,14 @@ def run(net: FlatResNet, x: torch.Tensor, policy: torch.Tensor | None, mode: str
 
 
 class Executor(nn.Module):
-    """`run` as a module, so that DDP, whose forward must be the entry point, can wrap it."""
+    """Training-time execution as a module, so that DDP (whose forward must be the entry point) can
+    wrap it: the full network, or masked execution that keeps every block in the graph."""
 
     def __init__(self, backbone: FlatResNet):
         super().__init__()
         self.backbone = backbone
 
-    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None, mode: str = "full") -> torch.Tensor:
-        return run(self.backbone, x, policy, mode)
+    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
+        if policy is None:
+            return run_full(self.backbone, x)
+        return run_masked(self.backbone, x, policy, skip_unused=False)

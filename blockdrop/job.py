@@ -182,7 +182,8 @@ def run(args: argparse.Namespace) -> None:
     report = evaluate(backbone.to(device), policy and policy.to(device), make_loader(test, 256, 0),
                       cost_model(preset), device, progress=False)
     tracker.log_metrics(run_id, {f"final_{k}": v for k, v in asdict(report).items()}, step=0)
-    model_uri = tracker.log_model(run_id, Path(init_path), report.text())
+    example = torch.stack([test[i][0] for i in range(2)]).numpy()
+    model_uri = tracker.log_model(run_id, Path(init_path), report.text(), example)
     tracker.finish(run_id, ok=True)
     print(f"\n{preset.name} {args.stage} ({name})")
     print(report.text())

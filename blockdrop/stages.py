@@ -46,7 +46,7 @@ def pretrain_step(executor: nn.Module, images: torch.Tensor, labels: torch.Tenso
     """Cross-entropy; with `keep` (per-block survival probabilities) each image also drops blocks at
     random (stochastic depth), which makes the ResNet robust to the blocks a policy will drop."""
     if keep is not None:
-        logits = executor(images, torch.bernoulli(keep.expand(len(images), -1)), "masked")
+        logits = executor(images, torch.bernoulli(keep.expand(len(images), -1)))
     else:
         logits = executor(images)
     loss = F.cross_entropy(logits, labels)
@@ -83,7 +83,7 @@ def finetune_step(policy_net: nn.Module, executor: nn.Module, backbone: FlatResN
     backbone.eval()
     baseline_reward = R.reward(_correct_sparse(backbone, images, labels, baseline), baseline, gamma)
     backbone.train()
-    logits = executor(images, sampled, "masked")
+    logits = executor(images, sampled)
     correct = logits.argmax(1) == labels
     reward = R.reward(correct, sampled, gamma)
     loss = R.reinforce_loss(bounded, sampled, reward - baseline_reward) + F.cross_entropy(logits, labels)

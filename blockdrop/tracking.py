@@ -96,7 +96,8 @@ class Tracker:
             return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
         return f"run {run_id} in experiment {self.experiment!r} ({self.uri})"
 
-    def log_model(self, run_id: str, checkpoint: Path, report_text: str, name: str = "model") -> str:
+    def log_model(self, run_id: str, checkpoint: Path, report_text: str, example: np.ndarray,
+                  name: str = "model") -> str:
         """Log the checkpoint, the report, and a pyfunc model that loads from that checkpoint."""
         self.client.log_artifact(run_id, str(checkpoint), "checkpoint")
         self.client.log_text(run_id, report_text, "evaluation.txt")
@@ -106,6 +107,7 @@ class Tracker:
                 python_model=BlockDropModel(),
                 artifacts={"checkpoint": str(checkpoint)},
                 code_paths=[str(PACKAGE_DIR)],
+                input_example=example,
                 pip_requirements=[f"torch=={_version('torch')}", f"torchvision=={_version('torchvision')}",
                                   f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"],
             )
