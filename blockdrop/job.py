@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
     parser.add_argument("--stage", default="all", choices=(*STAGES, "all"), help="default all: pretrain -> curriculum -> finetune")
-    parser.add_argument("--epochs", type=int, help="epochs of each stage run (default: the preset's)")
+    parser.add_argument("--epochs", type=epoch_list, help="epochs of each stage run, or one number per stage for "
+                                                         "--stage all (e.g. 30,30,15; default: the preset's)")
     parser.add_argument("--penalty", type=float, help="gamma, the reward of a misclassified image; negative "
                                                       "(default: the preset's, -10 CIFAR, -5 ImageNet/digits)")
     parser.add_argument("--lr", type=float, help="learning rate (default: the preset's per stage)")
@@ -62,10 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def stage_settings(preset: Preset, stage: str, args: argparse.Namespace) -> dict:
+def epoch_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or N,N,N, not {text!r}") from None
+
+
+def stage_settings(preset: Preset, stage: str, args: argparse.Namespace, stages: list[str]) -> dict:
     d = preset.stages[stage]
+    epochs = d.epochs
+    if args.epochs is not None:
+        epochs = args.epochs[stages.index(stage)] if len(args.epochs) > 1 else args.epochs[0]
     return {
-        "epochs": args.epochs if args.epochs is not None else d.epochs,
+        "epochs": epochs,
         "batch_size": args.batch_size if args.batch_size is not None else d.batch_size,
         "lr": args.lr if args.lr is not None else d.lr,
         "weight_decay": d.weight_decay,
@@ -84,8 +95,9 @@ def validate(args: argparse.Namespace) -> tuple[Preset, list[str]]:
         raise UserError(f"--lr must be positive, not {args.lr}")
     if args.num_workers < 1:
         raise UserError(f"--num-workers must be at least 1, not {args.num_workers}")
-    if args.epochs is not None and args.epochs < 1:
-        raise UserError(f"--epochs must be at least 1, not {args.epochs}")
+    if args.epochs is not None and (min(args.epochs) < 1 or len(args.epochs) not in (1, len(stages))):
+        raise UserError(f"--epochs takes one number (>= 1) or one per stage ({len(stages)}), "
+                        f"not {','.join(map(str, args.epochs))}")
     if args.batch_size is not None and args.batch_size < args.num_workers:
         raise UserError(f"--batch-size {args.batch_size} is smaller than --num-workers {args.num_workers}")
     if args.drop_rate is not None and not 0 <= args.drop_rate < 1:
@@ -141,7 +153,7 @@ def run(args: argparse.Namespace) -> None:
     tracker = Tracker(uri, args.experiment)
     common = {"preset": preset.name, "gamma": gamma, "num_workers": args.num_workers, "gpu": args.gpu,
               "dataset": args.dataset or preset.dataset, "init": args.init or ""}
-    job_params = common | {"stage": args.stage} | (stage_settings(preset, stages[0], args) if len(stages) == 1 else {})
+    job_params = common | {"stage": args.stage} | (stage_settings(preset, stages[0], args, stages) if len(stages) == 1 else {})
     run_id, resumed = tracker.job_run(name, name, job_params)
     print(f"{'continuing' if resumed else 'started'} MLflow {tracker.run_url(run_id)}", file=sys.stderr)
 
@@ -151,7 +163,7 @@ def run(args: argparse.Namespace) -> None:
     init_path, ok, metrics = args.init, False, {}
     try:
         for stage in stages:
-            settings = stage_settings(preset, stage, args)
+            settings = stage_settings(preset, stage, args, stages)
             stage_run = run_id
             if len(stages) > 1:
                 stage_run, _ = tracker.job_run(f"{name}/{stage}", f"{name}-{stage}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 # Before mlflow is imported: keep its INFO chatter and telemetry out of users' consoles.
@@ -101,7 +102,9 @@ class Tracker:
         """Log the checkpoint, the report, and a pyfunc model that loads from that checkpoint."""
         self.client.log_artifact(run_id, str(checkpoint), "checkpoint")
         self.client.log_text(run_id, report_text, "evaluation.txt")
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            # our outputs are never missing, so MLflow's hint about integer columns does not apply
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=BlockDropModel(),

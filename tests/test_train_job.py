@@ -1,0 +1,157 @@
+"""train_job.py end to end: a real local Ray cluster, real MLflow stores, a real `mlflow server`."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, mlflow_server  # noqa: F401  (fixture)
+
+K = 12  # blocks of R26_DIGITS
+
+
+def job_env(tmp_path: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def train_job(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train_job.py"), "--storage-path", str(tmp_path / "ray"),
+                           *args], cwd=tmp_path, env=job_env(tmp_path), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def client_for(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--penalty", "2"], "--penalty must be negative"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--num-workers", "0"], "--num-workers must be at least 1"),
+    (["--preset", "R999"], "unknown preset 'R999'"),
+    (["--stage", "curriculum"], "pass --init"),
+    (["--epochs", "3,3"], "--epochs takes one number"),
+    (["--stage", "finetune", "--init", "missing.pt"], "missing.pt does not exist"),
+])
+def test_invalid_input_fails_before_any_work(tmp_path, args, message):
+    proc = train_job(tmp_path, *args, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
+
+
+def test_gpu_flag_on_a_cluster_without_gpus_is_refused(tmp_path):
+    proc = train_job(tmp_path, "--gpu", "--epochs", "1", timeout=300)
+    assert proc.returncode == 2
+    assert "--gpu was given but the Ray cluster has no GPU" in proc.stderr
+    assert not (tmp_path / "ray").exists()
+
+
+def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
+    proc = train_job(tmp_path, "--stage", "all", "--num-workers", "2", "--epochs", "12,15,5", "--name", "e2e",
+                     timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Block Usage:" in proc.stdout and "checkpoint: checkpoints/e2e-finetune.pt" in proc.stdout
+    client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("blockdrop")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("blockdrop.job") == "e2e")
+    children = {r.data.params["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"pretrain", "curriculum", "finetune"} and len(runs) == 4
+    for stage, epochs in (("pretrain", 12), ("curriculum", 15), ("finetune", 5)):
+        steps = [s for s, _ in history(client, children[stage].info.run_id, "test_accuracy")]
+        assert sorted(set(steps)) == list(range(epochs)), stage
+    reward = [v for _, v in history(client, children["curriculum"].info.run_id, "train_reward")]
+    assert max(reward[-3:]) > reward[0]  # the policy learns
+    final = parent.data.metrics
+    assert final["final_blocks_mean"] < 0.75 * K
+    assert final["final_accuracy"] >= final["final_full_accuracy"] - 0.05
+    assert final["final_speedup"] > 1.2
+    for key in ("test_accuracy", "blocks_used", "flops_per_image", "speedup", "unique_policies"):
+        assert key in children["finetune"].data.metrics
+
+    import mlflow.pyfunc
+    import numpy as np
+
+    from blockdrop.data import load_dataset
+    from blockdrop.presets import get_preset
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"runs:/{parent.info.run_id}/model")
+    test = load_dataset(get_preset("R26_DIGITS"), "test")
+    images = np.stack([test[i][0].numpy() for i in range(64)])
+    out = model.predict(images)
+    assert len(out) == 64 and out["blocks_used"].max() <= K
+    assert (out["prediction"].to_numpy() == test.labels[:64].numpy()).mean() > 0.8
+
+
+def test_killed_worker_is_replaced_and_training_resumes_in_the_same_mlflow_run(tmp_path):
+    args = [sys.executable, str(REPO / "train_job.py"), "--stage", "pretrain", "--epochs", "10", "--name", "chaos",
+            "--num-workers", "2", "--storage-path", str(tmp_path / "ray")]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=job_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines, killed = [], None
+    deadline = time.time() + 600
+    for line in proc.stdout:
+        lines.append(line)
+        if killed is None and "[pretrain] epoch 3/10" in line:
+            workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True)
+            pids = [int(p) for p in workers.stdout.split()]
+            assert pids, "no Ray Train worker process found"
+            killed = pids[-1]
+            os.kill(killed, signal.SIGKILL)
+        assert time.time() < deadline, "job did not finish in time"
+    assert proc.wait(timeout=60) == 0, "".join(lines[-60:])
+    output = "".join(lines)
+    assert killed is not None
+    assert "resuming after epoch" in output
+
+    client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("blockdrop").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = sorted({s for s, _ in history(client, runs[0].info.run_id, "test_accuracy")})
+    assert steps == list(range(10))  # no gap
+
+    # the same job name again resumes: more epochs continue from the stored checkpoint, same run
+    again = train_job(tmp_path, "--stage", "pretrain", "--epochs", "11", "--name", "chaos", "--num-workers", "2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "continuing MLflow" in again.stderr and "resuming after epoch 9" in again.stdout + again.stderr
+    runs = client.search_runs([client.get_experiment_by_name("blockdrop").experiment_id])
+    assert len(runs) == 1
+    assert sorted({s for s, _ in history(client, runs[0].info.run_id, "test_accuracy")}) == list(range(11))
+
+
+def test_logs_to_a_real_mlflow_server(tmp_path, mlflow_server):  # noqa: F811
+    proc = train_job(tmp_path, "--stage", "pretrain", "--epochs", "2", "--num-workers", "1", "--name", "remote",
+                     "--mlflow-uri", mlflow_server, "--experiment", "server-test")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{mlflow_server}/#/experiments/" in proc.stdout
+    assert not (tmp_path / "mlflow.db").exists()
+    client = client_for(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("server-test").experiment_id])
+    assert len(runs) == 1
+    assert [s for s, _ in history(client, runs[0].info.run_id, "test_accuracy")] == [0, 1]
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    assert {"checkpoint", "evaluation.txt"} <= artifacts
+
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model(f"runs:/{runs[0].info.run_id}/model")
+    import numpy as np
+
+    assert len(model.predict(np.zeros((3, 1, 8, 8), dtype=np.float32))) == 3
