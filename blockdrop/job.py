@@ -126,13 +126,12 @@ def init_payload(preset: Preset, path: str | None) -> dict | None:
 def start_ray(address: str | None, use_gpu: bool, num_workers: int) -> None:
     import ray
 
-    from blockdrop.distributed import quiet_ray_env
+    from blockdrop.distributed import TRAIN_ENV, quiet_ray_env
 
     quiet_ray_env()
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        kwargs = {"logging_level": logging.WARNING} if not address else {}
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": TRAIN_ENV})
     resources = ray.cluster_resources()
     if use_gpu and resources.get("GPU", 0) < 1:
         raise UserError("--gpu was given but the Ray cluster has no GPU")
@@ -174,8 +173,9 @@ def run(args: argparse.Namespace) -> None:
             print(f"== {stage}: {settings['epochs']} epochs, batch {settings['batch_size']}, lr {settings['lr']:g}"
                   f"{f', gamma {gamma:g}' if stage != 'pretrain' else ''}, {args.num_workers} workers", file=sys.stderr)
             ref = ray.put(init_payload(preset, init_path)) if init_path else None
+            storage = str(Path(args.storage_path).resolve()) if args.storage_path else None
             checkpoint, metrics = run_stage(cfg, ref, args.num_workers, args.gpu, f"{name}-{stage}",
-                                            args.storage_path, args.max_failures)
+                                            storage, args.max_failures)
             out = Path(args.output) / f"{name}-{stage}.pt"
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(checkpoint, out)
