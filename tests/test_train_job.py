@@ -46,11 +46,21 @@ def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     (["--stage", "curriculum"], "pass --init"),
     (["--epochs", "3,3"], "--epochs takes one number"),
     (["--stage", "finetune", "--init", "missing.pt"], "missing.pt does not exist"),
+    (["--dataset", "imagefolder", "--data-dir", "nowhere"], "imagefolder data not found"),
 ])
-def test_invalid_input_fails_before_any_work(tmp_path, args, message):
-    proc = train_job(tmp_path, *args, timeout=120)
+def test_invalid_input_is_refused_by_validation(tmp_path, monkeypatch, args, message):
+    from blockdrop.errors import UserError
+    from blockdrop.job import build_parser, validate
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=message):
+        validate(build_parser().parse_args(args))
+
+
+def test_cli_exits_2_with_the_message_before_any_work(tmp_path):
+    proc = train_job(tmp_path, "--penalty", "2", timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert "--penalty must be negative" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
 
 
@@ -100,7 +110,7 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
 
 
 def test_killed_worker_is_replaced_and_training_resumes_in_the_same_mlflow_run(tmp_path):
-    args = [sys.executable, str(REPO / "train_job.py"), "--stage", "pretrain", "--epochs", "10", "--name", "chaos",
+    args = [sys.executable, str(REPO / "train_job.py"), "--stage", "pretrain", "--epochs", "6", "--name", "chaos",
             "--num-workers", "2", "--storage-path", str(tmp_path / "ray")]
     proc = subprocess.Popen(args, cwd=tmp_path, env=job_env(tmp_path), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -108,7 +118,7 @@ def test_killed_worker_is_replaced_and_training_resumes_in_the_same_mlflow_run(t
     deadline = time.time() + 600
     for line in proc.stdout:
         lines.append(line)
-        if killed is None and "[pretrain] epoch 3/10" in line:
+        if killed is None and "[pretrain] epoch 2/6" in line:
             workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True)
             pids = [int(p) for p in workers.stdout.split()]
             assert pids, "no Ray Train worker process found"
@@ -124,15 +134,15 @@ def test_killed_worker_is_replaced_and_training_resumes_in_the_same_mlflow_run(t
     runs = client.search_runs([client.get_experiment_by_name("blockdrop").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = sorted({s for s, _ in history(client, runs[0].info.run_id, "test_accuracy")})
-    assert steps == list(range(10))  # no gap
+    assert steps == list(range(6))  # no gap
 
     # the same job name again resumes: more epochs continue from the stored checkpoint, same run
-    again = train_job(tmp_path, "--stage", "pretrain", "--epochs", "11", "--name", "chaos", "--num-workers", "2")
+    again = train_job(tmp_path, "--stage", "pretrain", "--epochs", "7", "--name", "chaos", "--num-workers", "2")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "continuing MLflow" in again.stderr and "resuming after epoch 9" in again.stdout + again.stderr
+    assert "continuing MLflow" in again.stderr and "resuming after epoch 5" in again.stdout + again.stderr
     runs = client.search_runs([client.get_experiment_by_name("blockdrop").experiment_id])
     assert len(runs) == 1
-    assert sorted({s for s, _ in history(client, runs[0].info.run_id, "test_accuracy")}) == list(range(11))
+    assert sorted({s for s, _ in history(client, runs[0].info.run_id, "test_accuracy")}) == list(range(7))
 
 
 def test_logs_to_a_real_mlflow_server(tmp_path, mlflow_server):  # noqa: F811
