@@ -74,7 +74,7 @@ def main() -> None:
             "blockdrop (sparse)": lambda: curriculum_step(policy, backbone, images, labels, epoch, -10.0),
         }
         times: dict[str, list[float]] = {name: [] for name in steps}
-        for name, step in steps.items():  # warm-up
+        for step in steps.values():  # warm-up
             optimizer.zero_grad()
             step()
         for _ in range(args.rounds):

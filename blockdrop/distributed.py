@@ -186,8 +186,8 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def run_stage(cfg: StageConfig, init_ref, num_workers: int, use_gpu: bool, name: str,
-              storage_path: str | None, max_failures: int) -> tuple[Path, dict]:
-    """Fit one stage; returns a local copy of its final model checkpoint and its last metrics."""
+              storage_path: str | None, max_failures: int) -> Path:
+    """Fit one stage; returns a local copy of its final model checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.config import LoggingConfig
     from ray.train.torch import TorchTrainer
@@ -212,7 +212,7 @@ def run_stage(cfg: StageConfig, init_ref, num_workers: int, use_gpu: bool, name:
     with result.checkpoint.as_directory() as folder:
         target = local / MODEL_FILE
         target.write_bytes((Path(folder) / MODEL_FILE).read_bytes())
-    return target, dict(result.metrics or {})
+    return target
 
 
 # Ray Train's controller polls workers every 2 s by default and each report waits for it:

@@ -148,6 +148,9 @@ def run(args: argparse.Namespace) -> None:
     preset, stages = validate(args)
     gamma = preset.penalty if args.penalty is None else args.penalty
     name = args.name or f"{preset.name}-{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    start_ray(args.address, args.gpu, args.num_workers)  # cluster checks first: a refused job leaves no run
+    import ray
+
     uri = resolve_uri(args.mlflow_uri)
     tracker = Tracker(uri, args.experiment)
     common = {"preset": preset.name, "gamma": gamma, "num_workers": args.num_workers, "gpu": args.gpu,
@@ -156,10 +159,7 @@ def run(args: argparse.Namespace) -> None:
     run_id, resumed = tracker.job_run(name, name, job_params)
     print(f"{'continuing' if resumed else 'started'} MLflow {tracker.run_url(run_id)}", file=sys.stderr)
 
-    start_ray(args.address, args.gpu, args.num_workers)
-    import ray
-
-    init_path, ok, metrics = args.init, False, {}
+    init_path, ok = args.init, False
     try:
         for stage in stages:
             settings = stage_settings(preset, stage, args, stages)
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> None:
                   f"{f', gamma {gamma:g}' if stage != 'pretrain' else ''}, {args.num_workers} workers", file=sys.stderr)
             ref = ray.put(init_payload(preset, init_path)) if init_path else None
             storage = str(Path(args.storage_path).resolve()) if args.storage_path else None
-            checkpoint, metrics = run_stage(cfg, ref, args.num_workers, args.gpu, f"{name}-{stage}",
+            checkpoint = run_stage(cfg, ref, args.num_workers, args.gpu, f"{name}-{stage}",
                                             storage, args.max_failures)
             out = Path(args.output) / f"{name}-{stage}.pt"
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ def test_gpu_flag_on_a_cluster_without_gpus_is_refused(tmp_path):
     proc = train_job(tmp_path, "--gpu", "--epochs", "1", timeout=300)
     assert proc.returncode == 2
     assert "--gpu was given but the Ray cluster has no GPU" in proc.stderr
-    assert not (tmp_path / "ray").exists()
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
