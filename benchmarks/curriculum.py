@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from blockdrop import reinforce as R
 from blockdrop.execution import run_masked
 from blockdrop.presets import get_preset
+from results_table import emit
 from blockdrop.stages import curriculum_step
 
 
@@ -98,10 +98,7 @@ def main() -> None:
         "| greedy policy keeps | sampled policy keeps (alpha 0.8) | original step img/s | this project img/s | speedup |",
         "|---|---|---|---|---|",
     ] + [f"| {k:.0%} | {s:.0%} | {o:.1f} | {b:.1f} | {x:.2f}x |" for k, s, o, b, x in rows]
-    print("\n".join(table))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text("\n".join(table) + "\n")
+    emit(table, args.output)
 
 
 if __name__ == "__main__":

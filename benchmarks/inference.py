@@ -17,13 +17,13 @@ import argparse
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from blockdrop.execution import run
 from blockdrop.flops import cost_model
 from blockdrop.presets import get_preset
+from results_table import emit
 
 
 def timed(fns: dict, device: torch.device, min_time: float, min_reps: int = 7) -> dict[str, float]:
@@ -110,10 +110,7 @@ def main() -> None:
         f"| {p} | {k:.0%} | {b} | {f:.2f} | {m:.2f} | {s:.2f} | {ips:.0f} | {w:.2f}x | {fs:.2f}x | {r:.2f} |"
         for p, k, b, f, m, s, w, fs, r, ips in rows
     ]
-    print("\n".join(table))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text("\n".join(table) + "\n")
+    emit(table, args.output)
 
 
 if __name__ == "__main__":
