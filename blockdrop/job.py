@@ -27,8 +27,8 @@ DEFAULT_PRESET = "R26_DIGITS"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_job.py",
-        description="Train BlockDrop on Ray Train: pretrain the ResNet, train the policy with a curriculum, "
-                    "finetune both jointly, or all three in a row. Without --address it starts a local Ray; "
+        description="Train BlockDrop on Ray Train: pretrain the ResNet, train the policy with a curriculum,\n"
+                    "finetune both jointly, or all three in a row. Without --address it starts a local Ray;\n"
                     "without --mlflow-uri it logs to MLflow's sqlite store ./mlflow.db.",
         epilog="Examples:\n"
                "  python train_job.py                                   # all stages, offline digits, 2 workers\n"
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage-path", help="Ray Train run storage (default ~/ray_results; shared storage on a cluster)")
     parser.add_argument("--output", default="checkpoints", help="folder for the final checkpoint (default ./checkpoints)")
     parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts allowed per stage (default 3)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of data order and policy sampling (default 0)")
     return parser
 
 
