@@ -7,13 +7,13 @@ the train split. Missing or mismatched data is a UserError that says what to put
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import sys
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Subset
-from torchvision import datasets, transforms as T
 
 from blockdrop.errors import UserError
 from blockdrop.presets import Preset
@@ -24,7 +24,13 @@ DEFAULT_DATA_DIR = Path("data")
 DOWNLOAD_TIMEOUT_S = 30.0
 
 
-def _normalize(preset: Preset) -> T.Normalize:
+# torchvision is imported where it is used: it costs seconds at start-up, and a CLI that fails on a bad
+# flag should not pay for it.
+
+
+def _normalize(preset: Preset):
+    from torchvision import transforms as T
+
     return T.Normalize(preset.mean, preset.std)
 
 
@@ -41,11 +47,20 @@ def _presence_only(cls: type) -> type:
     })
 
 
-_CIFAR = {"cifar10": (_presence_only(datasets.CIFAR10), 10), "cifar100": (_presence_only(datasets.CIFAR100), 100)}
+CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+@functools.cache
+def cifar_class(name: str) -> type:
+    from torchvision import datasets
+
+    return _presence_only({"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name])
 
 
 def _cifar(preset: Preset, name: str, root: Path, train: bool, download: bool) -> Dataset:
-    cls, _ = _CIFAR[name]
+    from torchvision import transforms as T
+
+    cls = cifar_class(name)
     if preset.image_size != 32 or preset.in_channels != 3:
         raise UserError(f"{name} has 32x32 RGB images; preset {preset.name} expects "
                         f"{preset.image_size}x{preset.image_size} with {preset.in_channels} channel(s)")
@@ -76,7 +91,9 @@ def _cifar(preset: Preset, name: str, root: Path, train: bool, download: bool) -
         raise UserError(f"{name} in {folder} could not be read ({type(err).__name__}: {err})") from None
 
 
-def _folder_transform(preset: Preset, train: bool, imagenet: bool) -> T.Compose:
+def _folder_transform(preset: Preset, train: bool, imagenet: bool):
+    from torchvision import transforms as T
+
     size = preset.image_size
     gray = [T.Grayscale(preset.in_channels)] if preset.in_channels == 1 else []
     if imagenet and train:
@@ -98,6 +115,8 @@ def _image_folder(preset: Preset, name: str, root: Path, train: bool) -> Dataset
     if folder is None or not folder.is_dir():
         want = f"{root}/train/ and {root}/val/" if name == "imagenet" else f"{root}/ (class subfolders)"
         raise UserError(f"{name} data not found: expected class folders under {want}; pass --data-dir")
+    from torchvision import datasets
+
     try:
         ds = datasets.ImageFolder(str(folder), transform=_folder_transform(preset, train, name == "imagenet"))
     except (FileNotFoundError, RuntimeError) as err:
@@ -118,6 +137,7 @@ class Digits(Dataset):
     def __init__(self, preset: Preset, train: bool):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
+        from torchvision import transforms as T
 
         if preset.image_size != 8 or preset.in_channels != 1:
             raise UserError(f"digits are 8x8 grayscale; preset {preset.name} expects "
@@ -153,8 +173,8 @@ def load_dataset(preset: Preset, split: str, name: str | None = None, data_dir: 
     train = split == "train"
     if name == "digits":
         return Digits(preset, train)
-    if name in _CIFAR:
-        classes = _CIFAR[name][1]
+    if name in CIFAR_CLASSES:
+        classes = CIFAR_CLASSES[name]
         if classes != preset.num_classes:
             raise UserError(f"{name} has {classes} classes; preset {preset.name} has {preset.num_classes}")
         return _cifar(preset, name, Path(data_dir or DEFAULT_DATA_DIR), train, download)

@@ -123,7 +123,7 @@ def cifar_archive_server(tmp_path, monkeypatch):
     import tarfile
     import threading
 
-    from blockdrop.data import _CIFAR
+    from blockdrop.data import cifar_class
 
     staging = tmp_path / "staging"
     write_cifar(staging)
@@ -135,7 +135,7 @@ def cifar_archive_server(tmp_path, monkeypatch):
     handler.log_message = lambda *args: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    cls = _CIFAR["cifar10"][0]
+    cls = cifar_class("cifar10")
     monkeypatch.setattr(cls, "url", f"http://127.0.0.1:{server.server_port}/{archive.name}")
     monkeypatch.setattr(cls, "tgz_md5", hashlib.md5(archive.read_bytes()).hexdigest())
     yield cls
