@@ -186,8 +186,11 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def run_stage(cfg: StageConfig, init_ref, num_workers: int, use_gpu: bool, name: str,
-              storage_path: str | None, max_failures: int) -> Path:
-    """Fit one stage; returns a local copy of its final model checkpoint."""
+              storage_path: str | None, max_failures: int, callbacks: list | None = None) -> Path:
+    """Fit one stage; returns a local copy of its final model checkpoint.
+
+    `callbacks` are Ray Train callbacks (a Tune trial passes the one that forwards reports to Tune).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.config import LoggingConfig
     from ray.train.torch import TorchTrainer
@@ -203,6 +206,7 @@ def run_stage(cfg: StageConfig, init_ref, num_workers: int, use_gpu: bool, name:
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=max(max_failures, 1)),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),  # progress is ours; Ray's INFO is noise
+            callbacks=callbacks,
         ),
     )
     result = trainer.fit()
@@ -222,5 +226,5 @@ TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 def quiet_ray_env() -> None:
     """Ray's console output down to what a user needs: progress and errors."""
-    for key, value in {"RAY_DEDUP_LOGS": "1", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", **TRAIN_ENV}.items():
+    for key, value in {"RAY_DEDUP_LOGS": "1", "RAY_AIR_NEW_OUTPUT": "0", **TRAIN_ENV}.items():
         os.environ.setdefault(key, value)

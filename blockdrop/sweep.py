@@ -1,0 +1,340 @@
+"""A gamma x lr sweep on Ray Tune whose Pareto front lands in MLflow (`tune_penalty.py`).
+
+Every trial finetunes the same curriculum checkpoint with its own (gamma, lr) as a Ray Train run
+of its own (Train V2: a Tune trial launches a TorchTrainer), so a trial can be data-parallel.
+MLflow: one parent run per sweep, one child per trial; the front is computed from the children's
+final metrics, tagged on them, written to the parent as a plot and a table, and its models are
+registered under one name with the aliases `most_accurate` and `fastest`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from ray.tune import Callback
+
+from blockdrop.checkpoints import load_models
+from blockdrop.data import DATASETS, load_dataset
+from blockdrop.errors import UserError
+from blockdrop.evaluate import evaluate, make_loader
+from blockdrop.flops import cost_model
+from blockdrop.pareto import Point, pareto_front, plot_front
+from blockdrop.presets import PRESETS, Preset, get_preset
+
+TRIAL_TAG = "blockdrop.trial"
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, not {text!r}") from None
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tune_penalty.py",
+        description="Sweep the penalty gamma (and the learning rate) of BlockDrop's finetuning stage on Ray Tune,\n"
+                    "starting every trial from one curriculum checkpoint, and put the accuracy-vs-FLOPs Pareto\n"
+                    "front into MLflow: a parent run per sweep, a child run per trial, the front's models registered.",
+        epilog="Examples:\n"
+               "  python tune_penalty.py --init checkpoints/JOB-curriculum.pt --penalties -1,-2,-5 --epochs 10\n"
+               "  python tune_penalty.py --init runs:/<run id>/checkpoint --num-samples 12   # Optuna proposes gammas\n"
+               "  python tune_penalty.py ... --name my-sweep --resume                       # after an interruption",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--preset", default="R26_DIGITS", help=f"one of: {', '.join(PRESETS)} (default R26_DIGITS)")
+    parser.add_argument("--init", required=True, help="curriculum checkpoint: a file, or an MLflow artifact URI "
+                                                      "(runs:/<id>/checkpoint/<file>)")
+    parser.add_argument("--penalties", type=float_list, help="grid of gammas, negative (e.g. -1,-2,-5,-10)")
+    parser.add_argument("--lrs", type=float_list, help="grid of learning rates (default: the preset's finetune lr)")
+    parser.add_argument("--num-samples", type=int, help="instead of a gamma grid: this many trials whose gammas "
+                                                        "Optuna's multi-objective sampler proposes in [--gamma-range]")
+    parser.add_argument("--gamma-range", type=float_list, default=[-20.0, -0.5],
+                        help="low,high bounds for proposed gammas (default -20,-0.5)")
+    parser.add_argument("--epochs", type=int, help="finetune epochs per trial (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, help="global batch size of each trial")
+    parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default 1)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--max-concurrent", type=int, default=1, help="trials running at once (default 1)")
+    parser.add_argument("--dataset", choices=DATASETS, help="default: the preset's dataset")
+    parser.add_argument("--data-dir", help="dataset folder (shared storage on a cluster)")
+    parser.add_argument("--experiment", default="blockdrop-sweeps", help="MLflow experiment (default blockdrop-sweeps)")
+    parser.add_argument("--name", help="sweep name (default PRESET-sweep-TIMESTAMP); with --resume, the sweep to resume")
+    parser.add_argument("--model-name", help="registered model name for the front (default blockdrop-PRESET)")
+    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--storage-path", help="Ray run storage (default ~/ray_results; shared storage on a cluster)")
+    parser.add_argument("--resume", action="store_true", help="continue the sweep --name: finished trials are kept")
+    return parser
+
+
+LIST_FLAGS = ("--penalties", "--lrs", "--gamma-range")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse reads `--penalties -1,-2` as two flags; glue such a list to its flag first."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    glued = []
+    for token in argv:
+        if glued and glued[-1] in LIST_FLAGS and token.startswith("-") and token[1:2].isdigit():
+            glued[-1] = f"{glued[-1]}={token}"
+        else:
+            glued.append(token)
+    return build_parser().parse_args(glued)
+
+
+def resolve_init(init: str) -> str:
+    """A local path for --init; MLflow artifact URIs are downloaded."""
+    if "://" in init or init.startswith(("runs:/", "models:/")):
+        import mlflow
+
+        try:
+            return mlflow.artifacts.download_artifacts(artifact_uri=init)
+        except Exception as err:
+            raise UserError(f"--init {init}: cannot download it from MLflow ({type(err).__name__}: {err})") from None
+    return init
+
+
+def validate(args: argparse.Namespace) -> tuple[Preset, str]:
+    preset = get_preset(args.preset)
+    if args.num_samples is None:
+        if not args.penalties:
+            raise UserError("give a grid of gammas (--penalties -1,-2,-5) or --num-samples N for a search")
+        bad = [g for g in args.penalties if not g < 0]
+        if bad:
+            raise UserError(f"--penalties must all be negative (the reward of a misclassified image): {bad}")
+    elif args.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, not {args.num_samples}")
+    if len(args.gamma_range) != 2 or not args.gamma_range[0] < args.gamma_range[1] < 0:
+        raise UserError(f"--gamma-range takes low,high with low < high < 0, not {args.gamma_range}")
+    if args.lrs is not None and (not args.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs)):
+        raise UserError(f"--lrs must be positive numbers, not {args.lrs}")
+    for flag in ("workers_per_trial", "max_concurrent"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.resume and not args.name:
+        raise UserError("--resume needs --name: the sweep to resume")
+    init = resolve_init(args.init)
+    _, policy, _ = load_models(preset, init)
+    if policy is None:
+        raise UserError(f"--init {args.init} holds no policy: a sweep finetunes a curriculum checkpoint")
+    load_dataset(preset, "train", args.dataset, args.data_dir)
+    return preset, init
+
+
+def trial_key(gamma: float, lr: float) -> str:
+    return f"gamma={gamma:g},lr={lr:g}"
+
+
+def run_trial(config: dict) -> None:
+    """A Tune trial: one finetune run on Ray Train, tracked as a child of the sweep's MLflow run."""
+    import ray
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from blockdrop.distributed import StageConfig, run_stage
+    from blockdrop.tracking import Tracker
+
+    s = config["sweep"]
+    gamma, lr = float(config["gamma"]), float(config["lr"])
+    key = trial_key(gamma, lr)
+    tracker = Tracker(s["mlflow_uri"], s["experiment"])
+    params = {"preset": s["preset"], "stage": "finetune", "gamma": gamma, "lr": lr, "epochs": s["epochs"],
+              "batch_size": s["batch_size"], "workers": s["workers"], "init": s["init_label"]}
+    run_id, _ = tracker.job_run(f"{s['name']}/{key}", f"{s['name']}-{key}", params, parent_id=s["parent_id"])
+    tracker.client.set_tag(run_id, TRIAL_TAG, key)
+    preset = get_preset(s["preset"])
+    cfg = StageConfig(preset=preset.name, stage="finetune", epochs=s["epochs"], batch_size=s["batch_size"], lr=lr,
+                      weight_decay=0.0, gamma=gamma, drop_rate=0.0, dataset=s["dataset"], data_dir=s["data_dir"],
+                      mlflow_uri=s["mlflow_uri"], mlflow_run_id=run_id)
+    try:
+        checkpoint = run_stage(cfg, s["init_ref"], s["workers"], s["gpu"], f"{s['name']}-{key}", s["storage_path"],
+                               max_failures=1, callbacks=[TuneReportCallback()])
+        backbone, policy, _ = load_models(preset, checkpoint)
+        test = load_dataset(preset, "test", s["dataset"], s["data_dir"])
+        device = torch.device("cuda" if s["gpu"] and torch.cuda.is_available() else "cpu")
+        report = evaluate(backbone.to(device), policy.to(device), make_loader(test, 256, 0), cost_model(preset),
+                          device, progress=False)
+        final = {"test_accuracy": report.accuracy, "flops_per_image": report.flops_mean, "speedup": report.speedup,
+                 "blocks_used": report.blocks_mean, "unique_policies": report.unique_policies}
+        tracker.log_metrics(run_id, {f"final_{k}": v for k, v in final.items()}, step=0)
+        example = torch.stack([test[i][0] for i in range(2)]).numpy()
+        tracker.log_model(run_id, checkpoint, report.text(), example)
+        tracker.finish(run_id, ok=True)
+    except BaseException:
+        tracker.finish(run_id, ok=False)
+        raise
+    ray.tune.report({f"final_{k}": v for k, v in final.items()} | {"done": 1})
+
+
+class Progress(Callback):
+    """One line per finished or failed trial: counts, and the most accurate points so far."""
+
+    def __init__(self):
+        self.done, self.failed, self.best = 0, 0, []
+
+    def _line(self, trials, current) -> str:
+        running = sum(t.status == "RUNNING" and t is not current for t in trials)
+        best = ", ".join(f"{k}: acc {a:.3f} @ {f:.2E}" for k, a, f in sorted(self.best, key=lambda b: -b[1])[:3])
+        return (f"[sweep] trials finished {self.done}, running {running}, failed {self.failed}"
+                + (f"; best so far {best}" if best else ""))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        result = trial.last_result or {}
+        if "final_test_accuracy" in result:
+            key = trial_key(trial.config["gamma"], trial.config["lr"])
+            self.best.append((key, result["final_test_accuracy"], result["final_flops_per_image"]))
+        print(self._line(trials, trial), file=sys.stderr, flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.failed += 1
+        print(f"[sweep] trial {trial_key(trial.config['gamma'], trial.config['lr'])} failed", file=sys.stderr)
+        print(self._line(trials, trial), file=sys.stderr, flush=True)
+
+
+def collect_front(tracker, parent_id: str, reference: Point) -> tuple[list[Point], list[Point]]:
+    """The finished trials (child runs with final metrics) and their front."""
+    children = tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    points = []
+    for run in children:
+        m = run.data.metrics
+        if run.info.status != "FINISHED" or "final_test_accuracy" not in m:
+            continue
+        gamma, lr = float(run.data.params["gamma"]), float(run.data.params["lr"])
+        points.append(Point(m["final_test_accuracy"], m["final_flops_per_image"], f"g={gamma:g}", {
+            "gamma": gamma, "lr": lr, "accuracy": m["final_test_accuracy"], "flops": m["final_flops_per_image"],
+            "speedup": m["final_speedup"], "blocks": m["final_blocks_used"], "run_id": run.info.run_id}))
+    return points, pareto_front(points)
+
+
+def publish_front(tracker, parent_id: str, points: list[Point], front: list[Point], reference: Point,
+                  model_name: str) -> list[dict]:
+    """Tags, plot, table and registered models of the front; returns the table rows."""
+    on_front = {p.info["run_id"] for p in front}
+    for p in points:
+        tracker.client.set_tag(p.info["run_id"], "pareto_optimal", str(p.info["run_id"] in on_front).lower())
+    rows = [p.info for p in front]
+    with tempfile.TemporaryDirectory() as folder:
+        plot = plot_front(points, front, Path(folder) / "pareto_front.png", reference=reference)
+        tracker.client.log_artifact(parent_id, str(plot), "pareto")
+        table = Path(folder) / "pareto_front.json"
+        table.write_text(json.dumps({"reference": reference.info, "front": rows}, indent=2))
+        tracker.client.log_artifact(parent_id, str(table), "pareto")
+    register(tracker, front, model_name)
+    return rows
+
+
+def register(tracker, front: list[Point], model_name: str) -> None:
+    import mlflow
+
+    client = tracker.client
+    try:
+        client.get_registered_model(model_name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(model_name, description="BlockDrop models on the accuracy-vs-FLOPs front")
+    versions = {}
+    for p in front:
+        run = client.get_run(p.info["run_id"])
+        model = next((m for m in (run.outputs.model_outputs or [])), None)
+        source = f"models:/{model.model_id}" if model is not None else f"runs:/{run.info.run_id}/model"
+        mv = client.create_model_version(model_name, source=source, run_id=run.info.run_id,
+                                         tags={"gamma": str(p.info["gamma"]), "lr": str(p.info["lr"])})
+        versions[p.info["run_id"]] = mv.version
+    if front:
+        client.set_registered_model_alias(model_name, "most_accurate", versions[max(front, key=lambda p: p.accuracy).info["run_id"]])
+        client.set_registered_model_alias(model_name, "fastest", versions[min(front, key=lambda p: p.flops).info["run_id"]])
+
+
+def run(args: argparse.Namespace) -> None:
+    import time
+
+    import ray
+    from ray import tune
+
+    from blockdrop.job import start_ray
+    from blockdrop.tracking import Tracker, resolve_uri
+
+    preset, init = validate(args)
+    name = args.name or f"{preset.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    defaults = preset.stages["finetune"]
+    epochs = args.epochs or defaults.epochs
+    batch = args.batch_size or defaults.batch_size
+    lrs = args.lrs or [defaults.lr]
+    start_ray(args.address, args.gpu, args.workers_per_trial)
+    uri = resolve_uri(args.mlflow_uri)
+    tracker = Tracker(uri, args.experiment)
+    search = "grid" if args.num_samples is None else "optuna"
+    parent_id, resumed = tracker.job_run(name, name, {
+        "preset": preset.name, "init": args.init, "search": search, "epochs": epochs, "batch_size": batch,
+        "workers_per_trial": args.workers_per_trial, "penalties": ",".join(map(str, args.penalties or [])),
+        "lrs": ",".join(map(str, lrs))})
+    print(f"{'continuing' if resumed else 'started'} sweep {name}: MLflow {tracker.run_url(parent_id)}", file=sys.stderr)
+
+    backbone, policy, _ = load_models(preset, init)
+    test = load_dataset(preset, "test", args.dataset, args.data_dir)
+    full = evaluate(backbone, None, make_loader(test, 256, 0), cost_model(preset), torch.device("cpu"), progress=False)
+    reference = Point(full.accuracy, full.full_flops, "full model",
+                      {"accuracy": full.accuracy, "flops": full.full_flops, "speedup": 1.0})
+    init_ref = ray.put({"backbone": backbone.state_dict(), "policy": policy.state_dict()})
+    storage = str(Path(args.storage_path or Path.home() / "ray_results").resolve())
+    settings = {"preset": preset.name, "name": name, "epochs": epochs, "batch_size": batch,
+                "workers": args.workers_per_trial, "gpu": args.gpu, "dataset": args.dataset,
+                "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None, "mlflow_uri": uri,
+                "experiment": args.experiment, "parent_id": parent_id, "init_ref": init_ref,
+                "init_label": args.init, "storage_path": storage}
+    # The trial itself only waits on its Train run: it asks for a little memory, no CPU, so the CPUs
+    # stay for the Train workers (a trial holding a CPU would deadlock a 2-CPU machine at 2 workers).
+    trainable = tune.with_resources(tune.with_parameters(run_trial_with, sweep=settings),
+                                    {"cpu": 0, "memory": 256 * 1024 ** 2})
+    path = Path(storage) / name
+    if args.resume and tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    else:
+        if args.resume:
+            print(f"note: no Tune state at {path}; starting the sweep", file=sys.stderr)
+        if search == "grid":
+            space = {"gamma": tune.grid_search(args.penalties), "lr": tune.grid_search(lrs)}
+            tune_config = tune.TuneConfig(max_concurrent_trials=args.max_concurrent)
+        else:
+            from ray.tune.search.optuna import OptunaSearch
+            import optuna
+
+            space = {"gamma": tune.uniform(*args.gamma_range), "lr": tune.choice(lrs)}
+            searcher = OptunaSearch(metric=["final_test_accuracy", "final_flops_per_image"], mode=["max", "min"],
+                                    sampler=optuna.samplers.NSGAIISampler(seed=0))
+            tune_config = tune.TuneConfig(search_alg=searcher, num_samples=args.num_samples,
+                                          max_concurrent_trials=args.max_concurrent)
+        tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=tune.RunConfig(
+            name=name, storage_path=storage, verbose=0, callbacks=[Progress()],
+            failure_config=tune.FailureConfig(max_failures=0)))
+    results = tuner.fit()
+    failed = sum(r.error is not None for r in results)
+
+    points, front = collect_front(tracker, parent_id, reference)
+    if not points:
+        tracker.finish(parent_id, ok=False)
+        raise UserError(f"no trial of sweep {name} finished ({failed} failed); see the errors above")
+    model_name = args.model_name or f"blockdrop-{preset.name}"
+    rows = publish_front(tracker, parent_id, points, front, reference, model_name)
+    tracker.finish(parent_id, ok=True)
+    print(f"\n{name}: {len(points)} trials finished, {failed} failed; Pareto front "
+          f"(full model: accuracy {reference.accuracy:.3f}, FLOPs {reference.flops:.2E}):")
+    print(f"{'gamma':>8} {'lr':>8} {'accuracy':>9} {'FLOPs/img':>10} {'speedup':>8} {'blocks':>7}  run")
+    for r in rows:
+        print(f"{r['gamma']:>8g} {r['lr']:>8g} {r['accuracy']:>9.3f} {r['flops']:>10.2E} {r['speedup']:>7.2f}x "
+              f"{r['blocks']:>7.2f}  {r['run_id']}")
+    print(f"\nregistered as {model_name} (aliases most_accurate, fastest): models:/{model_name}@most_accurate")
+    print(f"MLflow: {tracker.run_url(parent_id)}")
+    if uri.startswith("sqlite:"):
+        print(f"browse: mlflow ui --backend-store-uri {uri}")
+
+
+def run_trial_with(config: dict, sweep: dict) -> None:
+    run_trial({**config, "sweep": sweep})

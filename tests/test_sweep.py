@@ -1,0 +1,163 @@
+"""tune_penalty.py end to end: real Ray Tune trials launching Ray Train runs, real MLflow."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from blockdrop.checkpoints import save_checkpoint
+from blockdrop.data import load_dataset
+from blockdrop.execution import Executor
+from blockdrop.presets import get_preset
+from blockdrop.stages import Models, make_optimizer, train_epoch
+
+from conftest import REPO
+
+PRESET = get_preset("R26_DIGITS")
+
+
+@pytest.fixture(scope="module")
+def curriculum_checkpoint(tmp_path_factory) -> Path:
+    """A small pretrain + curriculum run in-process (the library needs no Ray)."""
+    torch.manual_seed(0)
+    backbone, policy = PRESET.build_backbone(), PRESET.build_policy()
+    loader = DataLoader(load_dataset(PRESET, "train"), batch_size=64, shuffle=True)
+    device = torch.device("cpu")
+    pretrain = make_optimizer("pretrain", backbone.parameters(), 0.05, 5e-4)
+    for epoch in range(6):
+        train_epoch("pretrain", Models(backbone, None, executor_train=Executor(backbone)), loader, pretrain,
+                    epoch, -5.0, device, drop_rate=0.5)
+    backbone.requires_grad_(False)
+    curriculum = make_optimizer("curriculum", policy.parameters(), 1e-3, 0.0)
+    for epoch in range(PRESET.num_blocks):
+        train_epoch("curriculum", Models(backbone, policy, policy_train=policy), loader, curriculum, epoch, -5.0, device)
+    path = tmp_path_factory.mktemp("init") / "curriculum.pt"
+    save_checkpoint(path, PRESET, backbone, policy, {"stage": "curriculum"})
+    return path
+
+
+def sweep_cmd(tmp_path: Path, init: Path, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / "tune_penalty.py"), "--init", str(init), "--storage-path", str(tmp_path / "ray"),
+            "--epochs", "2", *args]
+
+
+def env() -> dict:
+    e = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    e.pop("MLFLOW_TRACKING_URI", None)
+    e.pop("RAY_ADDRESS", None)
+    return e
+
+
+def sweep_runs(tmp_path: Path, name: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("blockdrop-sweeps")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("blockdrop.job") == name)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return client, parent, children
+
+
+def test_grid_sweep_writes_front_tags_and_registers_loadable_models(tmp_path, curriculum_checkpoint):
+    proc = subprocess.run(sweep_cmd(tmp_path, curriculum_checkpoint, "--penalties", "-0.5,-5,-20", "--name", "grid"),
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Pareto front" in proc.stdout and "[sweep] trials finished 3" in proc.stderr
+    client, parent, children = sweep_runs(tmp_path, "grid")
+    assert sorted(float(c.data.params["gamma"]) for c in children) == [-20.0, -5.0, -0.5]
+    assert all(c.info.status == "FINISHED" for c in children)
+
+    points = {c.info.run_id: (c.data.metrics["final_test_accuracy"], c.data.metrics["final_flops_per_image"])
+              for c in children}
+    def dominated(rid):
+        a, f = points[rid]
+        return any(a2 >= a and f2 <= f and (a2 > a or f2 < f) for other, (a2, f2) in points.items() if other != rid)
+    for c in children:
+        assert c.data.tags["pareto_optimal"] == str(not dominated(c.info.run_id)).lower()
+
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "pareto")}
+    assert artifacts == {"pareto/pareto_front.png", "pareto/pareto_front.json"}
+    local = client.download_artifacts(parent.info.run_id, "pareto/pareto_front.json", str(tmp_path))
+    table = json.loads(Path(local).read_text())
+    assert {row["run_id"] for row in table["front"]} == {rid for rid in points if not dominated(rid)}
+    assert table["reference"]["flops"] == 6_802_688
+
+    import mlflow.pyfunc
+    import numpy as np
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    images = np.stack([load_dataset(PRESET, "test")[i][0].numpy() for i in range(8)])
+    for alias in ("most_accurate", "fastest"):
+        version = client.get_model_version_by_alias("blockdrop-R26_DIGITS", alias)
+        assert client.get_run(version.run_id).data.tags["pareto_optimal"] == "true"
+        out = mlflow.pyfunc.load_model(f"models:/blockdrop-R26_DIGITS@{alias}").predict(images)
+        assert len(out) == 8
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, curriculum_checkpoint):
+    cmd = sweep_cmd(tmp_path, curriculum_checkpoint, "--penalties", "-1,-5,-20", "--name", "resumable")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    for line in proc.stdout:
+        if "[sweep] trials finished 1" in line:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+            break
+        assert time.time() < deadline
+    proc.wait(timeout=60)
+    subprocess.run(["pkill", "-9", "-f", f"{tmp_path}"], check=False)
+    time.sleep(2)
+    _, _, before = sweep_runs(tmp_path, "resumable")
+    finished = [c for c in before if c.info.status == "FINISHED"]
+    assert len(finished) == 1
+
+    again = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "continuing sweep resumable" in again.stderr
+    client, parent, children = sweep_runs(tmp_path, "resumable")
+    assert sorted(float(c.data.params["gamma"]) for c in children) == [-20.0, -5.0, -1.0]
+    done = next(c for c in children if c.info.run_id == finished[0].info.run_id)
+    steps = [m.step for m in client.get_metric_history(done.info.run_id, "test_accuracy")]
+    assert sorted(steps) == [0, 1]  # the finished trial was not run again
+    assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--penalties", "-1,2"], "--penalties must all be negative"),
+    ([], "give a grid of gammas"),
+    (["--penalties", "-1", "--lrs", "0"], "--lrs must be positive"),
+    (["--penalties", "-1", "--resume"], "--resume needs --name"),
+])
+def test_invalid_sweeps_fail_fast(tmp_path, curriculum_checkpoint, monkeypatch, args, message):
+    from blockdrop.errors import UserError
+    from blockdrop.sweep import parse_args, validate
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=message):
+        validate(parse_args(["--init", str(curriculum_checkpoint), *args]))
+
+
+def test_checkpoint_without_policy_or_for_another_preset_is_refused(tmp_path):
+    from blockdrop.errors import UserError
+    from blockdrop.sweep import parse_args, validate
+
+    resnet_only = tmp_path / "resnet.pt"
+    save_checkpoint(resnet_only, PRESET, PRESET.build_backbone())
+    with pytest.raises(UserError, match="holds no policy"):
+        validate(parse_args(["--init", str(resnet_only), "--penalties", "-1"]))
+    other = tmp_path / "r32.pt"
+    save_checkpoint(other, get_preset("R32_C10"), get_preset("R32_C10").build_backbone())
+    with pytest.raises(UserError, match="saved for preset R32_C10"):
+        validate(parse_args(["--init", str(other), "--penalties", "-1"]))
+    proc = subprocess.run([sys.executable, str(REPO / "tune_penalty.py"), "--init", str(other), "--penalties", "-1"],
+                          env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "saved for preset R32_C10" in proc.stderr and "Traceback" not in proc.stderr
