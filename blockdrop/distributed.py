@@ -89,7 +89,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     import logging
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress
+    # Train's per-report INFO lines drown the progress; some come from loggers named after files.
+    for name in ("ray.train", ""):
+        logging.getLogger(name).setLevel(logging.WARNING)
     cfg = StageConfig(**config["stage"])
     preset = get_preset(cfg.preset)
     ctx = ray.train.get_context()

@@ -67,20 +67,41 @@ def sweep_runs(tmp_path: Path, name: str):
     return client, parent, children
 
 
-def test_grid_sweep_writes_front_tags_and_registers_loadable_models(tmp_path, curriculum_checkpoint):
-    proc = subprocess.run(sweep_cmd(tmp_path, curriculum_checkpoint, "--penalties", "-0.5,-5,-20", "--name", "grid"),
-                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Pareto front" in proc.stdout and "[sweep] trials finished 3" in proc.stderr
+def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(tmp_path, curriculum_checkpoint):
+    """One sweep exercises both: the driver is killed after its first trial, `--resume` finishes it
+    without rerunning that trial, and the published front is checked against the trials' metrics."""
+    cmd = sweep_cmd(tmp_path, curriculum_checkpoint, "--penalties", "-0.5,-5,-20", "--name", "grid")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    for line in proc.stdout:
+        if "[sweep] trials finished 1" in line:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+            break
+        assert time.time() < deadline
+    proc.wait(timeout=60)
+    time.sleep(2)
+    _, _, before = sweep_runs(tmp_path, "grid")
+    finished = [c for c in before if c.info.status == "FINISHED"]
+    assert len(finished) == 1
+
+    again = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "continuing sweep grid" in again.stderr and "Pareto front" in again.stdout
     client, parent, children = sweep_runs(tmp_path, "grid")
     assert sorted(float(c.data.params["gamma"]) for c in children) == [-20.0, -5.0, -0.5]
-    assert all(c.info.status == "FINISHED" for c in children)
+    assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
+    done = next(c for c in children if c.info.run_id == finished[0].info.run_id)
+    steps = [m.step for m in client.get_metric_history(done.info.run_id, "test_accuracy")]
+    assert sorted(steps) == [0, 1]  # the finished trial was not run again
 
     points = {c.info.run_id: (c.data.metrics["final_test_accuracy"], c.data.metrics["final_flops_per_image"])
               for c in children}
+
     def dominated(rid):
         a, f = points[rid]
         return any(a2 >= a and f2 <= f and (a2 > a or f2 < f) for other, (a2, f2) in points.items() if other != rid)
+
     for c in children:
         assert c.data.tags["pareto_optimal"] == str(not dominated(c.info.run_id)).lower()
 
@@ -101,34 +122,6 @@ def test_grid_sweep_writes_front_tags_and_registers_loadable_models(tmp_path, cu
         assert client.get_run(version.run_id).data.tags["pareto_optimal"] == "true"
         out = mlflow.pyfunc.load_model(f"models:/blockdrop-R26_DIGITS@{alias}").predict(images)
         assert len(out) == 8
-
-
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, curriculum_checkpoint):
-    cmd = sweep_cmd(tmp_path, curriculum_checkpoint, "--penalties", "-1,-5,-20", "--name", "resumable")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 600
-    for line in proc.stdout:
-        if "[sweep] trials finished 1" in line:
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
-            break
-        assert time.time() < deadline
-    proc.wait(timeout=60)
-    subprocess.run(["pkill", "-9", "-f", f"{tmp_path}"], check=False)
-    time.sleep(2)
-    _, _, before = sweep_runs(tmp_path, "resumable")
-    finished = [c for c in before if c.info.status == "FINISHED"]
-    assert len(finished) == 1
-
-    again = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "continuing sweep resumable" in again.stderr
-    client, parent, children = sweep_runs(tmp_path, "resumable")
-    assert sorted(float(c.data.params["gamma"]) for c in children) == [-20.0, -5.0, -1.0]
-    done = next(c for c in children if c.info.run_id == finished[0].info.run_id)
-    steps = [m.step for m in client.get_metric_history(done.info.run_id, "test_accuracy")]
-    assert sorted(steps) == [0, 1]  # the finished trial was not run again
-    assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
 
 
 @pytest.mark.parametrize("args, message", [

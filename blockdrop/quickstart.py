@@ -1,0 +1,32 @@
+"""The Quickstart's main job: train BlockDrop on the offline preset, then sweep gamma from its
+curriculum checkpoint, on one embedded Ray and the local MLflow store.
+
+    python -m blockdrop.quickstart [--name NAME] [--penalties -1,-5,-20] [--sweep-epochs 5]
+
+Equivalent to `python train_job.py --name NAME` followed by
+`python tune_penalty.py --init checkpoints/NAME-curriculum.pt --penalties ... --name NAME-sweep`.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from blockdrop import job, sweep
+from blockdrop.errors import run_cli
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m blockdrop.quickstart", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default=f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}")
+    parser.add_argument("--penalties", default="-1,-5,-20", help="gammas of the sweep (default -1,-5,-20)")
+    parser.add_argument("--sweep-epochs", default="5", help="finetune epochs per sweep trial (default 5)")
+    args = parser.parse_args()
+    job.run(job.build_parser().parse_args(["--name", args.name]))
+    print(f"\n== sweep of gamma over {args.penalties}, starting from the curriculum checkpoint", flush=True)
+    sweep.run(sweep.parse_args(["--init", f"checkpoints/{args.name}-curriculum.pt", "--penalties", args.penalties,
+                                "--epochs", args.sweep_epochs, "--name", f"{args.name}-sweep"]))
+
+
+if __name__ == "__main__":
+    run_cli(main)
