@@ -1,7 +1,7 @@
 """The Quickstart's main job: train BlockDrop on the offline preset, then sweep gamma from its
 curriculum checkpoint, on one embedded Ray and the local MLflow store.
 
-    python -m blockdrop.quickstart [--name NAME] [--penalties -1,-5,-20] [--sweep-epochs 5]
+    python -m blockdrop.quickstart [--name NAME] [--penalties -0.2,-2,-20] [--sweep-epochs 10]
 
 Equivalent to `python train_job.py --name NAME` followed by
 `python tune_penalty.py --init checkpoints/NAME-curriculum.pt --penalties ... --name NAME-sweep`.
@@ -19,8 +19,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m blockdrop.quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default=f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}")
-    parser.add_argument("--penalties", default="-1,-5,-20", help="gammas of the sweep (default -1,-5,-20)")
-    parser.add_argument("--sweep-epochs", default="5", help="finetune epochs per sweep trial (default 5)")
+    parser.add_argument("--penalties", default="-0.2,-2,-20", help="gammas of the sweep (default -0.2,-2,-20)")
+    parser.add_argument("--sweep-epochs", default="10", help="finetune epochs per sweep trial (default 10)")
     args = parser.parse_args()
     job.run(job.build_parser().parse_args(["--name", args.name]))
     print(f"\n== sweep of gamma over {args.penalties}, starting from the curriculum checkpoint", flush=True)
