@@ -24,6 +24,16 @@ from blockdrop.stages import STAGES
 DEFAULT_PRESET = "R26_DIGITS"
 
 
+def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    """Where data, Ray and MLflow are: the flags train_job.py and tune_penalty.py share."""
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--dataset", choices=DATASETS, help="default: the preset's dataset")
+    parser.add_argument("--data-dir", help="dataset folder; on a cluster, shared storage every node sees")
+    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--storage-path", help="Ray run storage (default ~/ray_results; shared storage on a cluster)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_job.py",
@@ -47,16 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="global batch size, split over the workers")
     parser.add_argument("--drop-rate", type=float, help="pretrain: stochastic-depth drop rate of the last block")
     parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (default 2)")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
     parser.add_argument("--init", help="checkpoint the (first) stage starts from: a previous stage's output, an "
                                        "original BlockDrop file, or a pretrained ResNet (torchvision layout)")
-    parser.add_argument("--dataset", choices=DATASETS, help="default: the preset's dataset")
-    parser.add_argument("--data-dir", help="dataset folder; on a cluster, shared storage every node sees")
     parser.add_argument("--experiment", default="blockdrop", help="MLflow experiment (default blockdrop)")
     parser.add_argument("--name", help="job name (default PRESET-STAGE-TIMESTAMP); the same name again resumes")
-    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    parser.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--storage-path", help="Ray Train run storage (default ~/ray_results; shared storage on a cluster)")
+    add_cluster_args(parser)
     parser.add_argument("--output", default="checkpoints", help="folder for the final checkpoint (default ./checkpoints)")
     parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts allowed per stage (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order and policy sampling (default 0)")

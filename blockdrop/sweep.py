@@ -19,10 +19,11 @@ import torch
 from ray.tune import Callback
 
 from blockdrop.checkpoints import load_models
-from blockdrop.data import DATASETS, load_dataset
+from blockdrop.data import load_dataset
 from blockdrop.errors import UserError
 from blockdrop.evaluate import evaluate, make_loader
 from blockdrop.flops import cost_model
+from blockdrop.job import add_cluster_args
 from blockdrop.pareto import Point, pareto_front, plot_front
 from blockdrop.presets import PRESETS, Preset, get_preset
 
@@ -61,16 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, help="finetune epochs per trial (default: the preset's)")
     parser.add_argument("--batch-size", type=int, help="global batch size of each trial")
     parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default 1)")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
     parser.add_argument("--max-concurrent", type=int, default=1, help="trials running at once (default 1)")
-    parser.add_argument("--dataset", choices=DATASETS, help="default: the preset's dataset")
-    parser.add_argument("--data-dir", help="dataset folder (shared storage on a cluster)")
     parser.add_argument("--experiment", default="blockdrop-sweeps", help="MLflow experiment (default blockdrop-sweeps)")
     parser.add_argument("--name", help="sweep name (default PRESET-sweep-TIMESTAMP); with --resume, the sweep to resume")
     parser.add_argument("--model-name", help="registered model name for the front (default blockdrop-PRESET)")
-    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    parser.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--storage-path", help="Ray run storage (default ~/ray_results; shared storage on a cluster)")
+    add_cluster_args(parser)
     parser.add_argument("--resume", action="store_true", help="continue the sweep --name: finished trials are kept")
     return parser
 
@@ -93,12 +89,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve_init(init: str) -> str:
     """A local path for --init; MLflow artifact URIs are downloaded."""
     if "://" in init or init.startswith(("runs:/", "models:/")):
-        import mlflow
+        from blockdrop.tracking import mlflow  # configured quietly before use
 
         try:
-            return mlflow.artifacts.download_artifacts(artifact_uri=init)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=init))
         except Exception as err:
             raise UserError(f"--init {init}: cannot download it from MLflow ({type(err).__name__}: {err})") from None
+        files = sorted(local.glob("*.pt")) if local.is_dir() else [local]
+        if len(files) != 1:
+            raise UserError(f"--init {init} holds {len(files)} .pt files; name one (runs:/<id>/checkpoint/<file>)")
+        return str(files[0])
     return init
 
 
