@@ -154,3 +154,20 @@ def test_checkpoint_without_policy_or_for_another_preset_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "tune_penalty.py"), "--init", str(other), "--penalties", "-1"],
                           env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "saved for preset R32_C10" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_init_from_an_mlflow_run_artifact(tmp_path, monkeypatch):
+    from blockdrop.errors import UserError
+    from blockdrop.sweep import resolve_init
+    from blockdrop.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "init-test")
+    run_id, _ = tracker.job_run("job", "job", {})
+    ckpt = tmp_path / "job-curriculum.pt"
+    save_checkpoint(ckpt, PRESET, PRESET.build_backbone(), PRESET.build_policy())
+    tracker.client.log_artifact(run_id, str(ckpt), "checkpoint")
+    for uri in (f"runs:/{run_id}/checkpoint", f"runs:/{run_id}/checkpoint/job-curriculum.pt"):
+        assert Path(resolve_init(uri)).read_bytes() == ckpt.read_bytes()
+    with pytest.raises(UserError, match="cannot download it from MLflow"):
+        resolve_init(f"runs:/{run_id}/nothing-here")
