@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from blockdrop.checkpoints import save_checkpoint
+from blockdrop.checkpoints import read_checkpoint, save_checkpoint
 from blockdrop.data import load_dataset
-from blockdrop.evaluate import Tally, tally
+from blockdrop.evaluate import Report, Tally, tally
 from blockdrop.execution import Executor
 from blockdrop.flops import cost_model
 from blockdrop.presets import get_preset
@@ -70,6 +70,7 @@ def _gather(obj: object, world: int) -> list:
 def epoch_metrics(stats: EpochStats, test: Tally, full_flops: int, lr: float) -> dict[str, float]:
     report = test.report(full_flops)
     return stats.metrics() | {
+        "test_images": report.images,
         "test_accuracy": report.accuracy,
         "full_accuracy": report.full_accuracy,
         "blocks_used": report.blocks_mean,
@@ -80,6 +81,16 @@ def epoch_metrics(stats: EpochStats, test: Tally, full_flops: int, lr: float) ->
         "unique_policies": report.unique_policies,
         "lr": lr,
     }
+
+
+def final_report(checkpoint: Path, full_flops: int) -> Report:
+    """The report of a stage's last epoch, as its workers computed it over the whole test set
+    (kept in the checkpoint's metadata): no second evaluation pass on the driver."""
+    m = read_checkpoint(checkpoint).meta["metrics"]
+    return Report(images=int(m["test_images"]), accuracy=m["test_accuracy"], blocks_mean=m["blocks_used"],
+                  blocks_std=m["blocks_used_std"], flops_mean=m["flops_per_image"],
+                  flops_std=m["flops_per_image_std"], unique_policies=int(m["unique_policies"]),
+                  full_accuracy=m["full_accuracy"], full_flops=full_flops, speedup=m["speedup"])
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -16,7 +16,6 @@ import torch
 from blockdrop.checkpoints import load_models, read_checkpoint
 from blockdrop.data import DATASETS, load_dataset
 from blockdrop.errors import UserError
-from blockdrop.evaluate import evaluate, make_loader
 from blockdrop.flops import cost_model
 from blockdrop.presets import PRESETS, Preset, get_preset
 from blockdrop.stages import STAGES
@@ -147,7 +146,7 @@ def start_ray(address: str | None, use_gpu: bool, num_workers: int) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from blockdrop.distributed import StageConfig, run_stage
+    from blockdrop.distributed import StageConfig, final_report, run_stage
     from blockdrop.tracking import Tracker, resolve_uri
 
     preset, stages = validate(args)
@@ -193,11 +192,8 @@ def run(args: argparse.Namespace) -> None:
         if not ok:
             tracker.finish(run_id, ok=False)
 
-    backbone, policy, _ = load_models(preset, init_path)
-    device = torch.device("cuda" if args.gpu and torch.cuda.is_available() else "cpu")
+    report = final_report(Path(init_path), cost_model(preset).full)
     test = load_dataset(preset, "test", args.dataset, args.data_dir)
-    report = evaluate(backbone.to(device), policy and policy.to(device), make_loader(test, 256, 0),
-                      cost_model(preset), device, progress=False)
     tracker.log_metrics(run_id, {f"final_{k}": v for k, v in asdict(report).items()}, step=0)
     example = torch.stack([test[i][0] for i in range(2)]).numpy()
     model_uri = tracker.log_model(run_id, Path(init_path), report.text(), example)

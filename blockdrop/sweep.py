@@ -138,7 +138,7 @@ def run_trial(config: dict) -> None:
     import ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from blockdrop.distributed import StageConfig, run_stage
+    from blockdrop.distributed import StageConfig, final_report, run_stage
     from blockdrop.tracking import Tracker
 
     s = config["sweep"]
@@ -156,11 +156,8 @@ def run_trial(config: dict) -> None:
     try:
         checkpoint = run_stage(cfg, s["init_ref"], s["workers"], s["gpu"], f"{s['name']}-{key}", s["storage_path"],
                                max_failures=1, callbacks=[TuneReportCallback()])
-        backbone, policy, _ = load_models(preset, checkpoint)
+        report = final_report(checkpoint, cost_model(preset).full)
         test = load_dataset(preset, "test", s["dataset"], s["data_dir"])
-        device = torch.device("cuda" if s["gpu"] and torch.cuda.is_available() else "cpu")
-        report = evaluate(backbone.to(device), policy.to(device), make_loader(test, 256, 0), cost_model(preset),
-                          device, progress=False)
         final = {"test_accuracy": report.accuracy, "flops_per_image": report.flops_mean, "speedup": report.speedup,
                  "blocks_used": report.blocks_mean, "unique_policies": report.unique_policies}
         tracker.log_metrics(run_id, {f"final_{k}": v for k, v in final.items()}, step=0)
