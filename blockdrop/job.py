@@ -127,15 +127,36 @@ def init_payload(preset: Preset, path: str | None) -> dict | None:
     return {"backbone": backbone.state_dict(), "policy": None if policy is None else policy.state_dict()}
 
 
-def start_ray(address: str | None, use_gpu: bool, num_workers: int) -> None:
+def storage_location(path: str | None) -> str | None:
+    """Ray run storage as Ray wants it: an absolute local path (workers chdir elsewhere) or a URI."""
+    if not path or "://" in path:
+        return path
+    return str(Path(path).resolve())
+
+
+def job_env_vars() -> dict[str, str]:
+    """TRAIN_ENV minus what the submitted job's own runtime env sets: Ray refuses to merge the same
+    variable from the job and from ray.init, and the user's value is the one to keep."""
+    from blockdrop.distributed import TRAIN_ENV
+
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    taken = set()
+    if job_config:
+        import json
+
+        taken = set(((json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}))
+    return {key: value for key, value in TRAIN_ENV.items() if key not in taken}
+
+
+def start_ray(address: str | None, use_gpu: bool, num_workers: int, storage_path: str | None = None) -> None:
     import ray
 
-    from blockdrop.distributed import TRAIN_ENV, quiet_ray_env
+    from blockdrop.distributed import quiet_ray_env
 
     quiet_ray_env()
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": TRAIN_ENV})
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": job_env_vars()})
     resources = ray.cluster_resources()
     if use_gpu and resources.get("GPU", 0) < 1:
         raise UserError("--gpu was given but the Ray cluster has no GPU")
@@ -143,6 +164,10 @@ def start_ray(address: str | None, use_gpu: bool, num_workers: int) -> None:
     if resources.get(need, 0) < num_workers:
         print(f"note: {num_workers} workers need {num_workers} {need}s; the cluster has "
               f"{resources.get(need, 0):g} now (an autoscaling cluster adds them)", file=sys.stderr)
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    if nodes > 1 and not storage_path:
+        print(f"note: {nodes} nodes and no --storage-path: checkpoints go to ~/ray_results on each worker's node; "
+              "give shared storage (NFS path or s3://...) so every node and this driver see them", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -152,7 +177,7 @@ def run(args: argparse.Namespace) -> None:
     preset, stages = validate(args)
     gamma = preset.penalty if args.penalty is None else args.penalty
     name = args.name or f"{preset.name}-{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-    start_ray(args.address, args.gpu, args.num_workers)  # cluster checks first: a refused job leaves no run
+    start_ray(args.address, args.gpu, args.num_workers, args.storage_path)  # cluster checks first: a refused job leaves no run
     import ray
 
     uri = resolve_uri(args.mlflow_uri)
@@ -177,7 +202,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"== {stage}: {settings['epochs']} epochs, batch {settings['batch_size']}, lr {settings['lr']:g}"
                   f"{f', gamma {gamma:g}' if stage != 'pretrain' else ''}, {args.num_workers} workers", file=sys.stderr)
             ref = ray.put(init_payload(preset, init_path)) if init_path else None
-            storage = str(Path(args.storage_path).resolve()) if args.storage_path else None
+            storage = storage_location(args.storage_path)
             checkpoint = run_stage(cfg, ref, args.num_workers, args.gpu, f"{name}-{stage}",
                                             storage, args.max_failures)
             out = Path(args.output) / f"{name}-{stage}.pt"

@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> None:
     import ray
     from ray import tune
 
-    from blockdrop.job import start_ray
+    from blockdrop.job import start_ray, storage_location
     from blockdrop.tracking import Tracker, resolve_uri
 
     preset, init = validate(args)
@@ -264,7 +264,7 @@ def run(args: argparse.Namespace) -> None:
     epochs = args.epochs or defaults.epochs
     batch = args.batch_size or defaults.batch_size
     lrs = args.lrs or [defaults.lr]
-    start_ray(args.address, args.gpu, args.workers_per_trial)
+    start_ray(args.address, args.gpu, args.workers_per_trial, args.storage_path)
     uri = resolve_uri(args.mlflow_uri)
     tracker = Tracker(uri, args.experiment)
     search = "grid" if args.num_samples is None else "optuna"
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> None:
     reference = Point(full.accuracy, full.full_flops, "full model",
                       {"accuracy": full.accuracy, "flops": full.full_flops, "speedup": 1.0})
     init_ref = ray.put({"backbone": backbone.state_dict(), "policy": policy.state_dict()})
-    storage = str(Path(args.storage_path or Path.home() / "ray_results").resolve())
+    storage = storage_location(args.storage_path) or str(Path.home() / "ray_results")
     settings = {"preset": preset.name, "name": name, "epochs": epochs, "batch_size": batch,
                 "workers": args.workers_per_trial, "gpu": args.gpu, "dataset": args.dataset,
                 "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None, "mlflow_uri": uri,
@@ -290,9 +290,9 @@ def run(args: argparse.Namespace) -> None:
     # stay for the Train workers (a trial holding a CPU would deadlock a 2-CPU machine at 2 workers).
     trainable = tune.with_resources(tune.with_parameters(run_trial_with, sweep=settings),
                                     {"cpu": 0, "memory": 256 * 1024 ** 2})
-    path = Path(storage) / name
-    if args.resume and tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    path = f"{storage.rstrip('/')}/{name}"
+    if args.resume and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
     else:
         if args.resume:
             print(f"note: no Tune state at {path}; starting the sweep", file=sys.stderr)

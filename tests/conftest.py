@@ -73,39 +73,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> str:
-    """A real `mlflow server` process on localhost (sqlite backend, local artifacts)."""
-    import signal
+def start_mlflow_server(root: Path, port: int, allowed_hosts: str = "127.0.0.1:*,localhost:*") -> subprocess.Popen:
+    """`cluster/mlflow/serve.sh`, the team server's documented command, on localhost: sqlite instead
+    of PostgreSQL, a folder instead of S3. Returns once /health answers."""
     import time
     import urllib.request
 
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "MLFLOW_ARTIFACTS_DESTINATION": str(root / "artifacts"), "MLFLOW_SERVER_ALLOWED_HOSTS": allowed_hosts,
+           "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1",
+           "MLFLOW": str(Path(sys.executable).parent / "mlflow")}
     log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(["bash", str(REPO / "cluster" / "mlflow" / "serve.sh")], cwd=root, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
     deadline = time.time() + 120
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
                 if response.status == 200:
-                    break
+                    return proc
         except OSError:
             pass
         if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
+            stop_process_group(proc)
             raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM to the process group a test started (start_new_session), SIGKILL if it lingers."""
+    import signal
+
     try:
-        proc.wait(timeout=20)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` process on localhost (sqlite backend, local artifacts)."""
+    port = _free_port()
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    yield f"http://127.0.0.1:{port}"
+    stop_process_group(proc)
