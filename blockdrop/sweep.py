@@ -86,13 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(glued)
 
 
-def resolve_init(init: str) -> str:
-    """A local path for --init; MLflow artifact URIs are downloaded."""
+def resolve_init(init: str, tracking_uri: str) -> str:
+    """A local path for --init; MLflow artifact URIs are downloaded from the sweep's tracking server."""
     if "://" in init or init.startswith(("runs:/", "models:/")):
         from blockdrop.tracking import mlflow  # configured quietly before use
 
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=init))
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=init, tracking_uri=tracking_uri))
         except Exception as err:
             raise UserError(f"--init {init}: cannot download it from MLflow ({type(err).__name__}: {err})") from None
         files = sorted(local.glob("*.pt")) if local.is_dir() else [local]
@@ -121,7 +121,9 @@ def validate(args: argparse.Namespace) -> tuple[Preset, str]:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.resume and not args.name:
         raise UserError("--resume needs --name: the sweep to resume")
-    init = resolve_init(args.init)
+    from blockdrop.tracking import resolve_uri
+
+    init = resolve_init(args.init, resolve_uri(args.mlflow_uri))
     _, policy, _ = load_models(preset, init)
     if policy is None:
         raise UserError(f"--init {args.init} holds no policy: a sweep finetunes a curriculum checkpoint")
@@ -241,7 +243,9 @@ def register(tracker, front: list[Point], model_name: str) -> None:
         run = client.get_run(p.info["run_id"])
         model = next((m for m in (run.outputs.model_outputs or [])), None)
         source = f"models:/{model.model_id}" if model is not None else f"runs:/{run.info.run_id}/model"
+        # model_id: a tracking server refuses a models:/ source without it (a local store does not)
         mv = client.create_model_version(model_name, source=source, run_id=run.info.run_id,
+                                         model_id=model.model_id if model is not None else None,
                                          tags={"gamma": str(p.info["gamma"]), "lr": str(p.info["lr"])})
         versions[p.info["run_id"]] = mv.version
     if front:

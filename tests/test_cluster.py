@@ -490,7 +490,7 @@ def test_a_sweep_submitted_the_same_way(cluster, train_submission, shared, mlflo
     experiment = client.get_experiment_by_name("cluster-sweeps")
     trials = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
     assert sorted(float(r.data.params["gamma"]) for r in trials) == [-10.0, -1.0]
-    assert all(r.info.status == "FINISHED" and "final_accuracy" in r.data.metrics for r in trials)
+    assert all(r.info.status == "FINISHED" and "final_test_accuracy" in r.data.metrics for r in trials)
     assert client.get_model_version_by_alias("blockdrop-R26_DIGITS", "most_accurate")
 
 

@@ -167,7 +167,10 @@ def test_init_from_an_mlflow_run_artifact(tmp_path, monkeypatch):
     ckpt = tmp_path / "job-curriculum.pt"
     save_checkpoint(ckpt, PRESET, PRESET.build_backbone(), PRESET.build_policy())
     tracker.client.log_artifact(run_id, str(ckpt), "checkpoint")
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'other.db'}")  # --mlflow-uri, not the process default, counts
     for uri in (f"runs:/{run_id}/checkpoint", f"runs:/{run_id}/checkpoint/job-curriculum.pt"):
-        assert Path(resolve_init(uri)).read_bytes() == ckpt.read_bytes()
+        assert Path(resolve_init(uri, tracker.uri)).read_bytes() == ckpt.read_bytes()
     with pytest.raises(UserError, match="cannot download it from MLflow"):
-        resolve_init(f"runs:/{run_id}/nothing-here")
+        resolve_init(f"runs:/{run_id}/nothing-here", tracker.uri)
