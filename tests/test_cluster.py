@@ -222,7 +222,7 @@ def test_rayjobs_name_scripts_flags_and_files_that_exist():
 
 def test_readme_job_commands_parse():
     readme = (REPO / "README.md").read_text()
-    commands = re.findall(r"^\s*(?:ray job submit|python cluster/submit\.py)[^\n]*?-- (python (?:train_job|tune_penalty)"
+    commands = re.findall(r"^\s*(?:\w+=\S+ )*(?:ray job submit|python cluster/submit\.py)[^\n]*?-- (python (?:train_job|tune_penalty)"
                           r"\.py[^\n]*)$", readme, flags=re.M)
     assert len(commands) >= 2, "README shows job submission for training and sweeps"
     for command in commands:
@@ -329,6 +329,7 @@ class LocalCluster:
         bin_dir = str(Path(sys.executable).parent)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0",
+                        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="5",  # a test cluster has nothing to drain
                         PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONUNBUFFERED="1")
         self.ray = str(Path(bin_dir) / "ray")
         self.gcs_port, self.dashboard_port = _free_port(), _free_port()
