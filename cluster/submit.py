@@ -152,9 +152,8 @@ def wait_for_end(client, submission_id: str, timeout_s: float = 30.0):
 def report(info) -> int:
     status = str(info.status.value if hasattr(info.status, "value") else info.status)
     line = f"job {info.submission_id} {status}"
-    if info.message:
-        first = info.message.splitlines()[0]
-        line += f": {first}"
+    if info.message:  # Ray appends the log tail, which was just followed: keep its first clause
+        line += ": " + info.message.splitlines()[0].split(", last available logs")[0].rstrip(":")
     print(line, file=sys.stderr)
     return {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}.get(status, 3)
 
