@@ -115,7 +115,8 @@ def connect(address: str):
                           "`kubectl port-forward svc/blockdrop-head-svc 8265`") from None
 
 
-def submit(client, args: argparse.Namespace) -> str:
+def job_request(args: argparse.Namespace) -> tuple[str, dict]:
+    """The entrypoint and runtime env, checked before anything is sent."""
     entrypoint = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
     if not entrypoint:
         raise SubmitError("give the job's command after --, e.g. -- python train_job.py --preset R32_C10")
@@ -126,8 +127,12 @@ def submit(client, args: argparse.Namespace) -> str:
     env = parse_env(args.env)
     if env:
         runtime_env["env_vars"] = env
+    return shlex.join(entrypoint), runtime_env
+
+
+def submit(client, args: argparse.Namespace, entrypoint: str, runtime_env: dict) -> str:
     try:
-        return client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env,
+        return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                  submission_id=args.submission_id, entrypoint_num_cpus=args.entrypoint_num_cpus)
     except RuntimeError as err:
         raise SubmitError(f"the cluster did not accept the job: {str(err).splitlines()[0]}") from None
@@ -162,12 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_auth()
     address = resolve_address(args.address)
+    request = None if args.logs or args.stop else job_request(args)
     client = connect(address)
+    for known in filter(None, (args.logs, args.stop)):
+        try:
+            client.get_job_info(known)
+        except RuntimeError:
+            raise SubmitError(f"the cluster at {address} has no job {known} (`ray job list` lists them)") from None
     if args.stop:
         stopped = client.stop_job(args.stop)
         print(f"job {args.stop}: {'stop requested' if stopped else 'was not running'}", file=sys.stderr)
         return 0
-    submission_id = args.logs or submit(client, args)
+    submission_id = args.logs or submit(client, args, *request)
     if not args.logs:
         print(f"submitted {submission_id} to {address}  (dashboard: {address}/#/jobs/{submission_id})",
               file=sys.stderr)

@@ -300,6 +300,12 @@ def test_submit_refuses_bad_usage_and_unreachable_clusters(tmp_path):
                                  env=env, capture_output=True, text=True, timeout=120)
     assert unreachable.returncode == 2 and "cannot reach the Ray dashboard" in unreachable.stderr
     assert "Traceback" not in unreachable.stderr
+    no_command = subprocess.run([*script, "--address", f"127.0.0.1:{_free_port()}"], env=env, capture_output=True,
+                                text=True, timeout=120)
+    assert no_command.returncode == 2 and "give the job's command after --" in no_command.stderr
+    bad_env = subprocess.run([*script, "--env", "NOEQUALS", "--", "python", "train_job.py"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert bad_env.returncode == 2 and "--env takes KEY=VALUE" in bad_env.stderr
     help_text = subprocess.run([*script, "--help"], env=env, capture_output=True, text=True, timeout=60)
     assert help_text.returncode == 0 and "Exit status" in help_text.stdout
 
@@ -426,7 +432,15 @@ def test_a_bad_flag_ends_failed_with_the_message_in_the_logs(cluster, tmp_path):
     proc = cluster.submit(tmp_path, "python", "train_job.py", "--penalty", "2", timeout=300)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "--penalty must be negative" in proc.stdout  # the job's own output, followed from its logs
-    assert re.search(r"job raysubmit_\w+ FAILED", proc.stderr)
+    failed = re.search(r"job (raysubmit_\w+) FAILED: Job entrypoint command failed with exit code 2$", proc.stderr, re.M)
+    assert failed, proc.stderr
+    again = subprocess.run([sys.executable, str(CLUSTER / "submit.py"), "--address", cluster.address,
+                            "--logs", failed.group(1)], env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "--penalty must be negative" in again.stdout  # a finished job's logs, again
+    unknown = subprocess.run([sys.executable, str(CLUSTER / "submit.py"), "--address", cluster.address,
+                              "--logs", "raysubmit_nothing"], env=cluster.env, capture_output=True, text=True,
+                             timeout=120)
+    assert unknown.returncode == 2 and "has no job raysubmit_nothing" in unknown.stderr
     wrong = cluster.submit(tmp_path, "python", "train_job.py", env={**cluster.env, "RAY_AUTH_TOKEN": "0" * 8},
                            timeout=120)
     assert wrong.returncode == 2 and "refused the request" in wrong.stderr and "RAY_AUTH_TOKEN" in wrong.stderr
