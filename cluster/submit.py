@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Submit a job to a Ray cluster through the Jobs API (the dashboard's HTTP port, 8265),\n"
                     "upload the project as its working dir, follow its logs and exit with its outcome.\n"
                     "Token authentication: with RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token present,\n"
-                    "RAY_AUTH_MODE=token is set for you (the cluster's token; see cluster/README.md).",
+                    "RAY_AUTH_MODE=token is set for you (README.md, \"Token authentication\").",
         epilog="Examples:\n"
                "  python cluster/submit.py -- python train_job.py --preset R32_C10 --num-workers 4 --gpu \\\n"
                "      --data-dir /mnt/shared/data --storage-path /mnt/shared/ray_results\n"
@@ -112,7 +112,7 @@ def connect(address: str):
         raise SubmitError(f"cannot reach the Ray dashboard at {address}: {str(err).splitlines()[0]}\n"
                           "  is the cluster up, and the dashboard port (8265) reachable? "
                           "For a launcher cluster: `ray dashboard cluster/ray-cluster.yaml`; on Kubernetes: "
-                          "`kubectl port-forward svc/blockdrop-head-svc 8265`") from None
+                          "`kubectl -n blockdrop port-forward svc/blockdrop-head-svc 8265`") from None
 
 
 def job_request(args: argparse.Namespace) -> tuple[str, dict]:
@@ -169,6 +169,22 @@ def main(argv: list[str] | None = None) -> int:
     address = resolve_address(args.address)
     request = None if args.logs or args.stop else job_request(args)
     client = connect(address)
+    try:
+        return run(client, address, args, request)
+    except SubmitError:
+        raise
+    except Exception as err:  # the cluster went away or refused mid-way: say so, not a traceback
+        from ray.exceptions import AuthenticationError
+
+        if isinstance(err, AuthenticationError):
+            raise SubmitError(f"the cluster at {address} refused the request: {str(err).splitlines()[0]}") from None
+        if isinstance(err, (OSError, ValueError)) or type(err).__module__.split(".")[0] in ("requests", "aiohttp"):
+            raise SubmitError(f"talking to {address} failed: {type(err).__name__}: {str(err).splitlines()[0]}") \
+                from None
+        raise
+
+
+def run(client, address: str, args: argparse.Namespace, request: tuple[str, dict] | None) -> int:
     for known in filter(None, (args.logs, args.stop)):
         try:
             client.get_job_info(known)

@@ -80,7 +80,7 @@ def start_mlflow_server(root: Path, port: int, allowed_hosts: str = "127.0.0.1:*
     import urllib.request
 
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{root / 'tracking.db'}",  # not MLflow's default name
            "MLFLOW_ARTIFACTS_DESTINATION": str(root / "artifacts"), "MLFLOW_SERVER_ALLOWED_HOSTS": allowed_hosts,
            "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1",
            "MLFLOW": str(Path(sys.executable).parent / "mlflow")}
@@ -117,9 +117,15 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 20) -> None:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> str:
+def mlflow_server_root(tmp_path_factory) -> Path:
+    """The folder of the session's MLflow server: tracking.db, artifacts/, server.log."""
+    return tmp_path_factory.mktemp("mlflow-server")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_root) -> str:
     """A real `mlflow server` process on localhost (sqlite backend, local artifacts)."""
     port = _free_port()
-    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    proc = start_mlflow_server(mlflow_server_root, port)
     yield f"http://127.0.0.1:{port}"
     stop_process_group(proc)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, _free_port, mlflow_server, stop_process_group  # noqa: F401  (fixture)
+from conftest import REPO, _free_port, mlflow_server, mlflow_server_root, stop_process_group  # noqa: F401
 
 CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay"
@@ -100,7 +100,7 @@ def test_dockerfile_builds_on_the_ray_image_of_the_pinned_ray_and_python():
 
 
 def test_dockerfile_copies_what_exists_and_dockerignore_keeps_it():
-    ignored = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+    ignored = [line.strip().removeprefix("**/").strip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
     assert {".venv", ".git", "mlflow.db", "mlruns"} <= set(ignored)
     copied = []
@@ -245,7 +245,16 @@ def test_mlflow_server_configs_use_real_options_and_allow_the_jobs_uri():
     flags = {arg.split("=", 1)[0] for arg in container["args"]}
     script_flags = set(re.findall(r"^\s+(--[a-z-]+)", (CLUSTER / "mlflow" / "serve.sh").read_text(), flags=re.M))
     assert flags and script_flags and (flags | script_flags) <= options
-    assert {"--backend-store-uri", "--artifacts-destination", "--allowed-hosts"} <= flags & script_flags
+    assert {"--artifacts-destination", "--serve-artifacts", "--allowed-hosts"} <= flags & script_flags
+    # the backend store URI carries the database password: environment only, never the command line
+    assert "--backend-store-uri" not in flags | script_flags
+    from mlflow.cli import server
+
+    read_by_server = {p.envvar for p in server.params if p.envvar}
+    env_names = {e["name"] for e in container["env"]}
+    assert "MLFLOW_BACKEND_STORE_URI" in read_by_server & env_names
+    assert env_names - read_by_server <= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                          "MLFLOW_DISABLE_TELEMETRY"}
     args = dict(arg.split("=", 1) for arg in container["args"] if "=" in arg)
     allowed = args["--allowed-hosts"].split(",")
     env = {e["name"]: e.get("value") for e in containers(raycluster())[0]["env"]}
@@ -272,7 +281,7 @@ def test_no_secret_in_the_repository():
             assert not re.search(r"RAY_AUTH_TOKEN=[^\s$\"'.<]", text), f"{path} sets a token value"
 
 
-def test_mlflow_server_script_refuses_missing_settings_and_checks_hosts(mlflow_server):  # noqa: F811
+def test_mlflow_server_script_refuses_missing_settings_and_checks_hosts(mlflow_server, mlflow_server_root):  # noqa: F811
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     proc = subprocess.run(["bash", str(CLUSTER / "mlflow" / "serve.sh")], env=env, capture_output=True, text=True,
                           timeout=30)
@@ -291,6 +300,14 @@ def test_mlflow_server_script_refuses_missing_settings_and_checks_hosts(mlflow_s
 
     assert status(f"127.0.0.1:{port}") == 200
     assert status(f"mlflow.attacker.example:{port}") == 403
+    # the stores are the ones the environment names (MLFLOW_BACKEND_STORE_URI is read from there)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    run = client.create_run(client.create_experiment("serve-sh-check"))
+    client.log_text(run.info.run_id, "proxied", "note.txt")
+    assert (mlflow_server_root / "tracking.db").is_file() and not (mlflow_server_root / "mlflow.db").exists()
+    assert list((mlflow_server_root / "artifacts").rglob("note.txt"))
 
 
 def test_submit_refuses_bad_usage_and_unreachable_clusters(tmp_path):

@@ -19,8 +19,10 @@ set -euo pipefail
 # name:port clients use. Its default covers only localhost and private IP addresses.
 : "${MLFLOW_SERVER_ALLOWED_HOSTS:?list the host names clients use, e.g. mlflow.internal:*,localhost:*}"
 
+# The backend store URI (it holds the database password) stays in the environment, where
+# `mlflow server` reads it, rather than on the command line, where `ps` would show it.
+export MLFLOW_BACKEND_STORE_URI
 exec "${MLFLOW:-mlflow}" server \
-    --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" \
     --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION" \
     --serve-artifacts \
     --allowed-hosts "$MLFLOW_SERVER_ALLOWED_HOSTS" \
