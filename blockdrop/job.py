@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -139,12 +140,8 @@ def job_env_vars() -> dict[str, str]:
     variable from the job and from ray.init, and the user's value is the one to keep."""
     from blockdrop.distributed import TRAIN_ENV
 
-    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    taken = set()
-    if job_config:
-        import json
-
-        taken = set(((json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}))
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    taken = (job_config.get("runtime_env") or {}).get("env_vars") or {}
     return {key: value for key, value in TRAIN_ENV.items() if key not in taken}
 
 
@@ -189,6 +186,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"{'continuing' if resumed else 'started'} MLflow {tracker.run_url(run_id)}", file=sys.stderr)
 
     init_path, ok = args.init, False
+    storage = storage_location(args.storage_path)
     try:
         for stage in stages:
             settings = stage_settings(preset, stage, args, stages)
@@ -202,7 +200,6 @@ def run(args: argparse.Namespace) -> None:
             print(f"== {stage}: {settings['epochs']} epochs, batch {settings['batch_size']}, lr {settings['lr']:g}"
                   f"{f', gamma {gamma:g}' if stage != 'pretrain' else ''}, {args.num_workers} workers", file=sys.stderr)
             ref = ray.put(init_payload(preset, init_path)) if init_path else None
-            storage = storage_location(args.storage_path)
             checkpoint = run_stage(cfg, ref, args.num_workers, args.gpu, f"{name}-{stage}",
                                             storage, args.max_failures)
             out = Path(args.output) / f"{name}-{stage}.pt"

@@ -400,11 +400,15 @@ class LocalCluster:
             "('job_id', '=', job)], limit=10000, raise_on_missing_output=False)\n"
             "print(json.dumps([a.node_id for a in actors]))")
 
-    def submit(self, cwd: Path, *entrypoint: str, extra: tuple[str, ...] = (), env: dict | None = None,
+    def cli(self, *args: str, cwd: Path | None = None, env: dict | None = None,
+            timeout: int = 900) -> subprocess.CompletedProcess:
+        """cluster/submit.py against this cluster, as a user runs it."""
+        return subprocess.run([sys.executable, str(CLUSTER / "submit.py"), "--address", self.address, *args],
+                              cwd=cwd, env=env or self.env, capture_output=True, text=True, timeout=timeout)
+
+    def submit(self, cwd: Path, *entrypoint: str, env: dict | None = None,
                timeout: int = 900) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(CLUSTER / "submit.py"), "--address", self.address, *extra,
-                               "--", *entrypoint], cwd=cwd, env=env or self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        return self.cli("--", *entrypoint, cwd=cwd, env=env, timeout=timeout)
 
     def processes(self) -> list[int]:
         """PIDs of any process still using this cluster's temp dirs (raylets, GCS, workers, agents)."""
@@ -451,12 +455,9 @@ def test_a_bad_flag_ends_failed_with_the_message_in_the_logs(cluster, tmp_path):
     assert "--penalty must be negative" in proc.stdout  # the job's own output, followed from its logs
     failed = re.search(r"job (raysubmit_\w+) FAILED: Job entrypoint command failed with exit code 2$", proc.stderr, re.M)
     assert failed, proc.stderr
-    again = subprocess.run([sys.executable, str(CLUSTER / "submit.py"), "--address", cluster.address,
-                            "--logs", failed.group(1)], env=cluster.env, capture_output=True, text=True, timeout=120)
+    again = cluster.cli("--logs", failed.group(1), timeout=120)
     assert again.returncode == 1 and "--penalty must be negative" in again.stdout  # a finished job's logs, again
-    unknown = subprocess.run([sys.executable, str(CLUSTER / "submit.py"), "--address", cluster.address,
-                              "--logs", "raysubmit_nothing"], env=cluster.env, capture_output=True, text=True,
-                             timeout=120)
+    unknown = cluster.cli("--logs", "raysubmit_nothing", timeout=120)
     assert unknown.returncode == 2 and "has no job raysubmit_nothing" in unknown.stderr
     wrong = cluster.submit(tmp_path, "python", "train_job.py", env={**cluster.env, "RAY_AUTH_TOKEN": "0" * 8},
                            timeout=120)
