@@ -1,0 +1,162 @@
+"""Small labelled image folders made on this machine (nothing is downloaded).
+
+- `digits`: scikit-learn's 1797 bundled 8x8 handwritten digits, upsampled and written as RGB PNGs
+  of any size: the shape of a user's own small dataset (say 28x28 grey digits padded to 32x32 RGB).
+- `shapes`: ten kinds of shape (circle, square, triangle, ...) drawn with a per-image difficulty:
+  easy images are large, high-contrast and clean; hard ones are small, faint, noisy and cluttered.
+  A second dataset of the same shape as `digits`, and one where image difficulty really varies.
+
+Both are written as `ROOT/train/<class>/*.png` and `ROOT/test/<class>/*.png` (80/20, stratified,
+fixed seed), which `--dataset imagefolder --data-dir ROOT` reads.
+
+    python -m blockdrop.sample_data digits data/digits32 [--size 32]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+
+from blockdrop.errors import UserError, run_cli
+
+SETS = ("digits", "shapes")
+SHAPES = ("circle", "square", "triangle", "plus", "ring", "diamond", "cross", "star", "hexagon", "crescent")
+
+
+def _split(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """True for the test images: a stratified 20%."""
+    from sklearn.model_selection import train_test_split
+
+    _, test = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=seed, stratify=labels)
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[test] = True
+    return mask
+
+
+def _write(root: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str]) -> None:
+    from PIL import Image
+
+    test = _split(labels)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = root / ("test" if test[i] else "train") / f"{label}_{class_names[label]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:05d}.png")
+
+
+def digits_images(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, size, size, 3) uint8 images and their labels."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    small = (bunch.images * (255 / 16)).round().astype(np.uint8)
+    images = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in small])
+    return np.repeat(images[..., None], 3, axis=3), bunch.target.astype(np.int64)
+
+
+def _polygon(cx: float, cy: float, r: float, sides: int, angle: float) -> list[tuple[float, float]]:
+    return [(cx + r * math.cos(angle + 2 * math.pi * i / sides), cy + r * math.sin(angle + 2 * math.pi * i / sides))
+            for i in range(sides)]
+
+
+def _draw_shape(draw, kind: str, cx: float, cy: float, r: float, angle: float, color: tuple, background: tuple) -> None:
+    w = max(r * 0.35, 1.5)
+    if kind == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif kind == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        draw.ellipse([cx - r * 0.55, cy - r * 0.55, cx + r * 0.55, cy + r * 0.55], fill=background)
+    elif kind == "crescent":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        ox, oy = r * 0.5 * math.cos(angle), r * 0.5 * math.sin(angle)
+        draw.ellipse([cx + ox - r * 0.85, cy + oy - r * 0.85, cx + ox + r * 0.85, cy + oy + r * 0.85], fill=background)
+    elif kind == "square":
+        draw.polygon(_polygon(cx, cy, r * 1.2, 4, math.pi / 4 + angle * 0.1), fill=color)
+    elif kind == "diamond":
+        draw.polygon(_polygon(cx, cy, r * 1.2, 4, angle * 0.1), fill=color)
+    elif kind == "triangle":
+        draw.polygon(_polygon(cx, cy, r * 1.2, 3, -math.pi / 2 + angle * 0.3), fill=color)
+    elif kind == "hexagon":
+        draw.polygon(_polygon(cx, cy, r * 1.1, 6, angle), fill=color)
+    elif kind == "star":
+        points = []
+        for i in range(10):
+            radius = r * 1.25 if i % 2 == 0 else r * 0.5
+            a = -math.pi / 2 + angle * 0.3 + math.pi * i / 5
+            points.append((cx + radius * math.cos(a), cy + radius * math.sin(a)))
+        draw.polygon(points, fill=color)
+    elif kind in ("plus", "cross"):
+        base = angle * 0.1 + (math.pi / 4 if kind == "cross" else 0.0)
+        for a in (base, base + math.pi / 2):
+            dx, dy = r * math.cos(a), r * math.sin(a)
+            draw.line([cx - dx, cy - dy, cx + dx, cy + dy], fill=color, width=int(round(w * 1.4)))
+    else:
+        raise ValueError(kind)
+
+
+def shapes_images(size: int, per_class: int = 180, seed: int = 0, difficulty_power: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(N, size, size, 3) uint8 images of SHAPES with a difficulty drawn per image, and labels."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    scale = 4  # drawn large, then downsampled: smooth edges
+    images, labels = [], []
+    for label in range(len(SHAPES)):
+        for _ in range(per_class):
+            d = rng.uniform() ** difficulty_power  # 0 easy .. 1 hard
+            # light shapes on darker, tinted backgrounds; contrast falls as difficulty rises
+            background = rng.uniform(0, 90, 3)
+            tint = rng.uniform(0.3, 1.0, 3)
+            color = np.clip(background + (210 * (1 - d) + 50 * d) * tint / tint.max(), 0, 255)
+            big = size * scale
+            canvas = Image.new("RGB", (big, big), tuple(int(v) for v in background))
+            draw = ImageDraw.Draw(canvas)
+            for _ in range(int(d * 4)):  # clutter: lines in random colours
+                line = tuple(int(v) for v in np.clip(background + rng.uniform(20, 160, 3), 0, 255))
+                draw.line(list(rng.uniform(0, big, 4)), fill=line, width=scale)
+            r = big * (0.36 - 0.16 * d) * rng.uniform(0.85, 1.0)
+            cx, cy = big / 2 + rng.uniform(-1, 1, 2) * (big / 2 - r * 1.2) * 0.5
+            _draw_shape(draw, SHAPES[label], cx, cy, r, rng.uniform(-math.pi, math.pi),
+                        tuple(int(v) for v in color), tuple(int(v) for v in background))
+            image = np.asarray(canvas.resize((size, size), Image.BOX), dtype=np.float64)
+            image += rng.normal(0, 30 * d ** 2, image.shape)  # pixel noise grows with difficulty
+            images.append(np.clip(image, 0, 255).round().astype(np.uint8))
+            labels.append(label)
+    return np.stack(images), np.array(labels, dtype=np.int64)
+
+
+def write_folder(name: str, root: str | Path, size: int = 32) -> Path:
+    """Write sample set `name` under `root` (train/ and test/ class folders); returns `root`."""
+    if name not in SETS:
+        raise UserError(f"unknown sample set {name!r}; choose one of: {', '.join(SETS)}")
+    root = Path(root)
+    if root.exists() and any(root.iterdir()):
+        raise UserError(f"{root} exists and is not empty; give a new folder")
+    if name == "digits":
+        images, labels = digits_images(size)
+        names = [str(d) for d in range(10)]
+    else:
+        images, labels = shapes_images(size)
+        names = list(SHAPES)
+    _write(root, images, labels, names)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m blockdrop.sample_data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", choices=SETS, help="which set to write")
+    parser.add_argument("root", help="folder to create (train/ and test/ inside)")
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    args = parser.parse_args(argv)
+    if args.size < 8:
+        raise UserError(f"--size must be at least 8, not {args.size}")
+    root = write_folder(args.name, args.root, args.size)
+    count = sum(1 for _ in root.rglob("*.png"))
+    print(f"wrote {count} images of {args.name} ({args.size}x{args.size} RGB) under {root}/train and {root}/test")
+
+
+if __name__ == "__main__":
+    run_cli(main)
