@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from blockdrop.baselines import Chooser
 from blockdrop.checkpoints import load_models
 from blockdrop.data import DATASETS, load_dataset
 from blockdrop.errors import UserError, run_cli
@@ -60,23 +61,44 @@ class Moments:
 
 
 @dataclass
+class Records:
+    """Each image's outcome, in the loader's order: what the policy pictures are drawn from."""
+
+    policies: np.ndarray  # (N, K) bool
+    labels: np.ndarray  # (N,)
+    predictions: np.ndarray  # (N,)
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.labels == self.predictions
+
+    @property
+    def blocks(self) -> np.ndarray:
+        return self.policies.sum(1)
+
+
+@dataclass
 class Tally:
-    """What an evaluation accumulates; tallies of shards merge into the tally of the whole set."""
+    """What an evaluation accumulates; tallies of shards merge into the tally of the whole set.
+    With `records` on it also keeps every image's policy, label and prediction."""
 
     correct: int = 0
     full_correct: int = 0
     blocks: Moments = field(default_factory=Moments)
     flops: Moments = field(default_factory=Moments)
     policies: set[bytes] = field(default_factory=set)
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     def add(self, correct: torch.Tensor, full_correct: torch.Tensor, actions: torch.Tensor,
-            flops: torch.Tensor) -> None:
+            flops: torch.Tensor, labels: torch.Tensor | None = None, predictions: torch.Tensor | None = None) -> None:
         self.correct += int(correct.sum())
         self.full_correct += int(full_correct.sum())
         self.blocks.add(actions.sum(1))
         self.flops.add(flops)
-        packed = np.packbits(actions.bool().cpu().numpy(), axis=1)
-        self.policies.update(row.tobytes() for row in packed)
+        bits = actions.bool().cpu().numpy()
+        self.policies.update(row.tobytes() for row in np.packbits(bits, axis=1))
+        if self.rows is not None and labels is not None:
+            self.rows.append((bits, labels.cpu().numpy(), predictions.cpu().numpy()))
 
     def merge(self, other: Tally) -> None:
         self.correct += other.correct
@@ -84,6 +106,14 @@ class Tally:
         self.blocks.merge(other.blocks)
         self.flops.merge(other.flops)
         self.policies |= other.policies
+        if self.rows is not None and other.rows is not None:
+            self.rows += other.rows
+
+    def records(self) -> Records:
+        if not self.rows:
+            raise ValueError("this tally kept no per-image records (tally(..., records=True))")
+        policies, labels, predictions = (np.concatenate(part) for part in zip(*self.rows))
+        return Records(policies, labels, predictions)
 
     def report(self, full_flops: int) -> Report:
         n = self.blocks.n
@@ -121,16 +151,19 @@ class Report:
 
 
 @torch.inference_mode()
-def tally(backbone: FlatResNet, policy: PolicyNet | None, loader: Iterable, costs: CostModel,
-          device: torch.device, progress: bool = False, decided: torch.Tensor | None = None) -> Tally:
-    """Greedy policy with sparse execution, and the full model, over `loader` (one shard or all).
+def tally(backbone: FlatResNet, policy: PolicyNet | Chooser | None, loader: Iterable, costs: CostModel,
+          device: torch.device, progress: bool = False, decided: torch.Tensor | None = None,
+          records: bool = False) -> Tally:
+    """The policy with sparse execution, and the full model, over `loader` (one shard or all).
 
-    `decided` (a K-vector of 0/1) forces the other blocks on, as during the curriculum stage.
+    `policy`: a policy network (its greedy decisions), a function from images to a 0/1 policy (an
+    image-blind baseline), or None (the full model). `decided` (a K-vector of 0/1) forces the other
+    blocks on, as during the curriculum stage. `records` keeps every image's outcome.
     """
     backbone.eval()
-    if policy is not None:
+    if isinstance(policy, torch.nn.Module):
         policy.eval()
-    result = Tally()
+    result = Tally(rows=[] if records else None)
     for images, labels in tqdm(loader, desc="evaluate", unit="batch", disable=None if progress else True,
                                file=sys.stderr):
         images, labels = images.to(device), labels.to(device)
@@ -139,15 +172,16 @@ def tally(backbone: FlatResNet, policy: PolicyNet | None, loader: Iterable, cost
             actions = torch.ones(len(images), backbone.num_blocks, device=device)
             logits, flops = full_logits, torch.full((len(images),), float(costs.full))
         else:
-            actions = greedy(policy(images))
+            actions = greedy(policy(images)) if isinstance(policy, torch.nn.Module) else policy(images)
             if decided is not None:
                 actions = force_undecided(actions, decided.to(device))
             logits, flops = run_sparse(backbone, images, actions), costs.per_image(actions)
-        result.add(logits.argmax(1) == labels, full_logits.argmax(1) == labels, actions, flops)
+        predictions = logits.argmax(1)
+        result.add(predictions == labels, full_logits.argmax(1) == labels, actions, flops, labels, predictions)
     return result
 
 
-def evaluate(backbone: FlatResNet, policy: PolicyNet | None, loader: Iterable, costs: CostModel,
+def evaluate(backbone: FlatResNet, policy: PolicyNet | Chooser | None, loader: Iterable, costs: CostModel,
              device: torch.device, progress: bool = True) -> Report:
     """The report over the whole of `loader`."""
     return tally(backbone, policy, loader, costs, device, progress).report(costs.full)
