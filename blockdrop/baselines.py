@@ -51,11 +51,12 @@ def random_k(keep: int, num_blocks: int, batch: int, generator: torch.Generator)
     return (ranks < keep).float()
 
 
-def greedy_order(backbone: FlatResNet, loader: Iterable, device: torch.device) -> list[int]:
-    """Blocks in the order the greedy static policy drops them (first = least useful).
+def greedy_order(backbone: FlatResNet, loader: Iterable, device: torch.device, drops: int | None = None) -> list[int]:
+    """Blocks in the order the greedy static policy drops them (first = least useful), `drops` of
+    them (default all K).
 
     Each round tries dropping every remaining block on the images of `loader` and drops the one
-    that keeps accuracy highest, cross-entropy lowest on ties: K(K+1)/2 passes over `loader`.
+    that keeps accuracy highest, cross-entropy lowest on ties: K(K+1)/2 passes over `loader` for all.
     """
     batches = [(x.to(device), y.to(device)) for x, y in loader]
     backbone.eval()
@@ -72,7 +73,7 @@ def greedy_order(backbone: FlatResNet, loader: Iterable, device: torch.device) -
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
         return correct, -loss
 
-    for _ in range(num_blocks):
+    for _ in range(num_blocks if drops is None else drops):
         candidates = [k for k in range(num_blocks) if kept[k]]
         trials = {}
         for k in candidates:
@@ -85,10 +86,14 @@ def greedy_order(backbone: FlatResNet, loader: Iterable, device: torch.device) -
     return order
 
 
-def from_order(keep: int, order: Sequence[int]) -> torch.Tensor:
-    """The static policy that keeps all but the first K - keep blocks of `order`."""
-    policy = torch.ones(len(order))
-    policy[list(order[:len(order) - keep])] = 0
+def from_order(keep: int, order: Sequence[int], num_blocks: int | None = None) -> torch.Tensor:
+    """The static policy that keeps all but the first K - keep blocks of `order` (which may list
+    only the first drops)."""
+    num_blocks = len(order) if num_blocks is None else num_blocks
+    if num_blocks - keep > len(order):
+        raise ValueError(f"the greedy order lists {len(order)} drops; keeping {keep} of {num_blocks} needs more")
+    policy = torch.ones(num_blocks)
+    policy[list(order[:num_blocks - keep])] = 0
     return policy
 
 
@@ -111,7 +116,7 @@ def chooser(name: str, keep: int, backbone: FlatResNet, order: Sequence[int] | N
     else:
         if order is None:
             raise ValueError("the greedy baseline needs the greedy drop order")
-        row = from_order(keep, order)
+        row = from_order(keep, order, num_blocks)
     return lambda images: row.to(images.device).expand(len(images), -1)
 
 

@@ -57,7 +57,7 @@ def cifar_class(name: str) -> type:
     return _presence_only({"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name])
 
 
-def _cifar(preset: Preset, name: str, root: Path, train: bool, download: bool) -> Dataset:
+def _cifar(preset: Preset, name: str, root: Path, train: bool, download: bool, augment: bool) -> Dataset:
     from torchvision import transforms as T
 
     cls = cifar_class(name)
@@ -65,8 +65,8 @@ def _cifar(preset: Preset, name: str, root: Path, train: bool, download: bool) -
         raise UserError(f"{name} has 32x32 RGB images; preset {preset.name} expects "
                         f"{preset.image_size}x{preset.image_size} with {preset.in_channels} channel(s)")
     folder = root / cls.base_folder
-    augment = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train else []
-    transform = T.Compose([*augment, T.ToTensor(), _normalize(preset)])
+    transform = T.Compose([*([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []),
+                           T.ToTensor(), _normalize(preset)])
     present = all((folder / f).is_file() for f, _ in cls.train_list + cls.test_list + [[cls.meta["filename"], None]])
     if not present:
         if not download:
@@ -91,21 +91,21 @@ def _cifar(preset: Preset, name: str, root: Path, train: bool, download: bool) -
         raise UserError(f"{name} in {folder} could not be read ({type(err).__name__}: {err})") from None
 
 
-def _folder_transform(preset: Preset, train: bool, imagenet: bool):
+def _folder_transform(preset: Preset, augment: bool, imagenet: bool):
     from torchvision import transforms as T
 
     size = preset.image_size
     gray = [T.Grayscale(preset.in_channels)] if preset.in_channels == 1 else []
-    if imagenet and train:
+    if imagenet and augment:
         geometry = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
     elif imagenet:
         geometry = [T.Resize(size * 256 // 224), T.CenterCrop(size)]
     else:
-        geometry = [T.Resize((size, size))] + ([T.RandomHorizontalFlip()] if train else [])
+        geometry = [T.Resize((size, size))] + ([T.RandomHorizontalFlip()] if augment else [])
     return T.Compose([*gray, *geometry, T.ToTensor(), _normalize(preset)])
 
 
-def _image_folder(preset: Preset, name: str, root: Path, train: bool) -> Dataset:
+def _image_folder(preset: Preset, name: str, root: Path, train: bool, augment: bool) -> Dataset:
     """imagenet: root/train and root/val; imagefolder: those, root/test, or one folder split 90/10."""
     split_dirs = ["train"] if train else ["val", "test"]
     folder = next((root / d for d in split_dirs if (root / d).is_dir()), None)
@@ -118,7 +118,7 @@ def _image_folder(preset: Preset, name: str, root: Path, train: bool) -> Dataset
     from torchvision import datasets
 
     try:
-        ds = datasets.ImageFolder(str(folder), transform=_folder_transform(preset, train, name == "imagenet"))
+        ds = datasets.ImageFolder(str(folder), transform=_folder_transform(preset, augment, name == "imagenet"))
     except (FileNotFoundError, RuntimeError) as err:
         raise UserError(f"{folder} holds no images in class subfolders ({err})") from None
     if len(ds.classes) != preset.num_classes:
@@ -134,7 +134,7 @@ def _image_folder(preset: Preset, name: str, root: Path, train: bool) -> Dataset
 class Digits(Dataset):
     """scikit-learn's 1797 bundled 8x8 handwritten digits; a fixed stratified 80/20 split."""
 
-    def __init__(self, preset: Preset, train: bool):
+    def __init__(self, preset: Preset, train: bool, augment: bool):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
         from torchvision import transforms as T
@@ -152,7 +152,7 @@ class Digits(Dataset):
         self.labels = labels[idx]
         self.classes = [str(d) for d in range(10)]
         # Small random shifts: digits are not flip-invariant.
-        self.augment = T.RandomCrop(8, padding=1, padding_mode="edge") if train else None
+        self.augment = T.RandomCrop(8, padding=1, padding_mode="edge") if augment else None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -163,21 +163,23 @@ class Digits(Dataset):
 
 
 def load_dataset(preset: Preset, split: str, name: str | None = None, data_dir: str | Path | None = None,
-                 download: bool = True) -> Dataset:
-    """The `split` ("train" or "test") of dataset `name` (default: the preset's) for `preset`."""
+                 download: bool = True, augment: bool | None = None) -> Dataset:
+    """The `split` ("train" or "test") of dataset `name` (default: the preset's) for `preset`.
+    `augment` (default: on for the train split only) applies the training augmentation."""
     name = name or preset.dataset
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     train = split == "train"
+    augment = train if augment is None else augment
     if name == "digits":
-        return Digits(preset, train)
+        return Digits(preset, train, augment)
     if name in CIFAR_CLASSES:
         classes = CIFAR_CLASSES[name]
         if classes != preset.num_classes:
             raise UserError(f"{name} has {classes} classes; preset {preset.name} has {preset.num_classes}")
-        return _cifar(preset, name, Path(data_dir or DEFAULT_DATA_DIR), train, download)
+        return _cifar(preset, name, Path(data_dir or DEFAULT_DATA_DIR), train, download, augment)
     if data_dir is None:
         raise UserError(f"dataset {name} needs --data-dir (a folder of class subfolders)")
-    return _image_folder(preset, name, Path(data_dir), train)
+    return _image_folder(preset, name, Path(data_dir), train, augment)

@@ -25,8 +25,8 @@ from blockdrop.evaluate import Report, Tally, tally
 from blockdrop.execution import Executor
 from blockdrop.flops import cost_model
 from blockdrop.presets import get_preset
-from blockdrop.reinforce import curriculum_mask
-from blockdrop.stages import EpochStats, Models, make_optimizer, make_schedule, train_epoch
+from blockdrop.reinforce import curriculum_index, curriculum_mask
+from blockdrop.stages import SUPERVISED, EpochStats, Models, make_optimizer, make_schedule, train_epoch
 
 STATE_FILE = "train_state.pt"
 MODEL_FILE = "model.pt"
@@ -50,6 +50,9 @@ class StageConfig:
     mlflow_run_id: str | None
     seed: int = 0
     loader_workers: int = 0
+    policy_lr: float | None = None  # finetune: the policy's own lr (default: lr)
+    entropy: str = "original"  # curriculum: one of reinforce.ENTROPIES
+    pace: int = 0  # curriculum: optimisation steps per newly decided block (0: one epoch)
 
 
 def progress(line: str) -> None:
@@ -111,27 +114,28 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed * 1000 + rank)
 
     backbone = preset.build_backbone()
-    policy = preset.build_policy() if cfg.stage != "pretrain" else None
+    policy = preset.build_policy() if cfg.stage not in SUPERVISED else None
     init = ray.get(config["init"]) if config.get("init") is not None else None
     if init is not None:
         backbone.load_state_dict(init["backbone"], strict=False)
         if policy is not None and init.get("policy") is not None:
             policy.load_state_dict(init["policy"])
 
-    executor = Executor(backbone).to(device)
+    executor = Executor(backbone).to(device, memory_format=torch.channels_last)
     if policy is not None:
-        policy.to(device)
+        policy.to(device, memory_format=torch.channels_last)
     if cfg.stage == "curriculum":
         backbone.requires_grad_(False)
         models = Models(backbone, policy, policy_train=ray.train.torch.prepare_model(policy))
         params = list(policy.parameters())
-    elif cfg.stage == "pretrain":
+    elif cfg.stage in SUPERVISED:
         models = Models(backbone, None, executor_train=ray.train.torch.prepare_model(executor))
         params = list(backbone.parameters())
     else:
         models = Models(backbone, policy, executor_train=ray.train.torch.prepare_model(executor),
                         policy_train=ray.train.torch.prepare_model(policy))
-        params = list(policy.parameters()) + list(backbone.parameters())
+        params = [{"params": list(policy.parameters()), "lr": cfg.policy_lr or cfg.lr},
+                  {"params": list(backbone.parameters())}]
     optimizer = make_optimizer(cfg.stage, params, cfg.lr, cfg.weight_decay)
     schedule = make_schedule(cfg.stage, optimizer, cfg.epochs)
 
@@ -167,10 +171,13 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start, cfg.epochs):
         began = time.time()
         sampler.set_epoch(epoch)
-        stats = train_epoch(cfg.stage, models, loader, optimizer, epoch, cfg.gamma, device, cfg.drop_rate)
-        lr = optimizer.param_groups[0]["lr"]
+        stats = train_epoch(cfg.stage, models, loader, optimizer, epoch, cfg.gamma, device, cfg.drop_rate,
+                            cfg.pace, cfg.entropy)
+        lr = optimizer.param_groups[-1]["lr"]  # finetune: the ResNet's
         schedule.step()
-        decided = curriculum_mask(preset.num_blocks, epoch) if cfg.stage == "curriculum" else None
+        decided = None
+        if cfg.stage == "curriculum":
+            decided = curriculum_mask(preset.num_blocks, curriculum_index((epoch + 1) * len(loader) - 1, cfg.pace or len(loader)))
         test = tally(backbone, policy, test_loader, costs, device, decided=decided)
         merged_stats, merged_test = EpochStats(), Tally()
         for s, t in _gather((stats, test), world):
@@ -230,6 +237,60 @@ def run_stage(cfg: StageConfig, init_ref, num_workers: int, use_gpu: bool, name:
         target = local / MODEL_FILE
         target.write_bytes((Path(folder) / MODEL_FILE).read_bytes())
     return target
+
+
+def _analyse_task(preset_name: str, payload: dict, dataset: str | None, data_dir: str | None,
+                  mlflow_uri: str | None, run_id: str | None) -> dict:
+    """Runs on a Ray worker: compare with the baselines, draw the pictures, log both to the run."""
+    from blockdrop.analysis import analyse
+
+    preset = get_preset(preset_name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backbone, policy = preset.build_backbone(), preset.build_policy()
+    backbone.load_state_dict(payload["backbone"])
+    policy.load_state_dict(payload["policy"])
+    with tempfile.TemporaryDirectory() as folder:
+        comparison = analyse(preset, backbone, policy, dataset, data_dir, device, folder)
+        if mlflow_uri and run_id:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(mlflow_uri)
+            client.log_artifacts(run_id, folder, "policy")
+            from blockdrop.tracking import metric_batch
+
+            client.log_batch(run_id, metrics=metric_batch(comparison.metrics(), 0))
+    return comparison.to_json()
+
+
+def analyse_remotely(preset_name: str, payload_ref, dataset: str | None, data_dir: str | None,
+                     mlflow_uri: str | None, run_id: str | None, use_gpu: bool):
+    """blockdrop.analysis on one Ray worker (a GPU one with `use_gpu`), logged to the MLflow run;
+    returns the Comparison. Not on the driver: on a cluster that is the head node."""
+    import ray
+
+    from blockdrop.analysis import Comparison
+
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=1)(_analyse_task)
+    result = ray.get(task.remote(preset_name, payload_ref, dataset, data_dir, mlflow_uri, run_id))
+    return Comparison.from_json(result)
+
+
+def _curves_task(preset_name: str, payload: dict, dataset: str | None, data_dir: str | None) -> dict:
+    from blockdrop.analysis import curves
+
+    preset = get_preset(preset_name)
+    backbone = preset.build_backbone()
+    backbone.load_state_dict(payload["backbone"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {name: [asdict(p) for p in curve] for name, curve in curves(preset, backbone, dataset, data_dir, device).items()}
+
+
+def curves_remotely(preset_name: str, payload_ref, dataset: str | None, data_dir: str | None, use_gpu: bool):
+    """blockdrop.analysis.curves on a Ray worker; returns the ObjectRef of {name: [CurvePoint as dict]}."""
+    import ray
+
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=1)(_curves_task)
+    return task.remote(preset_name, payload_ref, dataset, data_dir)
 
 
 # Ray Train's controller polls workers every 2 s by default and each report waits for it:

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -21,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from blockdrop.baselines import Chooser
+from blockdrop.baselines import BASELINES, RANDOM_SEEDS, Chooser, chooser, greedy_order
 from blockdrop.checkpoints import load_models
 from blockdrop.data import DATASETS, load_dataset
 from blockdrop.errors import UserError, run_cli
@@ -164,9 +165,11 @@ def tally(backbone: FlatResNet, policy: PolicyNet | Chooser | None, loader: Iter
     if isinstance(policy, torch.nn.Module):
         policy.eval()
     result = Tally(rows=[] if records else None)
+    channels_last = backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     for images, labels in tqdm(loader, desc="evaluate", unit="batch", disable=None if progress else True,
                                file=sys.stderr):
-        images, labels = images.to(device), labels.to(device)
+        images, labels = images.to(device, memory_format=layout), labels.to(device)
         full_logits = backbone(images)
         if policy is None:
             actions = torch.ones(len(images), backbone.num_blocks, device=device)
@@ -230,7 +233,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-download", action="store_true", help="never download a missing dataset")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    parser.add_argument("--baseline", choices=BASELINES,
+                        help="evaluate an image-blind policy on the checkpoint's ResNet instead of its policy network: "
+                             "firstk (the first K blocks), randomk (K random blocks per image, "
+                             f"{RANDOM_SEEDS} draws), distributek (K spread over the stages), greedy (drop the "
+                             "least useful block, on a slice of the training images, until K are left)")
+    parser.add_argument("--keep", type=int, help="K, the blocks an image-blind --baseline keeps")
+    parser.add_argument("--compare", action="store_true",
+                        help="also evaluate every --baseline at the policy's FLOPs: does the per-image policy beat "
+                             "the image-blind ones?")
+    parser.add_argument("--report-dir", help="write the policy pictures (blocks per image, per class, frequent "
+                                             "policies with sample images, ...) and report.json into this folder")
     args = parser.parse_args(argv)
+    if (args.baseline is None) != (args.keep is None):
+        raise UserError("--baseline and --keep go together: --baseline greedy --keep 8")
+    if args.baseline and args.compare:
+        raise UserError("--compare compares the checkpoint's own policy with the baselines; leave out --baseline")
 
     preset = get_preset(args.preset)
     device = pick_device(args.device)
@@ -245,16 +263,63 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_workers is None:  # the in-memory digits gain nothing from worker processes
         args.num_workers = 0 if (args.dataset or preset.dataset) == "digits" else min(4, os.cpu_count() or 1)
     loader = make_loader(dataset, args.batch_size, args.num_workers, args.limit)
-    if policy is None:
-        print(f"{args.checkpoint} has no policy network: evaluating the full ResNet", file=sys.stderr)
-    report = evaluate(backbone.to(device), policy and policy.to(device), loader, cost_model(preset), device,
-                      progress=not args.json)
-    if args.json:
-        print(json.dumps({"preset": preset.name, "checkpoint": args.checkpoint, "source": source,
-                          **asdict(report)}))
+    backbone = backbone.to(device)
+    costs = cost_model(preset)
+    if args.compare and policy is None:
+        raise UserError(f"--compare needs a policy network; {args.checkpoint} holds only a ResNet")
+    train = None
+    if args.baseline == "greedy" or args.compare:
+        train = load_dataset(preset, "train", args.dataset, args.data_dir, download=not args.no_download, augment=False)
+    label = "policy network"
+    if args.baseline:
+        order = None
+        if args.baseline == "greedy":
+            from blockdrop.analysis import holdout
+
+            order = greedy_order(backbone, make_loader(holdout(train), args.batch_size, args.num_workers), device,
+                                 drops=backbone.num_blocks - args.keep)
+        seeds = range(RANDOM_SEEDS) if args.baseline == "randomk" else [0]
+        result = Tally(rows=[] if args.report_dir else None)
+        for seed in seeds:  # RandomK: every draw of every image counts
+            result.merge(tally(backbone, chooser(args.baseline, args.keep, backbone, order, seed), loader, costs,
+                               device, progress=not args.json, records=bool(args.report_dir)))
+        label = f"{args.baseline} baseline, K = {args.keep}"
     else:
-        print(f"{preset.name}  {args.checkpoint or '(untrained)'}  ({source})")
+        if policy is None:
+            print(f"{args.checkpoint} has no policy network: evaluating the full ResNet", file=sys.stderr)
+            label = "full ResNet"
+        result = tally(backbone, policy and policy.to(device), loader, costs, device, progress=not args.json,
+                       records=bool(args.report_dir))
+    report = result.report(costs.full)
+    comparison = None
+    if args.compare:
+        from blockdrop.analysis import compare
+
+        test = dataset if args.limit is None else Subset(dataset, range(min(args.limit, len(dataset))))
+        comparison, _ = compare(backbone, policy, test, train, costs, device, args.batch_size, records=False)
+    if args.report_dir:
+        from blockdrop.analysis import class_names, write
+        from blockdrop.pictures import draw_all
+
+        records = result.records()
+        if args.baseline == "randomk":  # pictures of the first draw: one record per image
+            records = Records(*(part[:len(loader.dataset)] for part in (records.policies, records.labels,
+                                                                         records.predictions)))
+        stages = [stage for stage, _ in preset.backbone.block_index]
+        draw_all(records, loader.dataset, preset.mean, preset.std, stages, class_names(dataset), args.report_dir)
+        (Path(args.report_dir) / "report.json").write_text(json.dumps({"policy": label, **asdict(report)}, indent=2))
+        if comparison is not None:
+            write(comparison, args.report_dir)
+    if args.json:
+        print(json.dumps({"preset": preset.name, "checkpoint": args.checkpoint, "source": source, "policy": label,
+                          **asdict(report)} | ({"comparison": comparison.to_json()} if comparison else {})))
+    else:
+        print(f"{preset.name}  {args.checkpoint or '(untrained)'}  ({source}; {label})")
         print(report.text())
+        if comparison is not None:
+            print(comparison.text())
+        if args.report_dir:
+            print(f"pictures and report.json in {args.report_dir}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from blockdrop.checkpoints import load_models, read_checkpoint
 from blockdrop.data import DATASETS, load_dataset
 from blockdrop.errors import UserError
 from blockdrop.flops import cost_model
-from blockdrop.presets import PRESETS, Preset, get_preset
+from blockdrop.presets import CURRICULUM_PACE, OTHER_DATA_STAGES, PRESETS, Preset, get_preset
+from blockdrop.reinforce import ENTROPIES
 from blockdrop.stages import STAGES
 
 DEFAULT_PRESET = "R26_DIGITS"
@@ -37,23 +38,41 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_job.py",
-        description="Train BlockDrop on Ray Train: pretrain the ResNet, train the policy with a curriculum,\n"
-                    "finetune both jointly, or all three in a row. Without --address it starts a local Ray;\n"
-                    "without --mlflow-uri it logs to MLflow's sqlite store ./mlflow.db.",
+        description="Train BlockDrop on Ray Train: pretrain the ResNet, adapt it to dropped blocks (stochastic\n"
+                    "depth), train the policy with a curriculum, finetune both jointly; one stage or all in a row.\n"
+                    "Without --address it starts a local Ray; without --mlflow-uri it logs to MLflow's sqlite store\n"
+                    "./mlflow.db.",
         epilog="Examples:\n"
                "  python train_job.py                                   # all stages, offline digits, 2 workers\n"
-               "  python train_job.py --preset R110_C10 --stage curriculum --init pretrained.pt --gpu\n"
+               "  python train_job.py --preset R32_C10 --dataset imagefolder --data-dir D --init resnet32.pt\n"
+               "                      # your own pretrained ResNet: adapt -> curriculum -> finetune\n"
+               "  python train_job.py --preset R110_C10 --stage curriculum --init adapted.pt --gpu\n"
                "  ray job submit --working-dir . -- python train_job.py --preset R32_C10 --num-workers 4 --gpu\n"
-               "Per-stage defaults (epochs, batch size, lr) come from the preset; flags override every stage run.",
+               "Per-stage defaults (epochs, batch size, lr) come from the preset on its own dataset; on other data\n"
+               "(an image folder) the policy stages last a fixed number of optimisation steps whatever its size.\n"
+               "Flags override every stage run.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
-    parser.add_argument("--stage", default="all", choices=(*STAGES, "all"), help="default all: pretrain -> curriculum -> finetune")
-    parser.add_argument("--epochs", type=epoch_list, help="epochs of each stage run, or one number per stage for "
-                                                         "--stage all (e.g. 30,30,15; default: the preset's)")
-    parser.add_argument("--penalty", type=float, help="gamma, the reward of a misclassified image; negative "
-                                                      "(default: the preset's, -10 CIFAR, -5 ImageNet/digits)")
-    parser.add_argument("--lr", type=float, help="learning rate (default: the preset's per stage)")
+    parser.add_argument("--stage", default="all", type=stage_list,
+                        help="a stage (pretrain, adapt, curriculum, finetune), several (adapt,curriculum), or all "
+                             "(default): every stage after what --init holds; adapt is left out after a pretrain "
+                             "with stochastic depth")
+    parser.add_argument("--epochs", type=epoch_list, help="epochs of each stage run, or one number per stage run "
+                                                         "(e.g. 30,30,15; default: the preset's)")
+    parser.add_argument("--penalty", type=float, help="gamma of finetuning, the reward of a misclassified image; "
+                                                      "negative (default: the preset's, -10 CIFAR, -5 ImageNet/digits)")
+    parser.add_argument("--curriculum-penalty", type=float,
+                        help="gamma of the curriculum (default -1, the original's: a stricter one keeps every block)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: the preset's per stage; finetune: the ResNet's)")
+    parser.add_argument("--policy-lr", type=float, help="finetune: the policy network's lr (default: the preset's; "
+                                                        "lower than the ResNet's keeps per-image policies apart)")
+    parser.add_argument("--entropy", choices=ENTROPIES, default="original",
+                        help="curriculum entropy bonus: original (-s log s over all blocks: undecided blocks drift "
+                             "towards drop, the original code) or bernoulli (full entropy of decided blocks)")
+    parser.add_argument("--curriculum-pace", type=int, help="curriculum: optimisation steps per newly decided block "
+                                                            f"(default: one epoch on the preset's data, {CURRICULUM_PACE} "
+                                                            "on other data)")
     parser.add_argument("--batch-size", type=int, help="global batch size, split over the workers")
     parser.add_argument("--drop-rate", type=float, help="pretrain: stochastic-depth drop rate of the last block")
     parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (default 2)")
@@ -65,7 +84,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default="checkpoints", help="folder for the final checkpoint (default ./checkpoints)")
     parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts allowed per stage (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order and policy sampling (default 0)")
+    parser.add_argument("--no-analysis", action="store_true",
+                        help="after finetuning, skip comparing the policy with image-blind baselines at equal FLOPs "
+                             "and drawing its policy pictures (one Ray task, a few test-set passes)")
     return parser
+
+
+def stage_list(text: str) -> list[str] | None:
+    """`all` (None: decided once --init is known) or stages in training order."""
+    if text == "all":
+        return None
+    names = [part.strip() for part in text.split(",")]
+    unknown = [n for n in names if n not in STAGES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown stage {', '.join(unknown) or text!r}; use {', '.join(STAGES)} or all")
+    if sorted(names, key=STAGES.index) != names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"stages run in the order {' -> '.join(STAGES)}, each once: not {text}")
+    return names
+
+
+def plan_stages(preset: Preset, args: argparse.Namespace) -> list[str]:
+    """The stages `--stage all` means: every stage after what --init holds; adapt only for a ResNet
+    pretrained without stochastic depth."""
+    if args.stage is not None:
+        return args.stage
+    if not args.init:
+        pretrain_drop = args.drop_rate if args.drop_rate is not None else preset.stages["pretrain"].drop_rate
+        return ["pretrain", "curriculum", "finetune"] if pretrain_drop > 0 else list(STAGES)
+    ckpt = read_checkpoint(args.init)
+    if ckpt.policy is not None:
+        return ["finetune"]
+    config = ckpt.meta.get("config", {})
+    robust = ckpt.meta.get("stage") == "adapt" or config.get("drop_rate", 0) > 0
+    return ["curriculum", "finetune"] if robust else ["adapt", "curriculum", "finetune"]
 
 
 def epoch_list(text: str) -> list[int]:
@@ -75,40 +126,90 @@ def epoch_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected N or N,N,N, not {text!r}") from None
 
 
-def stage_settings(preset: Preset, stage: str, args: argparse.Namespace, stages: list[str]) -> dict:
-    d = preset.stages[stage]
-    epochs = d.epochs
+def own_data(preset: Preset, args: argparse.Namespace) -> bool:
+    return (args.dataset or preset.dataset) == preset.dataset
+
+
+def stage_settings(preset: Preset, stage: str, args: argparse.Namespace, stages: list[str], train_size: int) -> dict:
+    """Epochs, batch size, lrs, pace of one stage: flags, else the preset's defaults on its own data,
+    else a fixed number of optimisation steps (OTHER_DATA_STAGES) on other data."""
+    own = own_data(preset, args) or stage == "pretrain"
+    d = preset.stages[stage] if own else OTHER_DATA_STAGES[stage]
+    batch = args.batch_size if args.batch_size is not None else d.batch_size
+    steps_per_epoch = max(train_size // batch, 1)
+    pace = args.curriculum_pace or (0 if own else CURRICULUM_PACE)
     if args.epochs is not None:
         epochs = args.epochs[stages.index(stage)] if len(args.epochs) > 1 else args.epochs[0]
-    return {
+    elif own:
+        epochs = d.epochs
+    else:
+        steps = 2 * preset.num_blocks * pace if stage == "curriculum" else d.steps
+        epochs = math.ceil(steps / steps_per_epoch)
+    settings = {
         "epochs": epochs,
-        "batch_size": args.batch_size if args.batch_size is not None else d.batch_size,
+        "batch_size": batch,
         "lr": args.lr if args.lr is not None else d.lr,
         "weight_decay": d.weight_decay,
         "drop_rate": args.drop_rate if args.drop_rate is not None else d.drop_rate,
     }
+    if stage == "curriculum":
+        settings |= {"gamma": curriculum_gamma(preset, args), "pace": pace, "entropy": args.entropy}
+    elif stage == "finetune":
+        settings |= {"gamma": finetune_gamma(preset, args),
+                     "policy_lr": args.policy_lr if args.policy_lr is not None else (d.policy_lr or d.lr)}
+    return settings
 
 
-def validate(args: argparse.Namespace) -> tuple[Preset, list[str]]:
-    """Every check that needs no cluster, before any work starts."""
+def finetune_gamma(preset: Preset, args: argparse.Namespace) -> float:
+    return preset.penalty if args.penalty is None else args.penalty
+
+
+def curriculum_gamma(preset: Preset, args: argparse.Namespace) -> float:
+    return preset.curriculum_penalty if args.curriculum_penalty is None else args.curriculum_penalty
+
+
+def describe(stage: str, settings: dict, workers: int) -> str:
+    parts = [f"{settings['epochs']} epochs", f"batch {settings['batch_size']}", f"lr {settings['lr']:g}"]
+    if stage in ("pretrain", "adapt") and settings["drop_rate"] > 0:
+        parts.append(f"stochastic depth {settings['drop_rate']:g}")
+    if stage == "curriculum":
+        pace = f"every {settings['pace']} steps" if settings["pace"] else "every epoch"
+        parts.append(f"gamma {settings['gamma']:g}, a block decided {pace}, {settings['entropy']} entropy")
+    if stage == "finetune":
+        parts.append(f"policy lr {settings['policy_lr']:g}, gamma {settings['gamma']:g}")
+    return f"== {stage}: {', '.join(parts)}, {workers} workers"
+
+
+def _finite(value: float | None) -> bool:
+    return value is None or math.isfinite(value)
+
+
+def validate(args: argparse.Namespace) -> tuple[Preset, list[tuple[str, dict]]]:
+    """Every check that needs no cluster, before any work starts; the stages to run and their settings."""
     preset = get_preset(args.preset)
-    stages = list(STAGES) if args.stage == "all" else [args.stage]
-    gamma = preset.penalty if args.penalty is None else args.penalty
-    if not gamma < 0:
-        raise UserError(f"--penalty must be negative (the reward of a misclassified image), not {args.penalty}")
-    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
-        raise UserError(f"--lr must be positive, not {args.lr}")
+    for flag in ("penalty", "curriculum_penalty"):
+        value = getattr(args, flag)
+        if value is not None and not (value < 0 and math.isfinite(value)):
+            raise UserError(f"--{flag.replace('_', '-')} must be a negative number (the reward of a misclassified "
+                            f"image), not {value}")
+    for flag in ("lr", "policy_lr"):
+        value = getattr(args, flag)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, not {value}")
+    if args.curriculum_pace is not None and args.curriculum_pace < 1:
+        raise UserError(f"--curriculum-pace must be at least 1 step, not {args.curriculum_pace}")
     if args.num_workers < 1:
         raise UserError(f"--num-workers must be at least 1, not {args.num_workers}")
-    if args.epochs is not None and (min(args.epochs) < 1 or len(args.epochs) not in (1, len(stages))):
-        raise UserError(f"--epochs takes one number (>= 1) or one per stage ({len(stages)}), "
-                        f"not {','.join(map(str, args.epochs))}")
     if args.batch_size is not None and args.batch_size < args.num_workers:
         raise UserError(f"--batch-size {args.batch_size} is smaller than --num-workers {args.num_workers}")
     if args.drop_rate is not None and not 0 <= args.drop_rate < 1:
         raise UserError(f"--drop-rate must be in [0, 1), not {args.drop_rate}")
     if args.max_failures < 0:
         raise UserError(f"--max-failures must be >= 0, not {args.max_failures}")
+    stages = plan_stages(preset, args)
+    if args.epochs is not None and (min(args.epochs) < 1 or len(args.epochs) not in (1, len(stages))):
+        raise UserError(f"--epochs takes one number (>= 1) or one per stage run ({len(stages)}: "
+                        f"{', '.join(stages)}), not {','.join(map(str, args.epochs))}")
     if stages[0] != "pretrain" and not args.init:
         raise UserError(f"--stage {stages[0]} starts from a trained ResNet: pass --init with a pretrain checkpoint "
                         f"(checkpoints/*-pretrain.pt), an original BlockDrop file or a torchvision ResNet file")
@@ -117,8 +218,8 @@ def validate(args: argparse.Namespace) -> tuple[Preset, list[str]]:
     if args.init:
         load_models(preset, args.init)  # fits the preset, or a clear error now rather than on a worker
     # the data must be there before workers look for it
-    load_dataset(preset, "train", args.dataset, args.data_dir)
-    return preset, stages
+    train = load_dataset(preset, "train", args.dataset, args.data_dir)
+    return preset, [(stage, stage_settings(preset, stage, args, stages, len(train))) for stage in stages]
 
 
 def init_payload(preset: Preset, path: str | None) -> dict | None:
@@ -168,40 +269,44 @@ def start_ray(address: str | None, use_gpu: bool, num_workers: int, storage_path
 
 
 def run(args: argparse.Namespace) -> None:
-    from blockdrop.distributed import StageConfig, final_report, run_stage
+    from blockdrop.distributed import StageConfig, analyse_remotely, final_report, run_stage
     from blockdrop.tracking import Tracker, resolve_uri
 
-    preset, stages = validate(args)
-    gamma = preset.penalty if args.penalty is None else args.penalty
-    name = args.name or f"{preset.name}-{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    preset, plan = validate(args)
+    stage_label = "all" if args.stage is None else ",".join(args.stage)
+    name = args.name or f"{preset.name}-{stage_label.replace(',', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     start_ray(args.address, args.gpu, args.num_workers, args.storage_path)  # cluster checks first: a refused job leaves no run
     import ray
 
     uri = resolve_uri(args.mlflow_uri)
     tracker = Tracker(uri, args.experiment)
-    common = {"preset": preset.name, "gamma": gamma, "num_workers": args.num_workers, "gpu": args.gpu,
+    common = {"preset": preset.name, "num_workers": args.num_workers, "gpu": args.gpu,
               "dataset": args.dataset or preset.dataset, "init": args.init or ""}
-    job_params = common | {"stage": args.stage} | (stage_settings(preset, stages[0], args, stages) if len(stages) == 1 else {})
+    job_params = common | {"stage": stage_label, "stages": ",".join(stage for stage, _ in plan)}
+    if len(plan) == 1:
+        job_params |= plan[0][1]
+    elif any(stage == "finetune" for stage, _ in plan):
+        job_params["gamma"] = finetune_gamma(preset, args)
     run_id, resumed = tracker.job_run(name, name, job_params)
     print(f"{'continuing' if resumed else 'started'} MLflow {tracker.run_url(run_id)}", file=sys.stderr)
+    print(f"plan: {' -> '.join(stage for stage, _ in plan)}", file=sys.stderr)
 
     init_path, ok = args.init, False
     storage = storage_location(args.storage_path)
     try:
-        for stage in stages:
-            settings = stage_settings(preset, stage, args, stages)
+        for stage, settings in plan:
             stage_run = run_id
-            if len(stages) > 1:
+            if len(plan) > 1:
                 stage_run, _ = tracker.job_run(f"{name}/{stage}", f"{name}-{stage}",
                                                common | {"stage": stage} | settings, parent_id=run_id)
-            cfg = StageConfig(preset=preset.name, stage=stage, gamma=gamma, dataset=args.dataset,
+            cfg = StageConfig(preset=preset.name, stage=stage, dataset=args.dataset,
                               data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
-                              mlflow_uri=uri, mlflow_run_id=stage_run, seed=args.seed, **settings)
-            print(f"== {stage}: {settings['epochs']} epochs, batch {settings['batch_size']}, lr {settings['lr']:g}"
-                  f"{f', gamma {gamma:g}' if stage != 'pretrain' else ''}, {args.num_workers} workers", file=sys.stderr)
+                              mlflow_uri=uri, mlflow_run_id=stage_run, seed=args.seed,
+                              **({"gamma": 0.0} | settings))
+            print(describe(stage, settings, args.num_workers), file=sys.stderr)
             ref = ray.put(init_payload(preset, init_path)) if init_path else None
             checkpoint = run_stage(cfg, ref, args.num_workers, args.gpu, f"{name}-{stage}",
-                                            storage, args.max_failures)
+                                   storage, args.max_failures)
             out = Path(args.output) / f"{name}-{stage}.pt"
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(checkpoint, out)
@@ -209,6 +314,13 @@ def run(args: argparse.Namespace) -> None:
                 tracker.client.log_artifact(stage_run, str(out), "checkpoint")
                 tracker.finish(stage_run, ok=True)
             init_path = str(out)
+        comparison = None
+        if plan[-1][0] == "finetune" and not args.no_analysis:
+            print("== analysis: the policy against image-blind baselines at equal FLOPs, policy pictures",
+                  file=sys.stderr)
+            comparison = analyse_remotely(preset.name, ray.put(init_payload(preset, init_path)), args.dataset,
+                                          str(Path(args.data_dir).resolve()) if args.data_dir else None,
+                                          uri, run_id, args.gpu)
         ok = True
     finally:
         if not ok:
@@ -220,8 +332,10 @@ def run(args: argparse.Namespace) -> None:
     example = torch.stack([test[i][0] for i in range(2)]).numpy()
     model_uri = tracker.log_model(run_id, Path(init_path), report.text(), example)
     tracker.finish(run_id, ok=True)
-    print(f"\n{preset.name} {args.stage} ({name})")
+    print(f"\n{preset.name} {' -> '.join(stage for stage, _ in plan)} ({name})")
     print(report.text())
+    if comparison is not None:
+        print(f"\n{comparison.text()}")
     print(f"\ncheckpoint: {init_path}")
     print(f"MLflow: {tracker.run_url(run_id)}; model {model_uri}")
     if uri.startswith("sqlite:"):

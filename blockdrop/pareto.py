@@ -34,15 +34,39 @@ def pareto_front(points: Sequence[Point]) -> list[Point]:
     return front
 
 
+CURVE_STYLE = {"greedy": ("greedy static", "C2", "s"), "distributek": ("DistributeK", "C4", "^"),
+               "randomk": ("RandomK", "C1", "v"), "firstk": ("FirstK", "C5", "D")}
+
+
 def plot_front(points: Sequence[Point], front: Sequence[Point], path: str | Path,
-               reference: Point | None = None, title: str = "BlockDrop: accuracy vs FLOPs") -> Path:
-    """Scatter of all points, the front as a step line, the full model as a star; written as PNG."""
+               reference: Point | None = None, title: str = "BlockDrop: accuracy vs FLOPs",
+               curves: dict | None = None) -> Path:
+    """Scatter of all points, the front as a step line, the full model as a star; written as PNG.
+
+    `curves`: image-blind baselines (name -> points with .flops, .accuracy) drawn as dashed lines.
+    A point whose info holds `best_static_accuracy` (the best baseline at its FLOPs, on its own
+    ResNet) gets a hollow marker there, joined to it by a dotted line: the per-image policy's gain.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    lowest = min([p.accuracy for p in points] + ([reference.accuracy] if reference else []))
+    for name, curve in (curves or {}).items():
+        label, colour, marker = CURVE_STYLE.get(name, (name, "0.5", "o"))
+        ordered = sorted(curve, key=lambda c: c.flops)
+        ax.plot([c.flops for c in ordered], [100 * c.accuracy for c in ordered], linestyle="--", marker=marker,
+                markersize=3, linewidth=1, color=colour, label=f"{label} (image-blind)", zorder=1)
+    statics = [p for p in points if "best_static_accuracy" in p.info]
+    for p in statics:
+        ax.plot([p.flops, p.flops], [100 * p.info["best_static_accuracy"], 100 * p.accuracy], ":", color="0.3",
+                linewidth=1, zorder=2)
+    if statics:
+        ax.scatter([p.flops for p in statics], [100 * p.info["best_static_accuracy"] for p in statics],
+                   facecolors="none", edgecolors="0.3", label="best image-blind policy at the same FLOPs\n"
+                                                          "(on that model's own ResNet)", zorder=3)
     ax.scatter([p.flops for p in points], [100 * p.accuracy for p in points], color="0.6", label="trials", zorder=2)
     ax.step([p.flops for p in front], [100 * p.accuracy for p in front], where="post", color="C0", zorder=3)
     ax.scatter([p.flops for p in front], [100 * p.accuracy for p in front], color="C0", label="Pareto front", zorder=4)
@@ -52,11 +76,13 @@ def plot_front(points: Sequence[Point], front: Sequence[Point], path: str | Path
     if reference is not None:
         ax.scatter([reference.flops], [100 * reference.accuracy], marker="*", s=160, color="C3",
                    label=reference.label or "full model", zorder=5)
+    if curves:  # baselines that collapse to chance would squash the interesting range
+        ax.set_ylim(bottom=max(ax.get_ylim()[0], 100 * lowest - 10))
     ax.set_xlabel("FLOPs per image (policy network included)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

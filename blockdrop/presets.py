@@ -28,28 +28,46 @@ def imagenet_resnet(block: str, layers: tuple[int, ...]) -> ResNetSpec:
 class StageDefaults:
     """Per-stage defaults a training job uses when no flag overrides them."""
 
-    epochs: int
+    epochs: int  # on the preset's own dataset
     batch_size: int  # per job (split over the workers)
-    lr: float
+    lr: float  # finetune: the ResNet's
     weight_decay: float = 0.0
-    drop_rate: float = 0.0  # pretrain: stochastic depth, so the ResNet tolerates dropped blocks
+    drop_rate: float = 0.0  # pretrain, adapt: stochastic depth, so the ResNet tolerates dropped blocks
+    policy_lr: float | None = None  # finetune: the policy network's own lr (default: lr)
+    steps: int = 0  # on other data (an image folder): the stage's length in optimisation steps
 
 
 # The paper's schedules where ANCHORS.md gives them; pretraining follows the usual ResNet recipes.
+# adapt: a short stochastic-depth finetuning of a ResNet pretrained without it (blockdrop.stages).
 CIFAR_STAGES = {
     "pretrain": StageDefaults(164, 128, 0.1, 1e-4),
+    "adapt": StageDefaults(10, 128, 0.02, 1e-4, drop_rate=0.5),
     "curriculum": StageDefaults(5000, 2048, 1e-3),
     "finetune": StageDefaults(2000, 256, 1e-4),
 }
 IMAGENET_STAGES = {
     "pretrain": StageDefaults(90, 256, 0.1, 1e-4),
+    "adapt": StageDefaults(3, 256, 0.01, 1e-4, drop_rate=0.5),
     "curriculum": StageDefaults(45, 256, 1e-3),
     "finetune": StageDefaults(10, 320, 1e-4),
 }
 DIGITS_STAGES = {
     "pretrain": StageDefaults(30, 64, 0.1, 5e-4, drop_rate=0.5),
+    "adapt": StageDefaults(10, 64, 0.02, 5e-4, drop_rate=0.5),
     "curriculum": StageDefaults(30, 128, 1e-3),
-    "finetune": StageDefaults(15, 64, 1e-3),  # 1e-4 (the paper's) barely moves the policy in 15 epochs
+    "finetune": StageDefaults(15, 64, 1e-3, policy_lr=1e-4),
+}
+# On other data than the preset's own (an image folder of any size) the BlockDrop stages last a
+# fixed number of optimisation steps (converted to epochs from the dataset's size) instead of the
+# paper's epoch counts, which assume CIFAR's 50k or ImageNet's 1.28M images; the curriculum decides
+# one more block every CURRICULUM_PACE steps, then trains as long again with all of them decided.
+# Chosen on two 1,440-image folders, digits and shapes (benchmarks/results/standard_backbone.md):
+# a 32x32 ResNet-32 then runs adapt + curriculum + finetune in minutes on 2 CPU cores.
+CURRICULUM_PACE = 13
+OTHER_DATA_STAGES = {
+    "adapt": StageDefaults(0, 128, 0.02, 5e-4, drop_rate=0.5, steps=120),
+    "curriculum": StageDefaults(0, 128, 1e-3),  # 2 x K x CURRICULUM_PACE steps
+    "finetune": StageDefaults(0, 128, 1e-3, policy_lr=1e-4, steps=360),
 }
 
 
@@ -68,7 +86,10 @@ class Preset:
     std: tuple[float, ...]
     policy_pool: int = 1  # the policy looks at the image average-pooled by this factor
     stages: dict = field(default_factory=lambda: CIFAR_STAGES, hash=False)
-    penalty: float = -10.0  # default gamma
+    penalty: float = -10.0  # default gamma of finetuning (and sweeps)
+    # The curriculum's own gamma: the original's cl_training.py ran at its default -1 and only
+    # finetuning used -10 / -5 (ANCHORS.md); at -10 a curriculum on a short budget keeps every block.
+    curriculum_penalty: float = -1.0
 
     @property
     def num_blocks(self) -> int:

@@ -13,6 +13,7 @@ import torch
 
 ALPHA = 0.8  # bounds keep-probabilities to [0.2, 0.8] while sampling
 BETA = 0.1  # entropy bonus weight in the curriculum stage
+ENTROPIES = ("original", "bernoulli")  # the curriculum's entropy bonus: see entropy_original / entropy
 
 
 def validate_penalty(gamma: float) -> float:
@@ -43,9 +44,10 @@ def reward(correct: torch.Tensor, policy: torch.Tensor, gamma: float) -> torch.T
     return torch.where(correct, 1 - usage ** 2, torch.full_like(usage, gamma))
 
 
-def curriculum_mask(num_blocks: int, epoch: int, device: torch.device | None = None) -> torch.Tensor:
-    """1 for the blocks the policy decides at `epoch` (0-based): the last min(epoch+1, K)."""
-    decided = min(epoch + 1, num_blocks)
+def curriculum_mask(num_blocks: int, index: int, device: torch.device | None = None) -> torch.Tensor:
+    """1 for the blocks the policy decides at curriculum step `index` (0-based): the last min(index+1, K).
+    The original advances `index` once per epoch; blockdrop.stages once per `pace` optimisation steps."""
+    decided = min(index + 1, num_blocks)
     mask = torch.zeros(num_blocks, device=device)
     mask[num_blocks - decided:] = 1
     return mask
@@ -68,6 +70,21 @@ def reinforce_loss(bounded: torch.Tensor, policy: torch.Tensor, advantage: torch
     if mask is not None:
         logp = logp * mask
     return -(logp.sum(1) * advantage.detach()).mean()
+
+
+def curriculum_index(step: int, pace: int) -> int:
+    """The curriculum step of optimisation step `step` when a new block is decided every `pace` steps."""
+    return step // max(pace, 1)
+
+
+def entropy_original(bounded: torch.Tensor) -> torch.Tensor:
+    """The original's bonus: -s' log s' summed over ALL blocks (undecided ones too), batch mean.
+
+    Only half of the Bernoulli entropy: it peaks at s' = 1/e, so it pulls every block, those the
+    curriculum has not reached included, towards "drop": blocks enter the curriculum dropped and
+    must earn "keep". Which is what lets a short curriculum find savings.
+    """
+    return -(bounded * torch.log(bounded)).sum(1).mean()
 
 
 def entropy(bounded: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

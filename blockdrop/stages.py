@@ -3,10 +3,15 @@
 Plain PyTorch: the models may be DDP-wrapped by the caller (blockdrop.distributed), nothing here
 knows about Ray. Each step returns per-image tensors (loss is a scalar) that the epoch loop sums.
 
-- pretrain: supervised training of the ResNet (cross-entropy, SGD with momentum).
+- pretrain: supervised training of the ResNet (cross-entropy, SGD with momentum), optionally with
+  stochastic depth.
+- adapt: a short stochastic-depth finetuning of a pretrained ResNet (the pretrain step, from a
+  trained ResNet, small lr): a standard ResNet breaks when blocks are dropped, and a policy trained
+  on such a ResNet learns to keep every block.
 - curriculum: the policy alone, ResNet frozen in eval mode; self-critical REINFORCE over the last
-  min(e+1, K) blocks, entropy bonus. No gradient reaches the ResNet, so both of its passes (sampled
-  and greedy policy) use sparse execution: dropped blocks are not computed.
+  min(c+1, K) blocks, c advancing every `pace` steps, entropy bonus. No gradient reaches the ResNet,
+  so both of its passes (sampled and greedy policy) use sparse execution: dropped blocks are not
+  computed.
 - finetune: policy and ResNet jointly: REINFORCE + cross-entropy of the ResNet run (train mode,
   masked execution so BatchNorm sees the batch) under the sampled policy; the greedy baseline
   pass needs no gradient and runs sparse in eval mode.
@@ -25,7 +30,8 @@ from blockdrop.evaluate import Moments
 from blockdrop.execution import run_sparse
 from blockdrop.models.resnet import FlatResNet
 
-STAGES = ("pretrain", "curriculum", "finetune")
+STAGES = ("pretrain", "adapt", "curriculum", "finetune")
+SUPERVISED = ("pretrain", "adapt")  # the ResNet alone, cross-entropy
 
 
 @dataclass
@@ -61,15 +67,18 @@ def _correct_sparse(backbone: FlatResNet, images: torch.Tensor, labels: torch.Te
 
 
 def curriculum_step(policy_net: nn.Module, backbone: FlatResNet, images: torch.Tensor, labels: torch.Tensor,
-                    epoch: int, gamma: float, alpha: float = R.ALPHA, beta: float = R.BETA) -> StepOut:
+                    index: int, gamma: float, alpha: float = R.ALPHA, beta: float = R.BETA,
+                    entropy: str = "original") -> StepOut:
+    """`index`: the curriculum step (the last index+1 blocks are decided); `entropy`: one of R.ENTROPIES."""
     probs = policy_net(images)
     bounded = R.bound(probs, alpha)
-    mask = R.curriculum_mask(probs.shape[1], epoch, probs.device)
+    mask = R.curriculum_mask(probs.shape[1], index, probs.device)
     sampled = R.force_undecided(R.sample(bounded), mask)
     baseline = R.force_undecided(R.greedy(probs), mask)
     reward = R.reward(_correct_sparse(backbone, images, labels, sampled), sampled, gamma)
     advantage = reward - R.reward(_correct_sparse(backbone, images, labels, baseline), baseline, gamma)
-    loss = R.reinforce_loss(bounded, sampled, advantage, mask) - beta * R.entropy(bounded, mask)
+    bonus = R.entropy_original(bounded) if entropy == "original" else R.entropy(bounded, mask)
+    loss = R.reinforce_loss(bounded, sampled, advantage, mask) - beta * bonus
     loss.backward()
     return StepOut(loss.detach(), reward > gamma, reward, sampled.sum(1))
 
@@ -92,15 +101,16 @@ def finetune_step(policy_net: nn.Module, executor: nn.Module, backbone: FlatResN
 
 
 def make_optimizer(stage: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """SGD + momentum for the supervised ResNet, Adam for the policy stages (as the paper)."""
-    if stage == "pretrain":
+    """SGD + momentum for the supervised ResNet, Adam for the policy stages (as the paper).
+    `params` may be parameter groups with lrs of their own (finetune: policy and ResNet)."""
+    if stage in SUPERVISED:
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
 def make_schedule(stage: str, optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """pretrain: cosine to zero; finetune: lr x0.1 for the last quarter; curriculum: constant."""
-    if stage == "pretrain":
+    """pretrain, adapt: cosine to zero; finetune: lr x0.1 for the last quarter; curriculum: constant."""
+    if stage in SUPERVISED:
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     if stage == "finetune":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, [max(int(epochs * 0.75), 1)], gamma=0.1)
@@ -151,9 +161,17 @@ class Models:
     policy_train: nn.Module | None = None  # the policy net, curriculum and finetune
 
 
+def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Images in the layout training uses: channels_last, 1.3-2.2x faster on CPU (oneDNN) for these
+    ResNets (benchmarks/results/training_cpu.md) and as fast on GPU."""
+    return images.to(device, non_blocking=True, memory_format=torch.channels_last)
+
+
 def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.optim.Optimizer, epoch: int,
-                gamma: float, device: torch.device, drop_rate: float = 0.0) -> EpochStats:
-    """One pass over `loader` (this worker's shard) of `stage`."""
+                gamma: float, device: torch.device, drop_rate: float = 0.0, pace: int = 0,
+                entropy: str = "original") -> EpochStats:
+    """One pass over `loader` (this worker's shard) of `stage`. Curriculum: a new block is decided
+    every `pace` optimisation steps (0: every epoch, as the original)."""
     stats = EpochStats()
     keep = survival(models.backbone.num_blocks, drop_rate, device) if drop_rate > 0 else None
     if stage == "curriculum":
@@ -163,13 +181,16 @@ def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.o
         models.backbone.train()
         if models.policy_train is not None:
             models.policy_train.train()
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    steps = len(loader)
+    for i, (images, labels) in enumerate(loader):
+        images, labels = to_device(images, device), labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        if stage == "pretrain":
+        if stage in SUPERVISED:
             out = pretrain_step(models.executor_train, images, labels, keep)
         elif stage == "curriculum":
-            out = curriculum_step(models.policy_train, models.backbone, images, labels, epoch, gamma)
+            index = R.curriculum_index(epoch * steps + i, pace or steps)
+            out = curriculum_step(models.policy_train, models.backbone, images, labels, index, gamma,
+                                  entropy=entropy)
         else:
             out = finetune_step(models.policy_train, models.executor_train, models.backbone, images, labels, gamma)
         optimizer.step()

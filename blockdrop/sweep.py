@@ -13,19 +13,20 @@ import json
 import math
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from ray.tune import Callback
 
-from blockdrop.checkpoints import load_models
+from blockdrop.checkpoints import load_models, read_checkpoint
 from blockdrop.data import load_dataset
 from blockdrop.errors import UserError
 from blockdrop.evaluate import evaluate, make_loader
 from blockdrop.flops import cost_model
 from blockdrop.job import add_cluster_args
 from blockdrop.pareto import Point, pareto_front, plot_front
-from blockdrop.presets import PRESETS, Preset, get_preset
+from blockdrop.presets import OTHER_DATA_STAGES, PRESETS, Preset, get_preset
 
 TRIAL_TAG = "blockdrop.trial"
 
@@ -59,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "Optuna's multi-objective sampler proposes in [--gamma-range]")
     parser.add_argument("--gamma-range", type=float_list, default=[-20.0, -0.5],
                         help="low,high bounds for proposed gammas (default -20,-0.5)")
-    parser.add_argument("--epochs", type=int, help="finetune epochs per trial (default: the preset's)")
+    parser.add_argument("--policy-lr", type=float, help="the policy network's lr in every trial (default: the preset's)")
+    parser.add_argument("--epochs", type=int, help="finetune epochs per trial (default: the preset's; on other data "
+                                                   "than the preset's own, a fixed number of steps)")
+    parser.add_argument("--no-analysis", action="store_true",
+                        help="skip the image-blind baselines (curves on --init's ResNet, and each trial's comparison "
+                             "at equal FLOPs) and the policy pictures")
     parser.add_argument("--batch-size", type=int, help="global batch size of each trial")
     parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default 1)")
     parser.add_argument("--max-concurrent", type=int, default=1, help="trials running at once (default 1)")
@@ -102,7 +108,7 @@ def resolve_init(init: str, tracking_uri: str) -> str:
     return init
 
 
-def validate(args: argparse.Namespace) -> tuple[Preset, str]:
+def validate(args: argparse.Namespace) -> tuple[Preset, str, int]:
     preset = get_preset(args.preset)
     if args.num_samples is None:
         if not args.penalties:
@@ -124,11 +130,13 @@ def validate(args: argparse.Namespace) -> tuple[Preset, str]:
     from blockdrop.tracking import resolve_uri
 
     init = resolve_init(args.init, resolve_uri(args.mlflow_uri))
+    if args.policy_lr is not None and not (args.policy_lr > 0 and math.isfinite(args.policy_lr)):
+        raise UserError(f"--policy-lr must be positive, not {args.policy_lr}")
     _, policy, _ = load_models(preset, init)
     if policy is None:
         raise UserError(f"--init {args.init} holds no policy: a sweep finetunes a curriculum checkpoint")
-    load_dataset(preset, "train", args.dataset, args.data_dir)
-    return preset, init
+    train = load_dataset(preset, "train", args.dataset, args.data_dir)
+    return preset, init, len(train)
 
 
 def trial_key(gamma: float, lr: float) -> str:
@@ -140,21 +148,22 @@ def run_trial(config: dict) -> None:
     import ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from blockdrop.distributed import StageConfig, final_report, run_stage
+    from blockdrop.distributed import StageConfig, analyse_remotely, final_report, run_stage
     from blockdrop.tracking import Tracker
 
     s = config["sweep"]
     gamma, lr = float(config["gamma"]), float(config["lr"])
     key = trial_key(gamma, lr)
     tracker = Tracker(s["mlflow_uri"], s["experiment"])
-    params = {"preset": s["preset"], "stage": "finetune", "gamma": gamma, "lr": lr, "epochs": s["epochs"],
+    params = {"preset": s["preset"], "stage": "finetune", "gamma": gamma, "lr": lr, "policy_lr": s["policy_lr"] or lr,
+              "epochs": s["epochs"],
               "batch_size": s["batch_size"], "workers": s["workers"], "init": s["init_label"]}
     run_id, _ = tracker.job_run(f"{s['name']}/{key}", f"{s['name']}-{key}", params, parent_id=s["parent_id"])
     tracker.client.set_tag(run_id, TRIAL_TAG, key)
     preset = get_preset(s["preset"])
     cfg = StageConfig(preset=preset.name, stage="finetune", epochs=s["epochs"], batch_size=s["batch_size"], lr=lr,
                       weight_decay=0.0, gamma=gamma, drop_rate=0.0, dataset=s["dataset"], data_dir=s["data_dir"],
-                      mlflow_uri=s["mlflow_uri"], mlflow_run_id=run_id)
+                      mlflow_uri=s["mlflow_uri"], mlflow_run_id=run_id, policy_lr=s["policy_lr"])
     try:
         checkpoint = run_stage(cfg, s["init_ref"], s["workers"], s["gpu"], f"{s['name']}-{key}", s["storage_path"],
                                max_failures=1, callbacks=[TuneReportCallback()])
@@ -163,6 +172,10 @@ def run_trial(config: dict) -> None:
         final = {"test_accuracy": report.accuracy, "flops_per_image": report.flops_mean, "speedup": report.speedup,
                  "blocks_used": report.blocks_mean, "unique_policies": report.unique_policies}
         tracker.log_metrics(run_id, {f"final_{k}": v for k, v in final.items()}, step=0)
+        if s["analysis"]:  # logged to the trial's run: metrics gain_over_static, baseline_*; policy/ pictures
+            trained = read_checkpoint(checkpoint)
+            payload = {"backbone": trained.backbone, "policy": trained.policy}
+            analyse_remotely(preset.name, ray.put(payload), s["dataset"], s["data_dir"], s["mlflow_uri"], run_id, s["gpu"])
         example = torch.stack([test[i][0] for i in range(2)]).numpy()
         tracker.log_model(run_id, checkpoint, report.text(), example)
         tracker.finish(run_id, ok=True)
@@ -207,24 +220,43 @@ def collect_front(tracker, parent_id: str, reference: Point) -> tuple[list[Point
         if run.info.status != "FINISHED" or "final_test_accuracy" not in m:
             continue
         gamma, lr = float(run.data.params["gamma"]), float(run.data.params["lr"])
-        points.append(Point(m["final_test_accuracy"], m["final_flops_per_image"], f"g={gamma:g}", {
-            "gamma": gamma, "lr": lr, "accuracy": m["final_test_accuracy"], "flops": m["final_flops_per_image"],
-            "speedup": m["final_speedup"], "blocks": m["final_blocks_used"], "run_id": run.info.run_id}))
+        info = {"gamma": gamma, "lr": lr, "accuracy": m["final_test_accuracy"], "flops": m["final_flops_per_image"],
+                "speedup": m["final_speedup"], "blocks": m["final_blocks_used"],
+                "unique_policies": m.get("final_unique_policies"), "run_id": run.info.run_id}
+        static = {k: v for k, v in m.items() if k.startswith("baseline_") and k.endswith("_accuracy")}
+        if static and "gain_over_static" in m:  # the trial's own comparison, on its own finetuned ResNet
+            info |= {"best_static_accuracy": max(static.values()), "gain_over_static": m["gain_over_static"]}
+        points.append(Point(m["final_test_accuracy"], m["final_flops_per_image"], f"g={gamma:g}", info))
     return points, pareto_front(points)
 
 
+def front_gain(front: list[Point]) -> dict[str, float]:
+    """The front's accuracy gain over the best image-blind policy at equal FLOPs (each model against
+    the baselines on its own finetuned ResNet): mean and least over the front."""
+    gains = [p.info["gain_over_static"] for p in front if "gain_over_static" in p.info]
+    if not gains:
+        return {}
+    return {"front_gain_over_static": sum(gains) / len(gains), "front_gain_over_static_min": min(gains)}
+
+
 def publish_front(tracker, parent_id: str, points: list[Point], front: list[Point], reference: Point,
-                  model_name: str) -> list[dict]:
-    """Tags, plot, table and registered models of the front; returns the table rows."""
+                  model_name: str, curves: dict | None = None) -> list[dict]:
+    """Tags, plot, table, metrics and registered models of the front; returns the table rows.
+    `curves`: the image-blind baselines on --init's ResNet (name -> CurvePoints), drawn and kept."""
     on_front = {p.info["run_id"] for p in front}
     for p in points:
         tracker.client.set_tag(p.info["run_id"], "pareto_optimal", str(p.info["run_id"] in on_front).lower())
     rows = [p.info for p in front]
+    gain = front_gain(front)
+    if gain:
+        tracker.log_metrics(parent_id, gain, step=0)
     with tempfile.TemporaryDirectory() as folder:
-        plot = plot_front(points, front, Path(folder) / "pareto_front.png", reference=reference)
+        plot = plot_front(points, front, Path(folder) / "pareto_front.png", reference=reference, curves=curves)
         tracker.client.log_artifact(parent_id, str(plot), "pareto")
         table = Path(folder) / "pareto_front.json"
-        table.write_text(json.dumps({"reference": reference.info, "front": rows}, indent=2))
+        baselines = {name: [asdict(c) for c in curve] for name, curve in (curves or {}).items()}
+        table.write_text(json.dumps({"reference": reference.info, "front": rows, "trials": [p.info for p in points],
+                                     "baselines_on_init": baselines, **gain}, indent=2))
         tracker.client.log_artifact(parent_id, str(table), "pareto")
     register(tracker, front, model_name)
     return rows
@@ -262,18 +294,21 @@ def run(args: argparse.Namespace) -> None:
     from blockdrop.job import start_ray, storage_location
     from blockdrop.tracking import Tracker, resolve_uri
 
-    preset, init = validate(args)
+    preset, init, train_size = validate(args)
     name = args.name or f"{preset.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    defaults = preset.stages["finetune"]
-    epochs = args.epochs or defaults.epochs
+    own = (args.dataset or preset.dataset) == preset.dataset
+    defaults = preset.stages["finetune"] if own else OTHER_DATA_STAGES["finetune"]
     batch = args.batch_size or defaults.batch_size
+    epochs = args.epochs or (defaults.epochs if own else math.ceil(defaults.steps / max(train_size // batch, 1)))
     lrs = args.lrs or [defaults.lr]
+    policy_lr = args.policy_lr or defaults.policy_lr
     start_ray(args.address, args.gpu, args.workers_per_trial, args.storage_path)
     uri = resolve_uri(args.mlflow_uri)
     tracker = Tracker(uri, args.experiment)
     search = "grid" if args.num_samples is None else "optuna"
     parent_id, resumed = tracker.job_run(name, name, {
         "preset": preset.name, "init": args.init, "search": search, "epochs": epochs, "batch_size": batch,
+        "policy_lr": policy_lr or "lr",
         "workers_per_trial": args.workers_per_trial, "penalties": ",".join(map(str, args.penalties or [])),
         "lrs": ",".join(map(str, lrs))})
     print(f"{'continuing' if resumed else 'started'} sweep {name}: MLflow {tracker.run_url(parent_id)}", file=sys.stderr)
@@ -285,7 +320,8 @@ def run(args: argparse.Namespace) -> None:
                       {"accuracy": full.accuracy, "flops": full.full_flops, "speedup": 1.0})
     init_ref = ray.put({"backbone": backbone.state_dict(), "policy": policy.state_dict()})
     storage = storage_location(args.storage_path) or str(Path.home() / "ray_results")
-    settings = {"preset": preset.name, "name": name, "epochs": epochs, "batch_size": batch,
+    settings = {"preset": preset.name, "name": name, "epochs": epochs, "batch_size": batch, "policy_lr": policy_lr,
+                "analysis": not args.no_analysis,
                 "workers": args.workers_per_trial, "gpu": args.gpu, "dataset": args.dataset,
                 "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None, "mlflow_uri": uri,
                 "experiment": args.experiment, "parent_id": parent_id, "init_ref": init_ref,
@@ -316,22 +352,38 @@ def run(args: argparse.Namespace) -> None:
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=tune.RunConfig(
             name=name, storage_path=storage, verbose=0, callbacks=[Progress()],
             failure_config=tune.FailureConfig(max_failures=0)))
+    curves_ref = None
+    if not args.no_analysis:  # on a Ray worker while the trials run
+        from blockdrop.distributed import curves_remotely
+
+        curves_ref = curves_remotely(preset.name, init_ref, args.dataset, settings["data_dir"], args.gpu)
     results = tuner.fit()
     failed = sum(r.error is not None for r in results)
+    curves = None
+    if curves_ref is not None:
+        from blockdrop.baselines import CurvePoint
+
+        curves = {name: [CurvePoint(**p) for p in curve] for name, curve in ray.get(curves_ref).items()}
 
     points, front = collect_front(tracker, parent_id, reference)
     if not points:
         tracker.finish(parent_id, ok=False)
         raise UserError(f"no trial of sweep {name} finished ({failed} failed); see the errors above")
     model_name = args.model_name or f"blockdrop-{preset.name}"
-    rows = publish_front(tracker, parent_id, points, front, reference, model_name)
+    rows = publish_front(tracker, parent_id, points, front, reference, model_name, curves)
     tracker.finish(parent_id, ok=True)
     print(f"\n{name}: {len(points)} trials finished, {failed} failed; Pareto front "
           f"(full model: accuracy {reference.accuracy:.3f}, FLOPs {reference.flops:.2E}):")
-    print(f"{'gamma':>8} {'lr':>8} {'accuracy':>9} {'FLOPs/img':>10} {'speedup':>8} {'blocks':>7}  run")
+    print(f"{'gamma':>8} {'lr':>8} {'accuracy':>9} {'FLOPs/img':>10} {'speedup':>8} {'blocks':>7} {'policies':>8} "
+          f"{'vs static':>9}  run")
     for r in rows:
+        gain = f"{100 * r['gain_over_static']:+8.2f}p" if "gain_over_static" in r else f"{'-':>9}"
         print(f"{r['gamma']:>8g} {r['lr']:>8g} {r['accuracy']:>9.3f} {r['flops']:>10.2E} {r['speedup']:>7.2f}x "
-              f"{r['blocks']:>7.2f}  {r['run_id']}")
+              f"{r['blocks']:>7.2f} {r['unique_policies'] or 0:>8.0f} {gain}  {r['run_id']}")
+    gain = front_gain(front)
+    if gain:
+        print(f"vs static: accuracy minus the best image-blind policy's at the same FLOPs, on the model's own ResNet "
+              f"(front mean {100 * gain['front_gain_over_static']:+.2f} points)")
     print(f"\nregistered as {model_name} (aliases most_accurate, fastest): models:/{model_name}@most_accurate")
     print(f"MLflow: {tracker.run_url(parent_id)}")
     if uri.startswith("sqlite:"):

@@ -1,0 +1,233 @@
+"""Image-blind baselines, the equal-FLOPs comparison, and the policy pictures."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from blockdrop import baselines as B
+from blockdrop.analysis import Comparison, compare
+from blockdrop.checkpoints import save_checkpoint
+from blockdrop.errors import UserError
+from blockdrop.evaluate import Records, Report, tally
+from blockdrop.flops import cost_model
+from blockdrop.pictures import draw_all
+from blockdrop.presets import get_preset
+
+from conftest import randomize_batchnorm, run_module
+
+DIGITS = get_preset("R26_DIGITS")  # 12 blocks, stages [4, 4, 4]
+
+
+def test_first_k_keeps_the_first_blocks():
+    assert B.first_k(3, 6).tolist() == [1, 1, 1, 0, 0, 0]
+    assert B.first_k(0, 4).tolist() == [0, 0, 0, 0]
+
+
+def test_distribute_k_spreads_blocks_over_the_stages_first_blocks_first():
+    assert B.distribute_k(7, [5, 5, 5]).tolist() == [1, 1, 1, 0, 0] + [1, 1, 0, 0, 0] + [1, 1, 0, 0, 0]
+    assert B.distribute_k(3, [1, 4, 4]).tolist() == [1] + [1, 0, 0, 0] + [1, 0, 0, 0]
+    assert B.distribute_k(6, [1, 4, 4]).tolist() == [1] + [1, 1, 1, 0] + [1, 1, 0, 0]  # a full stage passes its turn
+    assert B.distribute_k(15, [5, 5, 5]).sum() == 15
+
+
+def test_random_k_draws_k_blocks_per_image_and_differs_between_images():
+    rows = B.random_k(4, 12, 200, torch.Generator().manual_seed(0))
+    assert (rows.sum(1) == 4).all()
+    assert len({tuple(r) for r in rows.int().tolist()}) > 100
+    assert (rows.mean(0) - 4 / 12).abs().max() < 0.12  # every block equally likely
+
+
+def test_from_order_drops_the_first_blocks_of_the_order():
+    assert B.from_order(2, [3, 0, 1, 2]).tolist() == [0, 1, 1, 0]
+    assert B.from_order(4, [3, 0, 1, 2]).tolist() == [1, 1, 1, 1]
+
+
+def test_greedy_drops_blocks_that_change_nothing_first():
+    """Blocks whose residual branch outputs zero are exact identities (inputs are post-ReLU): dropping
+    them changes no prediction, while the other blocks, made strong, each change many: the greedy
+    search drops the identities first."""
+    torch.manual_seed(0)
+    backbone = randomize_batchnorm(DIGITS.build_backbone())
+    identities = {1, 6, 10}
+    for k in range(12):
+        bn = backbone.block(k).bn2
+        bn.weight.data.mul_(0 if k in identities else 4)
+        bn.bias.data.mul_(0 if k in identities else 4)
+    images = torch.randn(64, 1, 8, 8)
+    features = []
+    hook = backbone.fc.register_forward_hook(lambda module, inputs, output: features.append(inputs[0]))
+    with torch.no_grad():
+        backbone(images)
+        hook.remove()
+        # a random ResNet gives every image the same class: centre its logits so that classes vary
+        backbone.fc.bias.copy_(-backbone.fc.weight @ features[0].mean(0))
+        labels = backbone(images).argmax(1)  # the full model is right on every image
+    assert len(set(labels.tolist())) > 3
+    order = B.greedy_order(backbone, DataLoader(TensorDataset(images, labels), batch_size=32), torch.device("cpu"))
+    assert sorted(order) == list(range(12))
+    assert set(order[:3]) == identities
+    assert B.greedy_order(backbone, DataLoader(TensorDataset(images, labels), batch_size=32), torch.device("cpu"),
+                          drops=2) == order[:2]
+    assert B.from_order(10, order[:2], 12).sum() == 10
+
+
+def test_accuracy_at_interpolates_linearly_in_flops_and_clamps_at_the_ends():
+    curve = [B.CurvePoint(2, 0.5, 200.0), B.CurvePoint(1, 0.3, 100.0), B.CurvePoint(3, 0.9, 300.0)]
+    assert B.accuracy_at(curve, 150.0) == pytest.approx(0.4)
+    assert B.accuracy_at(curve, 275.0) == pytest.approx(0.8)
+    assert B.accuracy_at(curve, 50.0) == 0.3 and B.accuracy_at(curve, 400.0) == 0.9
+
+
+@pytest.mark.parametrize("keep", [0, 3, 7.5, 12])
+def test_keeps_around_bracket_the_flops_for_every_baseline(keep):
+    costs = cost_model(DIGITS)
+    backbone = DIGITS.build_backbone()
+    flops = costs.fixed + keep * sum(costs.backbone.blocks) / 12
+    keeps = B.keeps_around(costs, flops)
+    for name in ("firstk", "distributek"):
+        row = B.chooser(name, 0, backbone)(torch.zeros(1, 1, 8, 8))  # checks the call shape only
+        assert row.shape == (1, 12)
+        spent = [float(costs.per_image(B.chooser(name, k, backbone)(torch.zeros(1, 1, 8, 8)))) for k in keeps]
+        assert min(spent) <= flops + 1e-6 and max(spent) >= flops - 1e-6
+
+
+def test_chooser_refuses_unknown_baselines_and_impossible_k():
+    backbone = DIGITS.build_backbone()
+    with pytest.raises(UserError, match="unknown baseline 'topk'"):
+        B.chooser("topk", 3, backbone)
+    with pytest.raises(UserError, match="between 0 and 12"):
+        B.chooser("firstk", 13, backbone)
+
+
+def report(accuracy: float, unique: int = 5, images: int = 360) -> Report:
+    return Report(images, accuracy, 6.0, 1.0, 3e6, 1e5, unique, 0.99, 6.8e6, 2.2)
+
+
+@pytest.mark.parametrize("learned, unique, words", [
+    (0.95, 5, "Per-image policies pay here: +3.0 points over the best image-blind policy (greedy static)"),
+    (0.924, 5, "A static policy is as good on this data"),  # 0.4 points: not 2 of 360 images
+    (0.90, 5, "A static policy is better on this data: the best image-blind policy (greedy static) is 2.0 points"),
+    (0.95, 1, "it is a static policy, and beats the best image-blind one (greedy static) by +3.0 points"),
+])
+def test_comparison_verdict_says_plainly_whether_per_image_policies_pay(learned, unique, words):
+    comparison = Comparison(report(learned, unique), {"greedy": 0.92, "firstk": 0.5, "randomk": 0.8, "distributek": 0.9})
+    assert comparison.best_baseline == "greedy"
+    assert comparison.gain == pytest.approx(learned - 0.92)
+    assert words in comparison.verdict()
+    assert comparison.metrics()["gain_over_static"] == pytest.approx(learned - 0.92)
+    assert Comparison.from_json(json.loads(json.dumps(comparison.to_json()))).gain == pytest.approx(comparison.gain)
+
+
+def test_a_gain_of_two_images_is_a_tie_on_a_small_test_set_but_not_on_a_large_one():
+    at = {"greedy": 0.92, "firstk": 0.5, "randomk": 0.8, "distributek": 0.9}
+    assert "as good" in Comparison(report(0.925, images=360), at).verdict()
+    assert "pay here" in Comparison(report(0.925, images=10_000), at).verdict()
+
+
+def constant_policy(preset, keep: list[int]):
+    """A policy network that keeps exactly the blocks in `keep` for every image."""
+    policy = preset.build_policy()
+    with torch.no_grad():
+        policy.logit.weight.zero_()
+        policy.logit.bias.copy_(torch.tensor([10.0 if k in keep else -10.0 for k in range(preset.num_blocks)]))
+    return policy
+
+
+def test_compare_puts_a_static_policy_level_with_the_same_static_baseline():
+    """A policy network that keeps the first 6 blocks of every image is FirstK at K = 6: at its FLOPs
+    FirstK's accuracy is exactly its own."""
+    torch.manual_seed(0)
+    backbone = randomize_batchnorm(DIGITS.build_backbone())
+    policy = constant_policy(DIGITS, list(range(6)))
+    data = TensorDataset(torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,)))
+    comparison, learned = compare(backbone, policy, data, data, cost_model(DIGITS), torch.device("cpu"), batch_size=16)
+    assert comparison.learned.blocks_mean == 6 and comparison.learned.unique_policies == 1
+    assert set(comparison.at_equal_flops) == set(B.BASELINES)
+    assert comparison.at_equal_flops["firstk"] == pytest.approx(comparison.learned.accuracy)
+    keeps = B.keeps_around(cost_model(DIGITS), comparison.learned.flops_mean)
+    assert len(set(comparison.greedy_order)) == len(comparison.greedy_order) == 12 - min(keeps)
+    assert len(learned.records().labels) == 40
+
+
+def digits_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "digits.pt"
+    save_checkpoint(path, DIGITS, randomize_batchnorm(DIGITS.build_backbone()), constant_policy(DIGITS, [0, 1, 4, 8]))
+    return path
+
+
+def test_evaluate_cli_reports_a_baseline_like_any_policy(tmp_path):
+    ckpt = digits_checkpoint(tmp_path)
+    costs = cost_model(DIGITS)
+    first = json.loads(run_module("blockdrop.evaluate", "--preset", "R26_DIGITS", "--checkpoint", str(ckpt),
+                                  "--baseline", "firstk", "--keep", "3", "--json").stdout)
+    assert first["policy"] == "firstk baseline, K = 3"
+    assert first["blocks_mean"] == 3 and first["blocks_std"] == 0 and first["unique_policies"] == 1
+    assert first["flops_mean"] == costs.fixed + sum(costs.backbone.blocks[:3])
+    random = json.loads(run_module("blockdrop.evaluate", "--preset", "R26_DIGITS", "--checkpoint", str(ckpt),
+                                   "--baseline", "randomk", "--keep", "5", "--json").stdout)
+    assert random["blocks_mean"] == 5 and random["blocks_std"] == 0 and random["unique_policies"] > 100
+    assert random["images"] == 360 * B.RANDOM_SEEDS  # every draw of every test image
+    greedy = json.loads(run_module("blockdrop.evaluate", "--preset", "R26_DIGITS", "--checkpoint", str(ckpt),
+                                   "--baseline", "greedy", "--keep", "12", "--json").stdout)
+    assert greedy["accuracy"] == greedy["full_accuracy"] and greedy["blocks_mean"] == 12
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--baseline", "firstk"], "--baseline and --keep go together"),
+    (["--keep", "3"], "--baseline and --keep go together"),
+    (["--baseline", "firstk", "--keep", "40"], "--keep must be between 0 and 12"),
+    (["--baseline", "firstk", "--keep", "3", "--compare"], "leave out --baseline"),
+])
+def test_evaluate_cli_refuses_bad_baseline_flags(tmp_path, args, message):
+    proc = run_module("blockdrop.evaluate", "--preset", "R26_DIGITS", "--checkpoint", str(digits_checkpoint(tmp_path)),
+                      *args)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+PICTURES = ["block_usage.png", "blocks_histogram.png", "blocks_per_class.png", "top_policies.png",
+            "fewest_most_blocks.png"]
+
+
+def test_evaluate_cli_writes_pictures_report_and_comparison(tmp_path):
+    out = tmp_path / "report"
+    proc = run_module("blockdrop.evaluate", "--preset", "R26_DIGITS", "--checkpoint", str(digits_checkpoint(tmp_path)),
+                      "--compare", "--report-dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "At the learned policy's FLOPs" in proc.stdout and "greedy static" in proc.stdout
+    for name in PICTURES:
+        with Image.open(out / name) as image:
+            assert image.width > 300 and image.height > 150
+            assert np.asarray(image.convert("L")).std() > 5  # drawn, not blank
+    assert json.loads((out / "report.json").read_text())["blocks_mean"] == 4
+    saved = json.loads((out / "baselines.json").read_text())
+    assert set(saved["at_equal_flops"]) == set(B.BASELINES) and saved["verdict"]
+
+
+def test_pictures_of_varied_policies_on_rgb_images(tmp_path):
+    """Any K, 3-channel images, some misclassified: every picture is written."""
+    rng = np.random.default_rng(0)
+    policies = rng.random((50, 15)) < 0.6
+    labels = rng.integers(0, 10, 50)
+    records = Records(policies, labels, np.where(rng.random(50) < 0.8, labels, (labels + 1) % 10))
+    images = TensorDataset(torch.randn(50, 3, 32, 32), torch.as_tensor(labels))
+    written = draw_all(records, images, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), [0] * 5 + [1] * 5 + [2] * 5,
+                       [f"class {i}" for i in range(10)], tmp_path)
+    assert [p.name for p in written] == PICTURES
+    assert all(p.stat().st_size > 5000 for p in written)
+
+
+def test_tally_records_every_image_in_loader_order():
+    torch.manual_seed(0)
+    backbone = randomize_batchnorm(DIGITS.build_backbone())
+    data = TensorDataset(torch.randn(30, 1, 8, 8), torch.arange(30) % 10)
+    result = tally(backbone, B.chooser("firstk", 4, backbone), DataLoader(data, batch_size=7), cost_model(DIGITS),
+                   torch.device("cpu"), records=True)
+    records = result.records()
+    assert records.labels.tolist() == (torch.arange(30) % 10).tolist()
+    assert (records.blocks == 4).all() and records.correct.sum() == result.correct
