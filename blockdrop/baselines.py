@@ -51,38 +51,46 @@ def random_k(keep: int, num_blocks: int, batch: int, generator: torch.Generator)
     return (ranks < keep).float()
 
 
+def _run_static(backbone: FlatResNet, x: torch.Tensor, kept: torch.Tensor, start: int) -> torch.Tensor:
+    """Logits of blocks start..K-1 under one 0/1 row `kept`, from `x`, the input of block `start`."""
+    for k in range(start, backbone.num_blocks):
+        residual = backbone.shortcut(k, x)
+        x = F.relu(residual + backbone.block(k)(x)) if kept[k] else residual
+    return backbone.head(x)
+
+
 def greedy_order(backbone: FlatResNet, loader: Iterable, device: torch.device, drops: int | None = None) -> list[int]:
     """Blocks in the order the greedy static policy drops them (first = least useful), `drops` of
     them (default all K).
 
     Each round tries dropping every remaining block on the images of `loader` and drops the one
-    that keeps accuracy highest, cross-entropy lowest on ties: K(K+1)/2 passes over `loader` for all.
+    that keeps accuracy highest, cross-entropy lowest on ties. Trying block k reuses the input of
+    block k under the current policy, so a round costs about K/2 passes over `loader`, not K.
     """
     batches = [(x.to(device), y.to(device)) for x, y in loader]
     backbone.eval()
     num_blocks = backbone.num_blocks
-    kept = torch.ones(num_blocks)
+    kept = [True] * num_blocks
     order: list[int] = []
-
-    @torch.inference_mode()
-    def score(policy: torch.Tensor) -> tuple[int, float]:
-        correct, loss = 0, 0.0
-        for x, y in batches:
-            logits = run_sparse(backbone, x, policy.to(device).expand(len(x), -1))
-            correct += int((logits.argmax(1) == y).sum())
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        return correct, -loss
-
-    for _ in range(num_blocks if drops is None else drops):
-        candidates = [k for k in range(num_blocks) if kept[k]]
-        trials = {}
-        for k in candidates:
-            policy = kept.clone()
-            policy[k] = 0
-            trials[k] = score(policy)
-        best = max(candidates, key=lambda k: trials[k])
-        kept[best] = 0
-        order.append(best)
+    with torch.inference_mode():
+        for _ in range(num_blocks if drops is None else drops):
+            candidates = [k for k in range(num_blocks) if kept[k]]
+            scores = {k: [0, 0.0] for k in candidates}  # correct, -loss
+            for x, y in batches:
+                inputs, h = [], backbone.seed(x)
+                for k in range(num_blocks):  # the input of every block under the current policy
+                    inputs.append(h)
+                    residual = backbone.shortcut(k, h)
+                    h = F.relu(residual + backbone.block(k)(h)) if kept[k] else residual
+                for k in candidates:
+                    trial = list(kept)
+                    trial[k] = False
+                    logits = _run_static(backbone, inputs[k], trial, k)
+                    scores[k][0] += int((logits.argmax(1) == y).sum())
+                    scores[k][1] -= float(F.cross_entropy(logits, y, reduction="sum"))
+            best = max(candidates, key=lambda k: tuple(scores[k]))
+            kept[best] = False
+            order.append(best)
     return order
 
 
@@ -140,10 +148,10 @@ def accuracy_at(curve: Sequence[CurvePoint], flops: float) -> float:
 
 
 def keeps_around(costs: CostModel, flops: float) -> list[int]:
-    """Block counts whose policies bracket `flops` whichever blocks they keep (stage transitions
-    are cheaper than the other blocks): for an equal-FLOPs comparison."""
+    """Block counts whose image-blind policies (no policy network to pay for) bracket `flops` whichever
+    blocks they keep (stage transitions are cheaper than the other blocks): for an equal-FLOPs comparison."""
     blocks = costs.backbone.blocks
-    estimate = (flops - costs.fixed) / (sum(blocks) / len(blocks))
+    estimate = (flops - (costs.fixed - costs.policy)) / (sum(blocks) / len(blocks))
     lo = int(estimate) - 1
     return sorted({min(max(k, 0), len(blocks)) for k in range(lo, lo + 4)})
 

@@ -239,6 +239,10 @@ def run_stage(cfg: StageConfig, init_ref, num_workers: int, use_gpu: bool, name:
     return target
 
 
+# "DEFAULT": outside the caller's placement group (a Tune trial's holds only the trial's small bundle).
+_TASK_OPTIONS = {"num_cpus": 1, "max_retries": 1, "scheduling_strategy": "DEFAULT"}
+
+
 def _analyse_task(preset_name: str, payload: dict, dataset: str | None, data_dir: str | None,
                   mlflow_uri: str | None, run_id: str | None) -> dict:
     """Runs on a Ray worker: compare with the baselines, draw the pictures, log both to the run."""
@@ -270,7 +274,7 @@ def analyse_remotely(preset_name: str, payload_ref, dataset: str | None, data_di
 
     from blockdrop.analysis import Comparison
 
-    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=1)(_analyse_task)
+    task = ray.remote(_analyse_task).options(**_TASK_OPTIONS, num_gpus=1 if use_gpu else 0)
     result = ray.get(task.remote(preset_name, payload_ref, dataset, data_dir, mlflow_uri, run_id))
     return Comparison.from_json(result)
 
@@ -289,7 +293,7 @@ def curves_remotely(preset_name: str, payload_ref, dataset: str | None, data_dir
     """blockdrop.analysis.curves on a Ray worker; returns the ObjectRef of {name: [CurvePoint as dict]}."""
     import ray
 
-    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=1)(_curves_task)
+    task = ray.remote(_curves_task).options(**_TASK_OPTIONS, num_gpus=1 if use_gpu else 0)
     return task.remote(preset_name, payload_ref, dataset, data_dir)
 
 

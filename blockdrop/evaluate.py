@@ -157,8 +157,9 @@ def tally(backbone: FlatResNet, policy: PolicyNet | Chooser | None, loader: Iter
           records: bool = False) -> Tally:
     """The policy with sparse execution, and the full model, over `loader` (one shard or all).
 
-    `policy`: a policy network (its greedy decisions), a function from images to a 0/1 policy (an
-    image-blind baseline), or None (the full model). `decided` (a K-vector of 0/1) forces the other
+    `policy`: a policy network (its greedy decisions; FLOPs include the network), a function from
+    images to a 0/1 policy (an image-blind baseline: no policy network to pay for), or None (the full
+    model). `decided` (a K-vector of 0/1) forces the other
     blocks on, as during the curriculum stage. `records` keeps every image's outcome.
     """
     backbone.eval()
@@ -175,10 +176,13 @@ def tally(backbone: FlatResNet, policy: PolicyNet | Chooser | None, loader: Iter
             actions = torch.ones(len(images), backbone.num_blocks, device=device)
             logits, flops = full_logits, torch.full((len(images),), float(costs.full))
         else:
-            actions = greedy(policy(images)) if isinstance(policy, torch.nn.Module) else policy(images)
+            learned = isinstance(policy, torch.nn.Module)
+            actions = greedy(policy(images)) if learned else policy(images)
             if decided is not None:
                 actions = force_undecided(actions, decided.to(device))
-            logits, flops = run_sparse(backbone, images, actions), costs.per_image(actions)
+            # an image-blind policy runs no policy network: it does not pay for one
+            flops = costs.per_image(actions) - (0 if learned else costs.policy)
+            logits = run_sparse(backbone, images, actions)
         predictions = logits.argmax(1)
         result.add(predictions == labels, full_logits.argmax(1) == labels, actions, flops, labels, predictions)
     return result

@@ -130,6 +130,7 @@ def top_policies(records: Records, dataset, mean, std, path: Path, stages: Seque
         for k in np.flatnonzero(policy):
             colours[k] = plt.matplotlib.colors.to_rgba(f"C{stages[k]}")
         ax.imshow(colours[None], aspect="auto", interpolation="nearest")
+        ax.vlines(np.arange(num_blocks - 1) + 0.5, -0.5, 0.5, colors="white", linewidth=1)
         ax.set_xticks([])
         ax.set_yticks([])
         accuracy = 100 * records.correct[members].mean()

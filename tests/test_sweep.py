@@ -22,6 +22,7 @@ from blockdrop.stages import Models, make_optimizer, train_epoch
 from conftest import REPO
 
 PRESET = get_preset("R26_DIGITS")
+K = PRESET.num_blocks
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +112,20 @@ def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(tmp
     table = json.loads(Path(local).read_text())
     assert {row["run_id"] for row in table["front"]} == {rid for rid in points if not dominated(rid)}
     assert table["reference"]["flops"] == 6_802_688
+    # image-blind baselines: curves on the curriculum checkpoint's ResNet, each trial against them on its own
+    assert set(table["baselines_on_init"]) == {"firstk", "randomk", "distributek", "greedy"}
+    for curve in table["baselines_on_init"].values():
+        assert [p["keep"] for p in curve][0] == 0 and curve[-1]["keep"] == K
+    full_greedy = table["baselines_on_init"]["greedy"][-1]
+    assert full_greedy["accuracy"] == pytest.approx(table["reference"]["accuracy"])  # K blocks: the full model
+    for c in children:
+        m = c.data.metrics
+        best_static = max(m[f"baseline_{b}_accuracy"] for b in ("firstk", "randomk", "distributek", "greedy"))
+        assert m["gain_over_static"] == pytest.approx(m["final_test_accuracy"] - best_static)
+        pictures = {a.path for a in client.list_artifacts(c.info.run_id, "policy")}
+        assert {"policy/top_policies.png", "policy/blocks_per_class.png", "policy/baselines.json"} <= pictures
+    gains = [c.data.metrics["gain_over_static"] for c in children if not dominated(c.info.run_id)]
+    assert parent.data.metrics["front_gain_over_static"] == pytest.approx(sum(gains) / len(gains))
 
     import mlflow.pyfunc
     import numpy as np

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, mlflow_server  # noqa: F401  (fixture)
 
@@ -39,12 +41,16 @@ def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--penalty", "2"], "--penalty must be negative"),
+    (["--penalty", "2"], "--penalty must be a negative number"),
+    (["--penalty=-inf"], "--penalty must be a negative number"),
+    (["--curriculum-penalty", "0"], "--curriculum-penalty must be a negative number"),
+    (["--policy-lr", "0"], "--policy-lr must be positive"),
+    (["--curriculum-pace", "0"], "--curriculum-pace must be at least 1"),
     (["--lr", "0"], "--lr must be positive"),
     (["--num-workers", "0"], "--num-workers must be at least 1"),
     (["--preset", "R999"], "unknown preset 'R999'"),
     (["--stage", "curriculum"], "pass --init"),
-    (["--epochs", "3,3"], "--epochs takes one number"),
+    (["--epochs", "3,3"], "--epochs takes one number (>= 1) or one per stage run (3: pretrain, curriculum, finetune)"),
     (["--stage", "finetune", "--init", "missing.pt"], "missing.pt does not exist"),
     (["--dataset", "imagefolder", "--data-dir", "nowhere"], "imagefolder data not found"),
 ])
@@ -53,14 +59,77 @@ def test_invalid_input_is_refused_by_validation(tmp_path, monkeypatch, args, mes
     from blockdrop.job import build_parser, validate
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=re.escape(message)):
         validate(build_parser().parse_args(args))
+
+
+@pytest.mark.parametrize("stage, message", [
+    ("bogus", "unknown stage 'bogus'; use pretrain, adapt, curriculum, finetune or all"),
+    ("finetune,curriculum", "stages run in the order pretrain -> adapt -> curriculum -> finetune"),
+    ("adapt,adapt", "each once"),
+])
+def test_stage_lists_are_checked_by_the_parser(stage, message, capsys):
+    from blockdrop.job import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--stage", stage])
+    assert message in capsys.readouterr().err
+
+
+def test_stage_all_runs_what_follows_the_init_checkpoint(tmp_path):
+    """No --init: every stage (adapt only without stochastic depth); a ResNet: adapt onwards, or the
+    curriculum onwards when it was trained with stochastic depth; a policy: finetune."""
+    from blockdrop.checkpoints import save_checkpoint
+    from blockdrop.job import build_parser, plan_stages
+    from blockdrop.presets import get_preset
+
+    def plan(preset: str, *args: str) -> list[str]:
+        return plan_stages(get_preset(preset), build_parser().parse_args(["--preset", preset, *args]))
+
+    r32, digits = get_preset("R32_C10"), get_preset("R26_DIGITS")
+    assert plan("R32_C10") == ["pretrain", "adapt", "curriculum", "finetune"]
+    assert plan("R26_DIGITS") == ["pretrain", "curriculum", "finetune"]  # its pretrain uses stochastic depth
+    assert plan("R32_C10", "--drop-rate", "0.3") == ["pretrain", "curriculum", "finetune"]
+    standard = tmp_path / "resnet.pt"
+    torch.save({"state_dict": r32.build_backbone().state_dict()}, standard)  # torchvision-style file
+    assert plan("R32_C10", "--init", str(standard)) == ["adapt", "curriculum", "finetune"]
+    robust = tmp_path / "robust.pt"
+    save_checkpoint(robust, digits, digits.build_backbone(), meta={"stage": "pretrain", "config": {"drop_rate": 0.5}})
+    assert plan("R26_DIGITS", "--init", str(robust)) == ["curriculum", "finetune"]
+    with_policy = tmp_path / "curriculum.pt"
+    save_checkpoint(with_policy, digits, digits.build_backbone(), digits.build_policy(), {"stage": "curriculum"})
+    assert plan("R26_DIGITS", "--init", str(with_policy)) == ["finetune"]
+    assert plan("R26_DIGITS", "--init", str(with_policy), "--stage", "curriculum,finetune") == ["curriculum", "finetune"]
+
+
+def test_stages_on_other_data_last_a_fixed_number_of_steps(tmp_path):
+    """On an image folder the policy stages are sized in optimisation steps, whatever the folder's size;
+    flags still win."""
+    from blockdrop.job import build_parser, stage_settings
+    from blockdrop.presets import CURRICULUM_PACE, OTHER_DATA_STAGES, get_preset
+
+    r32 = get_preset("R32_C10")
+    stages = ["adapt", "curriculum", "finetune"]
+
+    def settings(stage: str, train_size: int, *args: str) -> dict:
+        parsed = build_parser().parse_args(["--preset", "R32_C10", "--dataset", "imagefolder", *args])
+        return stage_settings(r32, stage, parsed, stages, train_size)
+
+    small, large = settings("finetune", 1280), settings("finetune", 128_000)
+    assert small["epochs"] == OTHER_DATA_STAGES["finetune"].steps // 10 and large["epochs"] == 1
+    curriculum = settings("curriculum", 1280)
+    assert curriculum["pace"] == CURRICULUM_PACE and curriculum["gamma"] == -1.0 and curriculum["entropy"] == "original"
+    assert curriculum["epochs"] * 10 >= 2 * r32.num_blocks * CURRICULUM_PACE
+    assert settings("finetune", 1280, "--epochs", "7")["epochs"] == 7
+    assert settings("finetune", 1280)["policy_lr"] == 1e-4 and settings("finetune", 1280, "--policy-lr", "3e-4")["policy_lr"] == 3e-4
+    own = stage_settings(r32, "curriculum", build_parser().parse_args(["--preset", "R32_C10"]), stages, 50_000)
+    assert own["epochs"] == 5000 and own["pace"] == 0  # the paper's schedule on CIFAR itself
 
 
 def test_cli_exits_2_with_the_message_before_any_work(tmp_path):
     proc = train_job(tmp_path, "--penalty", "2", timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert "--penalty must be negative" in proc.stderr and "Traceback" not in proc.stderr
+    assert "--penalty must be a negative number" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
 
 
@@ -81,7 +150,7 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("blockdrop.job") == "e2e")
     children = {r.data.params["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"pretrain", "curriculum", "finetune"} and len(runs) == 4
+    assert set(children) == {"pretrain", "curriculum", "finetune"} and len(runs) == 4  # pretrained with SD: no adapt
     for stage, epochs in (("pretrain", 12), ("curriculum", 15), ("finetune", 5)):
         steps = [s for s, _ in history(client, children[stage].info.run_id, "test_accuracy")]
         assert sorted(set(steps)) == list(range(epochs)), stage
@@ -93,6 +162,12 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     assert final["final_speedup"] > 1.2
     for key in ("test_accuracy", "blocks_used", "flops_per_image", "speedup", "unique_policies"):
         assert key in children["finetune"].data.metrics
+    # after finetuning: the policy against image-blind baselines at equal FLOPs, and its pictures
+    assert "At the learned policy's FLOPs" in proc.stdout and "greedy static" in proc.stdout
+    assert "gain_over_static" in final and "baseline_greedy_accuracy" in final
+    pictures = {a.path for a in client.list_artifacts(parent.info.run_id, "policy")}
+    assert pictures == {f"policy/{name}" for name in ("block_usage.png", "blocks_histogram.png", "blocks_per_class.png",
+                                                      "top_policies.png", "fewest_most_blocks.png", "baselines.json")}
 
     import mlflow.pyfunc
     import numpy as np
