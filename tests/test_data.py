@@ -1,6 +1,7 @@
 """Datasets load from their real on-disk formats; missing or mismatched data is a clear error."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -9,7 +10,7 @@ from blockdrop.data import load_dataset
 from blockdrop.errors import UserError
 from blockdrop.presets import get_preset
 
-from conftest import write_cifar
+from conftest import run_module, write_cifar
 
 
 @pytest.mark.parametrize("name, preset", [("cifar10", "R110_C10"), ("cifar100", "R32_C100")])
@@ -152,3 +153,31 @@ def test_failed_download_says_how_to_provide_the_data(tmp_path, cifar_archive_se
     monkeypatch.setattr(cifar_archive_server, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     with pytest.raises(UserError, match="could not be downloaded.*copy cifar-10-python.tar.gz"):
         load_dataset(get_preset("R32_C10"), "test", "cifar10", tmp_path / "fresh")
+
+
+@pytest.mark.parametrize("name", ["digits", "shapes"])
+def test_sample_folders_are_written_as_train_and_test_class_folders(tmp_path, name):
+    """The offline sample sets load as an image folder of 32x32 RGB images, 10 classes, 80/20."""
+    proc = run_module("blockdrop.sample_data", name, str(tmp_path / name))
+    assert proc.returncode == 0, proc.stderr
+    preset = get_preset("R32_C10")
+    train = load_dataset(preset, "train", "imagefolder", tmp_path / name)
+    test = load_dataset(preset, "test", "imagefolder", tmp_path / name)
+    assert len(train.classes) == len(test.classes) == 10
+    assert abs(len(test) / (len(train) + len(test)) - 0.2) < 0.01 and len(train) + len(test) >= 1797
+    with Image.open(test.samples[0][0]) as image:
+        assert image.size == (32, 32) and image.mode == "RGB"
+    again = run_module("blockdrop.sample_data", name, str(tmp_path / name))
+    assert again.returncode == 2 and "is not empty" in again.stderr
+
+
+def test_shapes_get_harder_with_difficulty():
+    """Hard shapes are noisier than easy ones, and the pixels of an easy shape stand out far more from the
+    background's (the top 5% of an easy image's brightness is far above its median)."""
+    from blockdrop.sample_data import shapes_images
+
+    easy, _ = shapes_images(32, per_class=10, difficulty_power=8)  # difficulty near 0
+    hard, _ = shapes_images(32, per_class=10, difficulty_power=0.1)  # difficulty near 1
+    spread = lambda images: float(np.mean([np.percentile(i, 95) - np.median(i) for i in images.mean(3)]))
+    noise = lambda images: float(np.mean(np.abs(np.diff(images.astype(float), axis=2))))
+    assert spread(easy) > spread(hard) and noise(hard) > noise(easy)
