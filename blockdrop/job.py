@@ -318,9 +318,13 @@ def run(args: argparse.Namespace) -> None:
         if plan[-1][0] == "finetune" and not args.no_analysis:
             print("== analysis: the policy against image-blind baselines at equal FLOPs, policy pictures",
                   file=sys.stderr)
-            comparison = analyse_remotely(preset.name, ray.put(init_payload(preset, init_path)), args.dataset,
-                                          str(Path(args.data_dir).resolve()) if args.data_dir else None,
-                                          uri, run_id, args.gpu)
+            try:
+                comparison = analyse_remotely(preset.name, ray.put(init_payload(preset, init_path)), args.dataset,
+                                              str(Path(args.data_dir).resolve()) if args.data_dir else None,
+                                              uri, run_id, args.gpu)
+            except ray.exceptions.RayError as err:  # the model is trained and saved: report, go on
+                print(f"warning: the analysis failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                      f"run it again with python -m blockdrop.evaluate --compare --report-dir", file=sys.stderr)
         ok = True
     finally:
         if not ok:
