@@ -452,11 +452,11 @@ def shared(tmp_path_factory) -> Path:
 def test_a_bad_flag_ends_failed_with_the_message_in_the_logs(cluster, tmp_path):
     proc = cluster.submit(tmp_path, "python", "train_job.py", "--penalty", "2", timeout=300)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "--penalty must be negative" in proc.stdout  # the job's own output, followed from its logs
+    assert "--penalty must be a negative number" in proc.stdout  # the job's own output, followed from its logs
     failed = re.search(r"job (raysubmit_\w+) FAILED: Job entrypoint command failed with exit code 2$", proc.stderr, re.M)
     assert failed, proc.stderr
     again = cluster.cli("--logs", failed.group(1), timeout=120)
-    assert again.returncode == 1 and "--penalty must be negative" in again.stdout  # a finished job's logs, again
+    assert again.returncode == 1 and "--penalty must be a negative number" in again.stdout  # a finished job's logs, again
     unknown = cluster.cli("--logs", "raysubmit_nothing", timeout=120)
     assert unknown.returncode == 2 and "has no job raysubmit_nothing" in unknown.stderr
     wrong = cluster.submit(tmp_path, "python", "train_job.py", env={**cluster.env, "RAY_AUTH_TOKEN": "0" * 8},
