@@ -1,7 +1,7 @@
 """BlockDrop on a standard pretrained ResNet, as a user with their own small dataset runs it.
 
     scripts/with-venv python benchmarks/standard_backbone.py [--data digits|shapes] [--workdir DIR]
-        [--penalty -2] [--output benchmarks/results/standard_backbone_digits.md]
+        [--penalty -1] [--output benchmarks/results/standard_backbone_digits.md]
 
 1. writes a small 32x32 RGB image folder (`python -m blockdrop.sample_data`): scikit-learn's digits
    upsampled, or the synthetic shapes of graded difficulty;
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--data", choices=("digits", "shapes"), default="digits")
     parser.add_argument("--workdir", help="where data, checkpoints and mlflow.db go (default ./standard-backbone-DATA)")
     parser.add_argument("--pretrain-epochs", type=int, default=30, help="the standard ResNet's epochs (default 30)")
-    parser.add_argument("--penalty", default="-2", help="finetuning gamma (default -2)")
+    parser.add_argument("--penalty", default="-1", help="finetuning gamma (default -1)")
     parser.add_argument("--output", help="results file (default benchmarks/results/standard_backbone_DATA.md)")
     args = parser.parse_args()
     workdir = Path(args.workdir or f"standard-backbone-{args.data}").resolve()

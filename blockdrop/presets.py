@@ -67,7 +67,7 @@ CURRICULUM_PACE = 13
 OTHER_DATA_STAGES = {
     "adapt": StageDefaults(0, 128, 0.02, 5e-4, drop_rate=0.5, steps=120),
     "curriculum": StageDefaults(0, 128, 1e-3),  # 2 x K x CURRICULUM_PACE steps
-    "finetune": StageDefaults(0, 128, 1e-3, policy_lr=1e-4, steps=360),
+    "finetune": StageDefaults(0, 128, 1e-3, policy_lr=3e-4, steps=360),
 }
 
 

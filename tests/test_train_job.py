@@ -121,7 +121,7 @@ def test_stages_on_other_data_last_a_fixed_number_of_steps(tmp_path):
     assert curriculum["pace"] == CURRICULUM_PACE and curriculum["gamma"] == -1.0 and curriculum["entropy"] == "original"
     assert curriculum["epochs"] * 10 >= 2 * r32.num_blocks * CURRICULUM_PACE
     assert settings("finetune", 1280, "--epochs", "7")["epochs"] == 7
-    assert settings("finetune", 1280)["policy_lr"] == 1e-4 and settings("finetune", 1280, "--policy-lr", "3e-4")["policy_lr"] == 3e-4
+    assert settings("finetune", 1280)["policy_lr"] == 3e-4 and settings("finetune", 1280, "--policy-lr", "1e-4")["policy_lr"] == 1e-4
     own = stage_settings(r32, "curriculum", build_parser().parse_args(["--preset", "R32_C10"]), stages, 50_000)
     assert own["epochs"] == 5000 and own["pace"] == 0  # the paper's schedule on CIFAR itself
 
