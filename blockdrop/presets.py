@@ -55,7 +55,7 @@ DIGITS_STAGES = {
     "pretrain": StageDefaults(30, 64, 0.1, 5e-4, drop_rate=0.5),
     "adapt": StageDefaults(10, 64, 0.02, 5e-4, drop_rate=0.5),
     "curriculum": StageDefaults(30, 128, 1e-3),
-    "finetune": StageDefaults(15, 64, 1e-3, policy_lr=1e-4),
+    "finetune": StageDefaults(15, 64, 1e-3, policy_lr=3e-4),
 }
 # On other data than the preset's own (an image folder of any size) the BlockDrop stages last a
 # fixed number of optimisation steps (converted to epochs from the dataset's size) instead of the
