@@ -1,0 +1,108 @@
+"""The Ray Serve deployment: HTTP in, dynamic batches, per-image sparse execution, the front behind one URL.
+
+One deployment holds every served model (a sweep's front: a handful of small models of one preset),
+rather than one deployment per model or Serve's model multiplexing: any replica can answer any
+request without a second hop, the budget / alias routing is a lookup in the replica, and requests
+for different models still share `@serve.batch` batches (grouped per model inside the batch).
+Multiplexing pays off for many large models that do not fit one replica, which a front is not.
+"""
+
+import asyncio
+from collections import defaultdict
+from dataclasses import asdict
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import metrics
+
+from blockdrop.serving import Engine, ModelSource, RequestError, parse_images, routing
+
+api = FastAPI(title="BlockDrop", description="Per-image block dropping: POST /predict, GET /metadata, GET /healthz")
+
+
+@serve.deployment(name="BlockDrop")
+@serve.ingress(api)
+class BlockDropServer:
+    def __init__(self, sources: list[dict], preset: str | None = None, device: str = "cpu",
+                 max_batch_size: int = 32, batch_wait_ms: float = 5.0, max_images: int = 64,
+                 max_bytes: int = 8 << 20):
+        torch.set_grad_enabled(False)
+        self.engine = Engine([ModelSource(**s) for s in sources], preset, device)
+        self.max_images, self.max_bytes = max_images, max_bytes
+        self.infer.set_max_batch_size(max_batch_size)
+        self.infer.set_batch_wait_timeout_s(batch_wait_ms / 1000.0)
+        blocks = self.engine.preset.num_blocks
+        self.requests = metrics.Counter("blockdrop_requests", "requests answered, by model", tag_keys=("model",))
+        self.blocks = metrics.Histogram("blockdrop_blocks_used", "blocks run per image",
+                                        boundaries=[b + 0.5 for b in range(blocks)], tag_keys=("model",))
+        self.saved = metrics.Counter("blockdrop_flops_saved", "FLOPs not spent against the full model", tag_keys=("model",))
+        self.batch_sizes = metrics.Histogram("blockdrop_batch_size", "images per model call",
+                                             boundaries=[1.5, 2.5, 4.5, 8.5, 16.5, 32.5, 64.5])
+        self.largest_batch = 0
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def infer(self, items: list[tuple[str, torch.Tensor]]) -> list[dict]:
+        """One dynamic batch: images of every request that arrived together, grouped per model."""
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, (label, _) in enumerate(items):
+            groups[label].append(i)
+        answers: list[dict | None] = [None] * len(items)
+        for label, idx in groups.items():
+            batch = torch.stack([items[i][1] for i in idx])
+            self.batch_sizes.observe(len(idx))
+            self.largest_batch = max(self.largest_batch, len(idx))
+            for i, answer in zip(idx, self.engine.predict(label, batch)):
+                answers[i] = answer
+                self.blocks.observe(answer["blocks_used"], tags={"model": label})
+                self.saved.inc(answer["full_flops"] - answer["flops"], tags={"model": label})
+        return answers
+
+    @api.post("/predict")
+    async def predict(self, request: Request):
+        try:
+            body = await self.read_body(request)
+            images, fields = parse_images(body, request.headers.get("content-type", ""), self.max_images)
+            model, budget = routing({**dict(request.query_params), **fields})
+            label = self.engine.choose(model, budget)
+            tensors = [self.engine.decode(data) for data in images]
+        except RequestError as err:
+            return JSONResponse({"error": str(err)}, status_code=err.status)
+        answers = await asyncio.gather(*(self.infer((label, t)) for t in tensors))
+        self.requests.inc(tags={"model": label})
+        return {"predictions": answers}
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body, or a 413 once it passes the limit; the rest is read and dropped (not kept in memory)
+        so that the client, still sending, gets the answer rather than a reset connection."""
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= self.max_bytes:
+                chunks.append(chunk)
+        if size > self.max_bytes:
+            raise RequestError(f"body of {size} bytes; the limit is {self.max_bytes} (--max-body-mb)", 413)
+        return b"".join(chunks)
+
+    @api.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok", "models": len(self.engine.models)}
+
+    @api.get("/metadata")
+    async def metadata(self):
+        return {**self.engine.metadata(), "largest_batch_seen": self.largest_batch}
+
+
+def build(sources: list[ModelSource], preset: str | None, device: str, max_batch_size: int, batch_wait_ms: float,
+          max_images: int, max_bytes: int, replicas: int | None = None, autoscale: tuple[int, int] | None = None):
+    """The application to `serve.run`."""
+    options: dict = {"ray_actor_options": {"num_gpus": 1 if device == "cuda" else 0, "num_cpus": 1}}
+    if autoscale:
+        options["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
+                                         "target_ongoing_requests": 2 * max_batch_size}
+    else:
+        options["num_replicas"] = replicas or 1
+    options["max_ongoing_requests"] = 4 * max_batch_size
+    return BlockDropServer.options(**options).bind(
+        [asdict(s) for s in sources], preset, device, max_batch_size, batch_wait_ms, max_images, max_bytes)

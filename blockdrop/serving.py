@@ -1,0 +1,308 @@
+"""Serving BlockDrop: models from MLflow or files, per-image sparse execution, the front behind one endpoint.
+
+`resolve` turns model URIs into local checkpoints plus the figures MLflow recorded with them, before
+anything is deployed; `Engine` is the model side (decode, choose a model, predict), plain PyTorch so
+that it is tested without a server; `BlockDropServer` is the Ray Serve deployment around it.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from blockdrop.errors import UserError
+
+DEFAULT_MODEL = "blockdrop-R26_DIGITS"  # what the Quickstart's sweep registers
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@dataclass
+class ModelSource:
+    """One model to serve: a local checkpoint and the figures recorded with it."""
+
+    label: str  # what a request names it by: the version, or the file's stem
+    name: str
+    version: str | None
+    checkpoint: str
+    aliases: list[str] = field(default_factory=list)
+    run_id: str | None = None
+    accuracy: float | None = None
+    flops: float | None = None
+    speedup: float | None = None
+    full: bool = False  # run every block, no policy network: the full model, for comparisons
+
+
+class RequestError(Exception):
+    """A request the server refuses; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------- resolving URIs
+
+def _checkpoint_of_run(client, run_id: str, uri: str) -> str:
+    """The run's checkpoint artifact, downloaded (the weights only: no pickled model code is read)."""
+    import mlflow
+
+    names = [f.path for f in client.list_artifacts(run_id, "checkpoint") if f.path.endswith((".pt", ".t7", ".pth"))]
+    if not names:
+        raise UserError(f"{uri}: run {run_id} has no checkpoint artifact (checkpoint/*.pt); is it a BlockDrop run?")
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=names[0], tracking_uri=client.tracking_uri)
+
+
+def _recorded(client, run_id: str) -> dict[str, float | None]:
+    metrics = client.get_run(run_id).data.metrics
+    return {"accuracy": metrics.get("final_test_accuracy"), "flops": metrics.get("final_flops_per_image"),
+            "speedup": metrics.get("final_speedup")}
+
+
+def _aliases(client, name: str, version: str) -> list[str]:
+    """The registered model's aliases that point at `version` (a version found by search lacks them)."""
+    aliases = client.get_registered_model(name).aliases or {}
+    if isinstance(aliases, dict):
+        return sorted(alias for alias, v in aliases.items() if str(v) == str(version))
+    return sorted(a.alias for a in aliases if str(a.version) == str(version))
+
+
+def _from_version(client, mv, uri: str) -> ModelSource:
+    aliases = _aliases(client, mv.name, mv.version)
+    if not mv.run_id:
+        raise UserError(f"{uri}: version {mv.version} of {mv.name} has no run; not a BlockDrop model")
+    return ModelSource(label=str(mv.version), name=mv.name, version=str(mv.version), aliases=aliases,
+                       run_id=mv.run_id, checkpoint=_checkpoint_of_run(client, mv.run_id, uri),
+                       **_recorded(client, mv.run_id))
+
+
+def _from_models_uri(client, uri: str) -> list[ModelSource]:
+    from mlflow.exceptions import MlflowException
+
+    rest = uri[len("models:/"):]
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return [_from_version(client, client.get_model_version_by_alias(name, alias), uri)]
+        if "/" in rest:
+            name, version = rest.split("/", 1)
+            return [_from_version(client, client.get_model_version(name, version), uri)]
+        versions = client.search_model_versions(f"name = '{rest}'")
+    except MlflowException as err:
+        raise UserError(f"{uri}: not found in the MLflow registry ({err.message.splitlines()[0]})") from None
+    if not versions:
+        raise UserError(f"{uri}: no registered model called {rest!r} (or it has no versions)")
+    return [_from_version(client, mv, uri) for mv in sorted(versions, key=lambda v: int(v.version))]
+
+
+def _from_runs_uri(client, uri: str) -> ModelSource:
+    from mlflow.exceptions import MlflowException
+
+    match = re.fullmatch(r"runs:/([0-9a-f]+)(/.*)?", uri)
+    if not match:
+        raise UserError(f"{uri}: expected runs:/RUN_ID[/PATH]")
+    run_id = match.group(1)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"{uri}: no such run in the MLflow store") from None
+    return ModelSource(label=run.info.run_name or run_id[:8], name=run.info.run_name or run_id, version=None,
+                       run_id=run_id, checkpoint=_checkpoint_of_run(client, run_id, uri), **_recorded(client, run_id))
+
+
+def _from_file(path: str) -> ModelSource:
+    from blockdrop.checkpoints import read_checkpoint
+
+    ckpt = read_checkpoint(path)  # a missing or unreadable file is a UserError
+    metrics = ckpt.meta.get("metrics", {}) if isinstance(ckpt.meta, dict) else {}
+    return ModelSource(label=Path(path).stem, name=Path(path).stem, version=None, checkpoint=str(path),
+                       accuracy=metrics.get("test_accuracy"), flops=metrics.get("flops_per_image"),
+                       speedup=metrics.get("speedup"))
+
+
+def resolve(uris: list[str], tracking_uri: str) -> list[ModelSource]:
+    """Every model the URIs name, each with a local checkpoint; a UserError for any that is wrong."""
+    sources: list[ModelSource] = []
+    client = None
+    for uri in uris:
+        if uri.startswith(("models:/", "runs:/")):
+            if client is None:
+                from mlflow.tracking import MlflowClient
+
+                client = MlflowClient(tracking_uri)
+            sources += _from_models_uri(client, uri) if uri.startswith("models:/") else [_from_runs_uri(client, uri)]
+        elif "://" in uri or uri.startswith(("models:", "runs:")):
+            raise UserError(f"{uri}: unknown model URI; use models:/NAME[@ALIAS|/VERSION], runs:/RUN_ID or a file")
+        else:
+            sources.append(_from_file(uri))
+    labels = [s.label for s in sources]
+    for i, s in enumerate(sources):  # two files with the same stem, two runs with the same name
+        if labels.count(s.label) > 1:
+            s.label = f"{s.label}-{i + 1}"
+    return sources
+
+
+# ---------------------------------------------------------------- the model side
+
+def class_labels(preset) -> list[str]:
+    if preset.dataset == "digits":
+        return [str(d) for d in range(10)]
+    if preset.dataset == "cifar10":
+        return list(CIFAR10_CLASSES)
+    return [str(i) for i in range(preset.num_classes)]
+
+
+def eval_transform(preset):
+    """The preset's evaluation transform for a decoded image: what `blockdrop.evaluate` applies to an
+    image folder (grey or RGB as the preset wants, resize / crop, to tensor, normalise)."""
+    from blockdrop.data import _folder_transform
+
+    return _folder_transform(preset, augment=False, imagenet=preset.dataset == "imagenet")
+
+
+@dataclass
+class Served:
+    source: ModelSource
+    backbone: torch.nn.Module
+    policy: torch.nn.Module | None
+
+
+class Engine:
+    """The served models of one preset; decodes images, picks a model per request, predicts per image."""
+
+    def __init__(self, sources: list[ModelSource], preset_name: str | None = None, device: str = "cpu"):
+        from blockdrop.checkpoints import load_models, read_checkpoint
+        from blockdrop.flops import cost_model
+        from blockdrop.presets import get_preset
+
+        if not sources:
+            raise UserError("no model to serve")
+        names = {read_checkpoint(s.checkpoint).preset or preset_name for s in sources}
+        if None in names:
+            raise UserError(f"{sources[0].checkpoint} does not say its preset: pass --preset")
+        if len(names) > 1:
+            raise UserError(f"the models are for different presets ({', '.join(sorted(names))}); serve one preset at a time")
+        self.preset = get_preset(names.pop())
+        self.device = torch.device(device)
+        self.costs = cost_model(self.preset)
+        self.transform = eval_transform(self.preset)
+        self.classes = class_labels(self.preset)
+        self.models: dict[str, Served] = {}
+        for s in sources:
+            backbone, policy, _ = load_models(self.preset, s.checkpoint)
+            if policy is None:
+                raise UserError(f"{s.checkpoint} holds a ResNet but no policy network: not a BlockDrop model")
+            self.models[s.label] = Served(s, backbone.eval().to(self.device), policy.eval().to(self.device))
+        # A request names a model by its label (the version) or any of its aliases.
+        self.names = {alias: label for label, m in self.models.items() for alias in m.source.aliases}
+        self.names.update({label: label for label in self.models})
+
+    # -- requests
+    def decode(self, data: bytes) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image = image.convert("L" if self.preset.in_channels == 1 else "RGB")
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            raise RequestError("not an image (PNG, JPEG or another format Pillow reads)") from None
+        return self.transform(image)
+
+    def choose(self, model: str | None = None, max_flops: float | None = None) -> str:
+        """The label of the model that answers: named, else the most accurate within the budget."""
+        if model is not None:
+            if model not in self.names:
+                raise RequestError(f"unknown model {model!r}; served: {', '.join(sorted(self.names))}", 404)
+            return self.names[model]
+
+        def recorded_flops(m: Served) -> float:
+            return m.source.flops if m.source.flops is not None else float(self.costs.full)
+
+        candidates = list(self.models.values())
+        if max_flops is not None:
+            candidates = [m for m in candidates if recorded_flops(m) <= max_flops]
+            if not candidates:
+                cheapest = min(recorded_flops(m) for m in self.models.values())
+                raise RequestError(f"no served model fits max_flops={max_flops:.3E}; the cheapest needs {cheapest:.3E}", 422)
+        best = max(candidates, key=lambda m: (m.source.accuracy or 0.0, -recorded_flops(m)))
+        return best.source.label
+
+    @torch.inference_mode()
+    def predict(self, label: str, images: torch.Tensor) -> list[dict]:
+        """Each image's answer; its blocks are chosen by its own policy and only those are run."""
+        from blockdrop.execution import run_sparse
+        from blockdrop.reinforce import greedy
+
+        served = self.models[label]
+        images = images.to(self.device)
+        if served.source.full:
+            actions = torch.ones(len(images), self.preset.num_blocks, device=self.device)
+            logits, flops = served.backbone(images), torch.full((len(images),), float(self.costs.full))
+        else:
+            actions = greedy(served.policy(images))
+            logits, flops = run_sparse(served.backbone, images, actions), self.costs.per_image(actions)
+        confidence, classes = torch.softmax(logits, dim=1).max(1)
+        return [{
+            "class": int(c), "label": self.classes[int(c)] if int(c) < len(self.classes) else str(int(c)),
+            "probability": float(p), "policy": "".join(str(int(v)) for v in a.tolist()),
+            "blocks_used": int(a.sum()), "flops": float(f), "full_flops": float(self.costs.full),
+            "model": {"name": served.source.name, "version": served.source.version, "label": label},
+        } for c, p, a, f in zip(classes.tolist(), confidence.tolist(), actions.cpu(), flops.cpu().tolist())]
+
+    def metadata(self) -> dict:
+        return {
+            "preset": self.preset.name, "classes": self.classes, "num_blocks": self.preset.num_blocks,
+            "full_flops": float(self.costs.full), "default_model": self.choose(),
+            "models": [{**{k: v for k, v in asdict(m.source).items() if k != "checkpoint"}}
+                       for m in self.models.values()],
+        }
+
+
+def parse_images(body: bytes, content_type: str, max_images: int) -> tuple[list[bytes], dict]:
+    """The raw images of a request body and any routing fields in it (JSON: model, max_flops)."""
+    if not body:
+        raise RequestError("empty body: send an image (Content-Type: image/png or image/jpeg) or JSON {\"images\": [...]}")
+    kind = content_type.split(";")[0].strip().lower()
+    if kind.startswith("image/") or kind == "application/octet-stream":
+        return [body], {}
+    if kind != "application/json":
+        raise RequestError(f"unsupported Content-Type {content_type or '(none)'!r}: use image/png, image/jpeg "
+                           "or application/json", 415)
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RequestError("body is not valid JSON") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("images"), list) or not payload["images"]:
+        raise RequestError('expected JSON {"images": ["<base64>", ...]} with at least one image')
+    if len(payload["images"]) > max_images:
+        raise RequestError(f"{len(payload['images'])} images in one request; the limit is {max_images}", 413)
+    images = []
+    for i, item in enumerate(payload["images"]):
+        if not isinstance(item, str):
+            raise RequestError(f"images[{i}] is not a base64 string")
+        try:
+            images.append(base64.b64decode(item, validate=True))
+        except (binascii.Error, ValueError):
+            raise RequestError(f"images[{i}] is not valid base64") from None
+    fields = {k: payload[k] for k in ("model", "max_flops") if k in payload}
+    return images, fields
+
+
+def routing(fields: dict) -> tuple[str | None, float | None]:
+    model, budget = fields.get("model"), fields.get("max_flops")
+    if model is not None and not isinstance(model, str):
+        model = str(model)
+    if budget is not None:
+        try:
+            budget = float(budget)
+        except (TypeError, ValueError):
+            raise RequestError(f"max_flops must be a number, not {budget!r}") from None
+        if not math.isfinite(budget) or budget <= 0:
+            raise RequestError(f"max_flops must be a positive number, not {budget}")
+    return model, budget

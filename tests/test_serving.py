@@ -1,0 +1,269 @@
+"""serve_policy.py end to end: a real MLflow server holds a registered front, a real Ray Serve serves it,
+requests are real HTTP. Answers are checked against blockdrop.evaluate's on the same image files."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, _free_port
+
+PRESET = "R26_DIGITS"
+MODEL = "serve-test-front"
+
+
+def decisive_models(seed: int, bias: float):
+    """A ResNet and a policy whose block probabilities sit far from the 0.5 threshold, so that an image's
+    policy does not depend on float noise (batch composition), yet differs from image to image."""
+    from blockdrop.presets import get_preset
+
+    preset = get_preset(PRESET)
+    torch.manual_seed(seed)
+    backbone, policy = preset.build_backbone().eval(), preset.build_policy().eval()
+    with torch.no_grad():
+        policy.logit.weight.mul_(60.0)
+        policy.logit.bias.fill_(bias)
+    return preset, backbone, policy
+
+
+def write_digit_pngs(root: Path, per_class: int = 3) -> list[Path]:
+    """The first test digits of each class as 8x8 grey PNG files in class folders (root/test/<d>/)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    files = []
+    for digit in range(10):
+        folder = root / "test" / str(digit)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, index in enumerate(np.flatnonzero(bunch.target == digit)[:per_class]):
+            path = folder / f"{i}.png"
+            Image.fromarray((bunch.images[index] * 255 / 16).round().astype(np.uint8)).save(path)
+            files.append(path)
+    return sorted(files)
+
+
+@pytest.fixture(scope="module")
+def front(mlflow_server, tmp_path_factory):
+    """Two models logged like train_job.py's (checkpoint + pyfunc model + final metrics) and registered
+    as one model with the sweep's aliases: version 1 the most accurate, version 2 the fastest."""
+    from blockdrop.checkpoints import save_checkpoint
+    from blockdrop.tracking import Tracker
+
+    root = tmp_path_factory.mktemp("serving")
+    tracker = Tracker(mlflow_server, "serving-tests")
+    client = tracker.client
+    client.create_registered_model(MODEL)
+    figures = [(0.9, 4.5e6, 1.5, 0.0), (0.8, 2.5e6, 2.7, -1.0)]
+    checkpoints = []
+    for i, (accuracy, flops, speedup, bias) in enumerate(figures):
+        preset, backbone, policy = decisive_models(seed=i, bias=bias)
+        checkpoint = root / f"model{i + 1}.pt"
+        save_checkpoint(checkpoint, preset, backbone, policy, {"stage": "finetune"})
+        run_id, _ = tracker.job_run(f"serve-test-{i + 1}", f"serve-test-{i + 1}", {"preset": PRESET})
+        for key, value in [("final_test_accuracy", accuracy), ("final_flops_per_image", flops), ("final_speedup", speedup)]:
+            client.log_metric(run_id, key, value)
+        model_uri = tracker.log_model(run_id, checkpoint, "report", np.zeros((1, 1, 8, 8), dtype=np.float32))
+        client.create_model_version(MODEL, source=model_uri, run_id=run_id, model_id=model_uri.split("/")[-1])
+        checkpoints.append(checkpoint)
+    client.set_registered_model_alias(MODEL, "most_accurate", "1")
+    client.set_registered_model_alias(MODEL, "fastest", "2")
+    return {"root": root, "checkpoints": checkpoints, "images": write_digit_pngs(root), "uri": mlflow_server}
+
+
+def serve_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(REPO / "serve_policy.py"), *args]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    return {**env, "PYTHONPATH": str(REPO), **extra}
+
+
+def http(method: str, url: str, body: bytes | None = None, content_type: str | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, method=method)
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(front):
+    """serve_policy.py in the foreground on a free port, serving the whole registered front; stopped with
+    Ctrl-C (SIGINT) at the end whatever happened, then killed if it lingers."""
+    port = _free_port()
+    log = open(front["root"] / "serve.log", "w")
+    proc = subprocess.Popen(serve_cmd("--model-uri", f"models:/{MODEL}", "--port", str(port), "--mlflow-uri",
+                                      front["uri"], "--max-batch-size", "16", "--batch-wait-ms", "20"),
+                            cwd=front["root"], env=clean_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                if http("GET", f"{url}/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("serve_policy.py did not come up:\n" + (front["root"] / "serve.log").read_text()[-3000:])
+            time.sleep(1)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=60)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def library_answers(front, version: int):
+    """What blockdrop.evaluate computes for the same files: predictions and policies per image."""
+    from torch.utils.data import DataLoader
+
+    from blockdrop.checkpoints import load_models
+    from blockdrop.data import load_dataset
+    from blockdrop.evaluate import tally
+    from blockdrop.flops import cost_model
+    from blockdrop.presets import get_preset
+
+    preset = get_preset(PRESET)
+    backbone, policy, _ = load_models(preset, front["checkpoints"][version - 1])
+    dataset = load_dataset(preset, "test", "imagefolder", front["root"])
+    records = tally(backbone, policy, DataLoader(dataset, batch_size=7), cost_model(preset), torch.device("cpu"),
+                    records=True).records()
+    files = [Path(path) for path, _ in dataset.samples]
+    return {f: (int(p), "".join("1" if b else "0" for b in bits)) for f, p, bits in
+            zip(files, records.predictions, records.policies)}
+
+
+def as_json(paths: list[Path], **fields) -> bytes:
+    return json.dumps({"images": [base64.b64encode(p.read_bytes()).decode() for p in paths], **fields}).encode()
+
+
+def test_answers_and_policies_equal_evaluate_single_and_batched(front, server):
+    expected = library_answers(front, version=1)  # the default: the most accurate
+    images = front["images"]
+    status, body = http("POST", f"{server}/predict", as_json(images), "application/json")
+    assert status == 200, body
+    answers = body["predictions"]
+    assert len(answers) == len(images)
+    for path, answer in zip(images, answers):
+        assert (answer["class"], answer["policy"]) == expected[path], path
+        assert answer["blocks_used"] == answer["policy"].count("1") and answer["label"] == str(answer["class"])
+        assert answer["flops"] < answer["full_flops"] and answer["model"]["version"] == "1"
+    assert len({a["policy"] for a in answers}) > 1  # per image, not one policy for all
+    status, single = http("POST", f"{server}/predict", images[4].read_bytes(), "image/png")
+    assert status == 200 and (single["predictions"][0]["class"], single["predictions"][0]["policy"]) == expected[images[4]]
+
+
+def test_routing_by_alias_version_and_budget(front, server):
+    expected = library_answers(front, version=2)
+    image = front["images"][0]
+    for query, version in [("", "1"), ("?model=fastest", "2"), ("?model=2", "2"), ("?model=most_accurate", "1"),
+                           ("?max_flops=3e6", "2"), ("?max_flops=5e6", "1")]:
+        status, body = http("POST", f"{server}/predict{query}", image.read_bytes(), "image/png")
+        assert status == 200 and body["predictions"][0]["model"]["version"] == version, (query, body)
+    status, body = http("POST", f"{server}/predict", as_json([image], model="fastest"), "application/json")
+    assert (body["predictions"][0]["class"], body["predictions"][0]["policy"]) == expected[image]
+    status, body = http("POST", f"{server}/predict?max_flops=1e6", image.read_bytes(), "image/png")
+    assert status == 422 and "cheapest needs 2.500E+06" in body["error"]
+    status, meta = http("GET", f"{server}/metadata")
+    assert status == 200 and meta["preset"] == PRESET and meta["num_blocks"] == 12 and meta["default_model"] == "1"
+    by_version = {m["version"]: m for m in meta["models"]}
+    assert by_version["1"]["accuracy"] == 0.9 and by_version["2"]["flops"] == 2.5e6
+    assert set(by_version["2"]["aliases"]) == {"fastest"} and "checkpoint" not in by_version["1"]
+
+
+@pytest.mark.parametrize("body, content_type, query, status, message", [
+    (b"not an image at all", "image/png", "", 400, "not an image"),
+    (b"", "image/png", "", 400, "empty body"),
+    (b'{"images": ["@@@"]}', "application/json", "", 400, "not valid base64"),
+    (b'{"images": "abc"}', "application/json", "", 400, "expected JSON"),
+    (b"{nope", "application/json", "", 400, "not valid JSON"),
+    (b"x", "text/plain", "", 415, "unsupported Content-Type"),
+    (None, "image/png", "?model=nope", 404, "unknown model"),
+    (None, "image/png", "?max_flops=abc", 400, "max_flops must be a number"),
+    (b'{"images": ["aGk="]}', "application/json", "", 400, "not an image"),
+])
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(front, server, body, content_type, query, status, message):
+    image = front["images"][0].read_bytes()
+    got, answer = http("POST", f"{server}/predict{query}", image if body is None else body, content_type)
+    assert got == status and message in answer["error"], answer
+    assert http("POST", f"{server}/predict", image, "image/png")[0] == 200
+
+
+def test_too_many_images_and_too_large_a_body_are_refused(front, server):
+    image = front["images"][0]
+    status, body = http("POST", f"{server}/predict", as_json([image] * 65), "application/json")
+    assert status == 413 and "limit is 64" in body["error"]
+    status, body = http("POST", f"{server}/predict", b"\x89PNG" + b"0" * (9 << 20), "image/png")
+    assert status == 413 and "limit is" in body["error"]
+    assert http("POST", f"{server}/predict", image.read_bytes(), "image/png")[0] == 200
+
+
+def test_load_of_500_requests_from_16_clients(front, server):
+    images = [p.read_bytes() for p in front["images"]]
+
+    def one(i: int) -> int:
+        return http("POST", f"{server}/predict", images[i % len(images)], "image/png")[0]
+
+    began = time.time()
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(one, range(500), timeout=300))
+    assert statuses.count(200) == 500, {s: statuses.count(s) for s in set(statuses)}
+    assert time.time() - began < 300
+    assert http("GET", f"{server}/metadata")[1]["largest_batch_seen"] > 1  # requests really share batches
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model-uri", "models:/no-such-model"], "no registered model called 'no-such-model'"),
+    (["--model-uri", "models:/no-such-model@best"], "not found in the MLflow registry"),
+    (["--model-uri", "s3://bucket/model"], "unknown model URI"),
+    (["--model-uri", "missing.pt"], "does not exist"),
+    (["--model-uri", "resnet.pt"], "not a BlockDrop model"),
+    (["--autoscale", "3"], "--autoscale wants MIN,MAX"),
+    ([], "run `scripts/with-venv python -m blockdrop.quickstart` first"),
+])
+def test_bad_command_lines_exit_2_with_one_line(front, tmp_path, args, message):
+    from blockdrop.checkpoints import save_checkpoint
+
+    preset, backbone, _ = decisive_models(0, 0.0)
+    save_checkpoint(tmp_path / "resnet.pt", preset, backbone)
+    uri = front["uri"] if any(a.startswith("models:/") for a in args) else f"sqlite:///{tmp_path / 'empty.db'}"
+    proc = subprocess.run(serve_cmd(*args, "--mlflow-uri", uri), cwd=tmp_path, env=clean_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_a_port_in_use_is_refused_before_anything_is_deployed(front, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(serve_cmd("--model-uri", str(front["checkpoints"][0]), "--port", str(port)),
+                              cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr[-2000:]
