@@ -8,6 +8,8 @@ Multiplexing pays off for many large models that do not fit one replica, which a
 """
 
 import asyncio
+import os
+import tempfile
 from collections import defaultdict
 from dataclasses import asdict
 
@@ -25,11 +27,20 @@ api = FastAPI(title="BlockDrop", description="Per-image block dropping: POST /pr
 @serve.deployment(name="BlockDrop")
 @serve.ingress(api)
 class BlockDropServer:
-    def __init__(self, sources: list[dict], preset: str | None = None, device: str = "cpu",
+    def __init__(self, sources: list[dict], weights: list[bytes], preset: str | None = None, device: str = "cpu",
                  max_batch_size: int = 32, batch_wait_ms: float = 5.0, max_images: int = 64,
                  max_bytes: int = 8 << 20):
         torch.set_grad_enabled(False)
-        self.engine = Engine([ModelSource(**s) for s in sources], preset, device)
+        # The checkpoints travel with the deployment (Ray's object store), not as paths: a replica may
+        # run on a node that never saw the file the driver resolved or downloaded.
+        self.folder = tempfile.mkdtemp(prefix="blockdrop-serve-")
+        local = []
+        for i, (source, data) in enumerate(zip(sources, weights)):
+            path = os.path.join(self.folder, f"{i}-{os.path.basename(source['checkpoint'])}")
+            with open(path, "wb") as f:
+                f.write(data)
+            local.append(ModelSource(**{**source, "checkpoint": path}))
+        self.engine = Engine(local, preset, device)
         self.max_images, self.max_bytes = max_images, max_bytes
         self.infer.set_max_batch_size(max_batch_size)
         self.infer.set_batch_wait_timeout_s(batch_wait_ms / 1000.0)
@@ -105,5 +116,26 @@ def build(sources: list[ModelSource], preset: str | None, device: str, max_batch
     else:
         options["num_replicas"] = replicas or 1
     options["max_ongoing_requests"] = 4 * max_batch_size
+    weights = [open(s.checkpoint, "rb").read() for s in sources]
     return BlockDropServer.options(**options).bind(
-        [asdict(s) for s in sources], preset, device, max_batch_size, batch_wait_ms, max_images, max_bytes)
+        [asdict(s) for s in sources], weights, preset, device, max_batch_size, batch_wait_ms, max_images, max_bytes)
+
+
+def app_builder(args: dict):
+    """For a Serve config file (`serve deploy`, KubeRay's RayService): `import_path:
+    blockdrop.serve_app:app_builder` with `args` = serve_policy.py's flags as keys (model_uris, preset,
+    mlflow_uri, gpu, max_batch_size, batch_wait_ms, max_images, max_body_mb, replicas, autoscale)."""
+    from blockdrop.serve_cli import build_parser, validate
+
+    argv = [f"--model-uri={uri}" for uri in args.get("model_uris", [])]
+    for key in ("preset", "mlflow_uri", "max_batch_size", "batch_wait_ms", "max_images", "max_body_mb",
+                "replicas", "autoscale"):
+        if args.get(key) is not None:
+            argv.append(f"--{key.replace('_', '-')}={args[key]}")
+    if args.get("gpu"):
+        argv.append("--gpu")
+    parsed = build_parser().parse_args(argv)
+    sources, engine, autoscale = validate(parsed, check_port=False)  # Serve's proxy owns the port here
+    return build(sources, engine.preset.name, "cuda" if parsed.gpu else "cpu", parsed.max_batch_size,
+                 parsed.batch_wait_ms, parsed.max_images, int(parsed.max_body_mb * (1 << 20)),
+                 replicas=parsed.replicas, autoscale=autoscale)

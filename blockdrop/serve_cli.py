@@ -76,7 +76,7 @@ def _port_free(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port") from None
 
 
-def validate(args: argparse.Namespace):
+def validate(args: argparse.Namespace, check_port: bool = True):
     """Everything checked before anything is deployed: flags, URIs, the models themselves, the port."""
     from blockdrop.serving import DEFAULT_MODEL, Engine, resolve
     from blockdrop.tracking import resolve_uri
@@ -103,7 +103,7 @@ def validate(args: argparse.Namespace):
             raise UserError(f"no --model-uri and no Quickstart front ({DEFAULT_MODEL}) in {uri}: run "
                             "`scripts/with-venv python -m blockdrop.quickstart` first, or pass --model-uri") from None
     engine = Engine(sources, args.preset)  # loads every model once: a wrong file fails here, not in a replica
-    if args.address is None and not os.environ.get("RAY_ADDRESS"):
+    if check_port and args.address is None and not os.environ.get("RAY_ADDRESS"):
         _port_free(args.host, args.port)
     return sources, engine, autoscale
 
@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> None:
 
     quiet_ray_env()
     address = args.address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    # no address: a Ray of its own ("local"), never whichever cluster happens to run on this machine
+    ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=False)
     if args.gpu and ray.cluster_resources().get("GPU", 0) < 1:
         raise UserError("--gpu was given but the Ray cluster has no GPU")
     serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"log_level": "WARNING"})

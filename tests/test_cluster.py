@@ -61,7 +61,9 @@ def image_name() -> str:
 
 def containers(doc: dict) -> list[dict]:
     spec = doc["spec"]
-    if doc["kind"] == "RayCluster":
+    if doc["kind"] == "RayService":
+        spec = spec["rayClusterConfig"]
+    if doc["kind"] in ("RayCluster", "RayService"):
         templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
     elif doc["kind"] == "Deployment":
         templates = [spec["template"]]
@@ -72,7 +74,7 @@ def containers(doc: dict) -> list[dict]:
 
 def manifests() -> list[tuple[Path, dict]]:
     return [(path, doc) for path in sorted(CLUSTER.rglob("*.yaml")) if path.name != "ray-cluster.yaml"
-            for doc in load(path)]
+            for doc in load(path) if "kind" in doc]  # Kubernetes objects, not the Serve config file
 
 
 def raycluster() -> dict:
@@ -175,6 +177,38 @@ def test_kuberay_cluster_has_token_auth_autoscaling_gpus_and_shared_storage():
         assert shared and mounts[shared[0]] == "/mnt/shared"
     names = {doc["metadata"].get("namespace") for _, doc in manifests()}
     assert names == {cluster["metadata"]["namespace"]}
+
+
+def test_serve_config_and_rayservice_deploy_the_same_application_with_valid_flags():
+    from ray.serve.schema import ServeDeploySchema
+
+    from blockdrop import serve_app
+    from blockdrop.serve_cli import build_parser
+
+    config = load(CLUSTER / "serve" / "serve-config.yaml")[0]
+    service = load(KUBERAY / "rayservice.yaml")[0]
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    in_service = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert in_service == config  # one application, two ways to deploy it
+    schema = ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(config)  # Ray's own schema for `serve deploy` files
+    (app,) = schema.applications
+    module, attr = app.import_path.split(":")
+    assert module == serve_app.__name__ and callable(getattr(serve_app, attr))
+    args = app.args
+    argv = [f"--model-uri={u}" for u in args["model_uris"]] + ["--gpu"] * bool(args.get("gpu"))
+    argv += [f"--{k.replace('_', '-')}={v}" for k, v in args.items() if k not in ("model_uris", "gpu")]
+    parsed = build_parser().parse_args(argv)  # every key is one of serve_policy.py's flags
+    assert parsed.gpu and parsed.model_uris == ["models:/blockdrop-R32_C10"]
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == pins()["ray"] and cluster["authOptions"]["mode"] == "token"
+    assert cluster["authOptions"]["secretName"] == raycluster()["spec"]["authOptions"]["secretName"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"containerPort": config["http_options"]["port"], "name": "serve"} in head["ports"]
+    assert any(e["name"] == "MLFLOW_TRACKING_URI" for e in head["env"])
+    gpu = [g for g in cluster["workerGroupSpecs"]
+           if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    assert gpu and gpu[0]["minReplicas"] == 0 < gpu[0]["maxReplicas"]
 
 
 def entrypoint_args(command: str) -> tuple[str, list[str]]:

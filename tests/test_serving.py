@@ -238,6 +238,18 @@ def test_load_of_500_requests_from_16_clients(front, server):
     assert http("GET", f"{server}/metadata")[1]["largest_batch_seen"] > 1  # requests really share batches
 
 
+def test_a_serve_config_builds_the_same_application_from_its_args(front, monkeypatch):
+    from ray.serve.deployment import Application
+
+    from blockdrop.serve_app import app_builder
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    app = app_builder({"model_uris": [f"models:/{MODEL}@fastest"], "mlflow_uri": front["uri"], "max_batch_size": 8})
+    assert isinstance(app, Application)
+    with pytest.raises(Exception, match="not found in the MLflow registry"):
+        app_builder({"model_uris": [f"models:/{MODEL}@nope"], "mlflow_uri": front["uri"]})
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model-uri", "models:/no-such-model"], "no registered model called 'no-such-model'"),
     (["--model-uri", "models:/no-such-model@best"], "not found in the MLflow registry"),
