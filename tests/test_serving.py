@@ -238,6 +238,23 @@ def test_load_of_500_requests_from_16_clients(front, server):
     assert http("GET", f"{server}/metadata")[1]["largest_batch_seen"] > 1  # requests really share batches
 
 
+def test_the_engine_runs_only_each_images_blocks_or_all_of_them_for_the_full_twin(front):
+    from blockdrop.execution import run_full
+    from blockdrop.serving import Engine, ModelSource
+
+    checkpoint = str(front["checkpoints"][0])
+    engine = Engine([ModelSource("bd", "bd", None, checkpoint), ModelSource("full", "full", None, checkpoint, full=True)])
+    images = torch.stack([engine.decode(p.read_bytes()) for p in front["images"][:12]])
+    sparse, full = engine.predict("bd", images), engine.predict("full", images)
+    backbone = engine.models["full"].backbone
+    assert [a["class"] for a in full] == run_full(backbone, images).argmax(1).tolist()
+    assert all(a["policy"] == "1" * 12 and a["flops"] == a["full_flops"] for a in full)
+    assert all(a["blocks_used"] < 12 and a["flops"] < a["full_flops"] for a in sparse)
+    assert engine.choose() == "bd"  # no recorded figures: the first model given answers by default
+    with pytest.raises(Exception, match="unknown model"):
+        engine.choose("nope")
+
+
 def test_a_serve_config_builds_the_same_application_from_its_args(front, monkeypatch):
     from ray.serve.deployment import Application
 
