@@ -259,8 +259,7 @@ class Engine:
         return {
             "preset": self.preset.name, "classes": self.classes, "num_blocks": self.preset.num_blocks,
             "full_flops": float(self.costs.full), "default_model": self.choose(),
-            "models": [{**{k: v for k, v in asdict(m.source).items() if k != "checkpoint"}}
-                       for m in self.models.values()],
+            "models": [{k: v for k, v in asdict(m.source).items() if k != "checkpoint"} for m in self.models.values()],
         }
 
 
@@ -296,8 +295,7 @@ def parse_images(body: bytes, content_type: str, max_images: int) -> tuple[list[
 
 def routing(fields: dict) -> tuple[str | None, float | None]:
     model, budget = fields.get("model"), fields.get("max_flops")
-    if model is not None and not isinstance(model, str):
-        model = str(model)
+    model = None if model is None else str(model)  # JSON may give a version as a number
     if budget is not None:
         try:
             budget = float(budget)
