@@ -107,9 +107,11 @@ class BlockDropServer:
 
 
 def build(sources: list[ModelSource], preset: str | None, device: str, max_batch_size: int, batch_wait_ms: float,
-          max_images: int, max_bytes: int, replicas: int | None = None, autoscale: tuple[int, int] | None = None):
-    """The application to `serve.run`."""
-    options: dict = {"ray_actor_options": {"num_gpus": 1 if device == "cuda" else 0, "num_cpus": 1}}
+          max_images: int, max_bytes: int, replicas: int | None = None, autoscale: tuple[int, int] | None = None,
+          cpus: int = 1):
+    """The application to `serve.run`. Ray gives a replica's process as many OpenMP (PyTorch) threads as
+    the CPUs it reserves for it."""
+    options: dict = {"ray_actor_options": {"num_gpus": 1 if device == "cuda" else 0, "num_cpus": cpus}}
     if autoscale:
         options["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
                                          "target_ongoing_requests": 2 * max_batch_size}
@@ -124,11 +126,12 @@ def build(sources: list[ModelSource], preset: str | None, device: str, max_batch
 def app_builder(args: dict):
     """For a Serve config file (`serve deploy`, KubeRay's RayService): `import_path:
     blockdrop.serve_app:app_builder` with `args` = serve_policy.py's flags as keys (model_uris, preset,
-    mlflow_uri, gpu, max_batch_size, batch_wait_ms, max_images, max_body_mb, replicas, autoscale)."""
+    backbone, mlflow_uri, gpu, max_batch_size, batch_wait_ms, max_images, max_body_mb, replicas, autoscale,
+    cpus_per_replica)."""
     from blockdrop.serve_cli import build_parser, validate
 
     argv = [f"--model-uri={uri}" for uri in args.get("model_uris", [])]
-    for key in ("preset", "mlflow_uri", "max_batch_size", "batch_wait_ms", "max_images", "max_body_mb",
+    for key in ("preset", "backbone", "mlflow_uri", "max_batch_size", "cpus_per_replica", "batch_wait_ms", "max_images", "max_body_mb",
                 "replicas", "autoscale"):
         if args.get(key) is not None:
             argv.append(f"--{key.replace('_', '-')}={args[key]}")
@@ -138,4 +141,4 @@ def app_builder(args: dict):
     sources, engine, autoscale = validate(parsed, check_port=False)  # Serve's proxy owns the port here
     return build(sources, engine.preset.name, "cuda" if parsed.gpu else "cpu", parsed.max_batch_size,
                  parsed.batch_wait_ms, parsed.max_images, int(parsed.max_body_mb * (1 << 20)),
-                 replicas=parsed.replicas, autoscale=autoscale)
+                 replicas=parsed.replicas, autoscale=autoscale, cpus=parsed.cpus_per_replica)

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-uri", action="append", dest="model_uris", metavar="URI",
                         help="model to serve (repeatable; see below)")
     parser.add_argument("--preset", help="preset of a checkpoint file that does not record one")
+    parser.add_argument("--backbone", metavar="FILE",
+                        help="the pretrained ResNet for a checkpoint file that holds only a policy (an original "
+                             "BlockDrop curriculum checkpoint); overrides the ResNet of a file that has one")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     scale = parser.add_mutually_exclusive_group()
@@ -47,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long a batch waits to fill (default 5 ms)")
     parser.add_argument("--max-images", type=int, default=64, help="images per request, at most (default 64)")
     parser.add_argument("--max-body-mb", type=float, default=8.0, help="request body size limit in MB (default 8)")
+    parser.add_argument("--cpus-per-replica", type=int, default=1,
+                        help="CPUs Ray reserves for each replica; PyTorch uses as many threads (default 1)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per replica")
     parser.add_argument("--address", help="deploy onto this Ray cluster and return (default: a local Ray, in the "
                                           "foreground until Ctrl-C)")
@@ -76,12 +81,36 @@ def _port_free(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port") from None
 
 
+def _with_backbone(sources, backbone: str, preset_name: str | None):
+    """Each file source joined with the ResNet of `backbone` into one checkpoint of this project's format
+    (in a temporary folder): what a replica loads is then one complete file, like any other model."""
+    import tempfile
+    from pathlib import Path
+
+    from blockdrop.checkpoints import load_models, read_checkpoint, save_checkpoint
+    from blockdrop.presets import get_preset
+
+    folder = Path(tempfile.mkdtemp(prefix="blockdrop-serve-"))
+    for s in sources:
+        ckpt = read_checkpoint(s.checkpoint)
+        name = ckpt.preset or preset_name
+        if name is None:
+            raise UserError(f"{s.checkpoint} does not say its preset: pass --preset")
+        preset = get_preset(name)
+        resnet, policy, ckpt = load_models(preset, s.checkpoint, backbone_file=backbone)
+        if policy is None:
+            raise UserError(f"{s.checkpoint} holds no policy network: not a BlockDrop model")
+        s.checkpoint = str(folder / f"{s.label}.pt")
+        save_checkpoint(s.checkpoint, preset, resnet, policy, ckpt.meta if isinstance(ckpt.meta, dict) else {})
+    return sources
+
+
 def validate(args: argparse.Namespace, check_port: bool = True):
     """Everything checked before anything is deployed: flags, URIs, the models themselves, the port."""
     from blockdrop.serving import DEFAULT_MODEL, Engine, resolve
     from blockdrop.tracking import resolve_uri
 
-    for flag in ("max_batch_size", "max_images", "replicas"):
+    for flag in ("max_batch_size", "max_images", "replicas", "cpus_per_replica"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
     if not 0 <= args.batch_wait_ms <= 10_000 or not args.max_body_mb > 0:
@@ -89,6 +118,8 @@ def validate(args: argparse.Namespace, check_port: bool = True):
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port must be 1..65535, not {args.port}")
     autoscale = _autoscale(args.autoscale)
+    if args.backbone and (not args.model_uris or any(u.startswith(("models:", "runs:")) for u in args.model_uris)):
+        raise UserError("--backbone applies to checkpoint files; models:/ and runs:/ URIs already hold their ResNet")
     if args.preset:
         from blockdrop.presets import get_preset
 
@@ -102,6 +133,8 @@ def validate(args: argparse.Namespace, check_port: bool = True):
         except UserError:
             raise UserError(f"no --model-uri and no Quickstart front ({DEFAULT_MODEL}) in {uri}: run "
                             "`scripts/with-venv python -m blockdrop.quickstart` first, or pass --model-uri") from None
+    if args.backbone:
+        sources = _with_backbone(sources, args.backbone, args.preset)
     engine = Engine(sources, args.preset)  # loads every model once: a wrong file fails here, not in a replica
     if check_port and args.address is None and not os.environ.get("RAY_ADDRESS"):
         _port_free(args.host, args.port)
@@ -125,7 +158,7 @@ def run(args: argparse.Namespace) -> None:
     serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"log_level": "WARNING"})
     app = build(sources, engine.preset.name, "cuda" if args.gpu else "cpu", args.max_batch_size,
                 args.batch_wait_ms, args.max_images, int(args.max_body_mb * (1 << 20)),
-                replicas=args.replicas, autoscale=autoscale)
+                replicas=args.replicas, autoscale=autoscale, cpus=args.cpus_per_replica)
     serve.run(app, name=args.name, route_prefix="/", blocking=False)
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     default = engine.choose()
@@ -140,6 +173,10 @@ def run(args: argparse.Namespace) -> None:
         print(f"deployed onto {address} as application {args.name!r}; stop it with `serve shutdown` or "
               f"`serve delete {args.name}`", flush=True)
         return
+    port = next((n.get("MetricsExportPort") for n in ray.nodes() if n.get("Alive")), None)
+    if port:  # Ray's metrics agent: blockdrop_* (requests, blocks used, FLOPs saved, batch sizes) and Serve's own
+        print(f"metrics (Prometheus): http://127.0.0.1:{port}/metrics (blockdrop_* series, updated every ~10 s)",
+              flush=True)
     print("Ctrl-C stops the server", flush=True)
     try:
         while True:

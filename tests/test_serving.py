@@ -242,6 +242,43 @@ def test_load_of_500_requests_from_16_clients(front, server):
     assert http("GET", f"{server}/metadata")[1]["largest_batch_seen"] > 1  # requests really share batches
 
 
+def prometheus(url: str) -> dict[str, float]:
+    """`name{model="..."}` -> value of the blockdrop_* series in Ray's metrics export (other labels dropped;
+    values of series that differ only in those labels are added up)."""
+    import re
+
+    text = urllib.request.urlopen(url, timeout=30).read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r"(ray_blockdrop_\w+)(?:\{(.*)\})? ([-+0-9.eE]+|NaN|\+Inf)$", line)
+        if match:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            key = match.group(1) + "".join(f'{{{k}="{labels[k]}"}}' for k in ("model", "le") if k in labels)
+            values[key] = values.get(key, 0.0) + float(match.group(3))
+    return values
+
+
+def test_prometheus_metrics_count_requests_blocks_savings_and_batches(front, server):
+    """Ray's metrics agent, at the URL the server printed, exports the blockdrop_* series; after the load
+    test above they count its 500 requests of the default model (version 1)."""
+    import re
+
+    url = re.search(r"metrics \(Prometheus\): (\S+)", (front["root"] / "serve.log").read_text()).group(1)
+    deadline, values = time.time() + 90, {}
+    while time.time() < deadline:  # Ray exports user metrics every few seconds
+        values = prometheus(url)
+        if values.get('ray_blockdrop_requests_total{model="1"}', 0) >= 500:
+            break
+        time.sleep(3)
+    assert values.get('ray_blockdrop_requests_total{model="1"}', 0) >= 500, sorted(values)[:40]
+    images = values['ray_blockdrop_blocks_used_count{model="1"}']
+    assert images >= 500 and values['ray_blockdrop_blocks_used_bucket{model="1"}{le="+Inf"}'] == images
+    assert 0 < values['ray_blockdrop_blocks_used_sum{model="1"}'] / images < 12  # blocks really dropped
+    assert values['ray_blockdrop_flops_saved_total{model="1"}'] > 0
+    batches, batched_images = values["ray_blockdrop_batch_size_count"], values["ray_blockdrop_batch_size_sum"]
+    assert batched_images > batches > 0  # some model calls held more than one image
+
+
 def test_the_engine_runs_only_each_images_blocks_or_all_of_them_for_the_full_twin(front):
     from blockdrop.execution import run_full
     from blockdrop.serving import Engine, ModelSource
@@ -300,3 +337,44 @@ def test_a_port_in_use_is_refused_before_anything_is_deployed(front, tmp_path):
         proc = subprocess.run(serve_cmd("--model-uri", str(front["checkpoints"][0]), "--port", str(port)),
                               cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_original_blockdrop_files_are_served_with_preset_and_backbone(tmp_path):
+    """An original finetuned file (agent + resnet) needs --preset; a curriculum file (agent only) also
+    the pretrained ResNet (--backbone). Served answers equal the library's on the joined weights."""
+    from blockdrop.serve_cli import build_parser, validate
+    from test_checkpoints import drop_bn_counters, original_agent
+
+    preset, backbone, policy = decisive_models(1, 0.0)
+    finetuned, curriculum, resnet = tmp_path / "ckpt_E_10_A_0.9.t7", tmp_path / "ckpt_cl.t7", tmp_path / "R26.t7"
+    torch.save({"agent": original_agent(drop_bn_counters(policy.state_dict())),
+                "resnet": drop_bn_counters(backbone.state_dict()), "epoch": 10}, finetuned)
+    torch.save({"agent": original_agent(drop_bn_counters(policy.state_dict())), "epoch": 3}, curriculum)
+    torch.save({"state_dict": drop_bn_counters(backbone.state_dict())}, resnet)
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+
+    def engine(*argv):
+        return validate(build_parser().parse_args([*argv, "--mlflow-uri", empty]), check_port=False)[1]
+
+    from blockdrop.execution import run_sparse
+    from blockdrop.reinforce import greedy
+
+    x = torch.rand(6, 1, preset.image_size, preset.image_size)
+    with torch.inference_mode():
+        actions = greedy(policy(x))
+        want = [(int(c), "".join(str(int(v)) for v in a)) for c, a in
+                zip(run_sparse(backbone, x, actions).argmax(1), actions)]
+    assert len({w[1] for w in want}) > 1  # images get different policies
+    for argv in (["--model-uri", str(finetuned), "--preset", PRESET],
+                 ["--model-uri", str(curriculum), "--preset", PRESET, "--backbone", str(resnet)]):
+        served = engine(*argv)
+        answers = served.predict(served.choose(), x)
+        assert [(a["class"], a["policy"]) for a in answers] == want
+        assert served.preset.name == PRESET and all(a["model"]["version"] is None for a in answers)
+    with pytest.raises(Exception, match="does not say its preset: pass --preset"):
+        engine("--model-uri", str(finetuned))
+    with pytest.raises(Exception, match="no ResNet .* --backbone FILE"):
+        engine("--model-uri", str(curriculum), "--preset", PRESET)
+    with pytest.raises(Exception, match="--backbone applies to checkpoint files"):
+        validate(build_parser().parse_args(["--model-uri", "models:/x", "--backbone", str(resnet),
+                                            "--mlflow-uri", empty]), check_port=False)
