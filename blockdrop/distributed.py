@@ -8,6 +8,7 @@ job name again against the same storage resumes it too.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -82,7 +83,7 @@ def epoch_metrics(stats: EpochStats, test: Tally, full_flops: int, lr: float) ->
         "flops_per_image_std": report.flops_std,
         "speedup": report.speedup,
         "unique_policies": report.unique_policies,
-        "lr": lr,
+        "learning_rate": lr,  # this epoch's, from the schedule; the parameter `lr` is where it starts
     }
 
 
@@ -306,3 +307,39 @@ def quiet_ray_env() -> None:
     """Ray's console output down to what a user needs: progress and errors."""
     for key, value in {"RAY_DEDUP_LOGS": "1", "RAY_AIR_NEW_OUTPUT": "0", **TRAIN_ENV}.items():
         os.environ.setdefault(key, value)
+    # A local Ray started here says that it turned on token authentication: by design, not news.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        lambda record: "Token authentication is enabled" not in record.getMessage())
+
+
+# Lines Ray's workers print that are known to be harmless here, and read like failures on a console:
+HARMLESS_WORKER_LINES = (
+    # Ray Train V2 starts its PreemptionWatcher (spot-node preemption handling, kept) with restarts on;
+    # the core worker then logs at ERROR level that restarting would need its constructor arguments.
+    "has constructor arguments in the object store and max_restarts > 0",
+    # Serve's shutdown kills its controller while a graceful-shutdown call is pending, and says so.
+    "Task ServeController.graceful_shutdown failed",
+)
+
+
+def drop_harmless_worker_lines(needles: tuple[str, ...] = HARMLESS_WORKER_LINES) -> bool:
+    """Filter the worker output Ray forwards to this driver's console: the lines above go (they stay in
+    Ray's log files), everything else, errors included, is printed as before. Call after ray.init.
+    Ray has no public hook for this; if its internals change, nothing is filtered (False)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return False
+
+    def wrap(handler):
+        def filtered(data):
+            lines = [line for line in data.get("lines", []) if not any(n in line for n in needles)]
+            if lines:
+                handler({**data, "lines": lines})
+        filtered.blockdrop_filtered = True
+        return filtered
+
+    with dispatcher._lock:
+        dispatcher.handlers = [(name, h if getattr(h, "blockdrop_filtered", False) else wrap(h))
+                               for name, h in dispatcher.handlers]
+    return True

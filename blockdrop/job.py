@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment", default="blockdrop", help="MLflow experiment (default blockdrop)")
     parser.add_argument("--name", help="job name (default PRESET-STAGE-TIMESTAMP); the same name again resumes")
     add_cluster_args(parser)
-    parser.add_argument("--output", default="checkpoints", help="folder for the final checkpoint (default ./checkpoints)")
+    parser.add_argument("--output", help="folder for each stage's checkpoint (default: STORAGE/NAME/checkpoints "
+                                         "with a local or shared --storage-path, where a cluster keeps it; else "
+                                         "./checkpoints); MLflow keeps a copy with the run either way")
     parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts allowed per stage (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order and policy sampling (default 0)")
     parser.add_argument("--no-analysis", action="store_true",
@@ -236,6 +238,17 @@ def storage_location(path: str | None) -> str | None:
     return str(Path(path).resolve())
 
 
+def output_folder(flag: str | None, storage: str | None, name: str) -> Path:
+    """Where a job's checkpoints go: --output; else next to Ray's run storage when that is a path (shared
+    storage on a cluster outlives a submitted job's temporary working directory); else ./checkpoints.
+    With a storage URI (s3://...) the checkpoints are MLflow artifacts and Ray checkpoints there."""
+    if flag:
+        return Path(flag)
+    if storage and "://" not in storage:
+        return Path(storage) / name / "checkpoints"
+    return Path("checkpoints")
+
+
 def job_env_vars() -> dict[str, str]:
     """TRAIN_ENV minus what the submitted job's own runtime env sets: Ray refuses to merge the same
     variable from the job and from ray.init, and the user's value is the one to keep."""
@@ -249,12 +262,13 @@ def job_env_vars() -> dict[str, str]:
 def start_ray(address: str | None, use_gpu: bool, num_workers: int, storage_path: str | None = None) -> None:
     import ray
 
-    from blockdrop.distributed import quiet_ray_env
+    from blockdrop.distributed import drop_harmless_worker_lines, quiet_ray_env
 
     quiet_ray_env()
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": job_env_vars()})
+    drop_harmless_worker_lines()
     resources = ray.cluster_resources()
     if use_gpu and resources.get("GPU", 0) < 1:
         raise UserError("--gpu was given but the Ray cluster has no GPU")
@@ -270,7 +284,7 @@ def start_ray(address: str | None, use_gpu: bool, num_workers: int, storage_path
 
 def run(args: argparse.Namespace) -> None:
     from blockdrop.distributed import StageConfig, analyse_remotely, final_report, run_stage
-    from blockdrop.tracking import Tracker, resolve_uri
+    from blockdrop.tracking import Tracker, raw_images, resolve_uri
 
     preset, plan = validate(args)
     stage_label = "all" if args.stage is None else ",".join(args.stage)
@@ -307,7 +321,7 @@ def run(args: argparse.Namespace) -> None:
             ref = ray.put(init_payload(preset, init_path)) if init_path else None
             checkpoint = run_stage(cfg, ref, args.num_workers, args.gpu, f"{name}-{stage}",
                                    storage, args.max_failures)
-            out = Path(args.output) / f"{name}-{stage}.pt"
+            out = output_folder(args.output, storage, name) / f"{name}-{stage}.pt"
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(checkpoint, out)
             if stage_run != run_id:
@@ -332,9 +346,14 @@ def run(args: argparse.Namespace) -> None:
 
     report = final_report(Path(init_path), cost_model(preset).full)
     test = load_dataset(preset, "test", args.dataset, args.data_dir)
-    tracker.log_metrics(run_id, {f"final_{k}": v for k, v in asdict(report).items()}, step=0)
-    example = torch.stack([test[i][0] for i in range(2)]).numpy()
-    model_uri = tracker.log_model(run_id, Path(init_path), report.text(), example)
+    # at the last epoch's step: the logged model takes the run's metrics of the step it is logged at
+    final_step = int(read_checkpoint(init_path).meta.get("epoch", 0))
+    tracker.log_metrics(run_id, {f"final_{k}": v for k, v in asdict(report).items()}, step=final_step)
+    example = raw_images(preset, torch.stack([test[i][0] for i in range(2)]).numpy())
+    model_params = {"preset": preset.name, "stages": ",".join(stage for stage, _ in plan)}
+    if plan[-1][0] == "finetune":
+        model_params |= {"gamma": plan[-1][1]["gamma"], "lr": plan[-1][1]["lr"], "policy_lr": plan[-1][1]["policy_lr"]}
+    model_uri = tracker.log_model(run_id, Path(init_path), report.text(), example, step=final_step, params=model_params)
     tracker.finish(run_id, ok=True)
     print(f"\n{preset.name} {' -> '.join(stage for stage, _ in plan)} ({name})")
     print(report.text())

@@ -149,16 +149,17 @@ def run_trial(config: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from blockdrop.distributed import StageConfig, analyse_remotely, final_report, run_stage
-    from blockdrop.tracking import Tracker
+    from blockdrop.tracking import Tracker, raw_images
 
     s = config["sweep"]
     gamma, lr = float(config["gamma"]), float(config["lr"])
     key = trial_key(gamma, lr)
-    tracker = Tracker(s["mlflow_uri"], s["experiment"])
+    tracker = Tracker(s["mlflow_uri"], s["experiment"], source=s["source"])
     params = {"preset": s["preset"], "stage": "finetune", "gamma": gamma, "lr": lr, "policy_lr": s["policy_lr"] or lr,
               "epochs": s["epochs"],
               "batch_size": s["batch_size"], "workers": s["workers"], "init": s["init_label"]}
-    run_id, _ = tracker.job_run(f"{s['name']}/{key}", f"{s['name']}-{key}", params, parent_id=s["parent_id"])
+    # the run's name says what differs between trials (the sweep's name is the parent's)
+    run_id, _ = tracker.job_run(f"{s['name']}/{key}", f"gamma={gamma:g} lr={lr:g}", params, parent_id=s["parent_id"])
     tracker.client.set_tag(run_id, TRIAL_TAG, key)
     preset = get_preset(s["preset"])
     cfg = StageConfig(preset=preset.name, stage="finetune", epochs=s["epochs"], batch_size=s["batch_size"], lr=lr,
@@ -171,13 +172,15 @@ def run_trial(config: dict) -> None:
         test = load_dataset(preset, "test", s["dataset"], s["data_dir"])
         final = {"test_accuracy": report.accuracy, "flops_per_image": report.flops_mean, "speedup": report.speedup,
                  "blocks_used": report.blocks_mean, "unique_policies": report.unique_policies}
-        tracker.log_metrics(run_id, {f"final_{k}": v for k, v in final.items()}, step=0)
+        final_step = int(read_checkpoint(checkpoint).meta.get("epoch", 0))  # the logged model takes this step's metrics
+        tracker.log_metrics(run_id, {f"final_{k}": v for k, v in final.items()}, step=final_step)
         if s["analysis"]:  # logged to the trial's run: metrics gain_over_static, baseline_*; policy/ pictures
             trained = read_checkpoint(checkpoint)
             payload = {"backbone": trained.backbone, "policy": trained.policy}
             analyse_remotely(preset.name, ray.put(payload), s["dataset"], s["data_dir"], s["mlflow_uri"], run_id, s["gpu"])
-        example = torch.stack([test[i][0] for i in range(2)]).numpy()
-        tracker.log_model(run_id, checkpoint, report.text(), example)
+        example = raw_images(preset, torch.stack([test[i][0] for i in range(2)]).numpy())
+        tracker.log_model(run_id, checkpoint, report.text(), example, step=final_step,
+                          params={"preset": preset.name, "gamma": gamma, "lr": lr, "policy_lr": s["policy_lr"] or lr})
         tracker.finish(run_id, ok=True)
     except BaseException:
         tracker.finish(run_id, ok=False)
@@ -271,14 +274,26 @@ def register(tracker, front: list[Point], model_name: str) -> None:
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(model_name, description="BlockDrop models on the accuracy-vs-FLOPs front")
     versions = {}
+    by_flops = sorted(front, key=lambda p: p.flops)
+    most_accurate = max(front, key=lambda p: p.accuracy) if front else None
     for p in front:
         run = client.get_run(p.info["run_id"])
         model = next((m for m in (run.outputs.model_outputs or [])), None)
         source = f"models:/{model.model_id}" if model is not None else f"runs:/{run.info.run_id}/model"
+        i = by_flops.index(p)
+        role = " (fastest)" if i == 0 else ""
+        role += " (most accurate)" if p is most_accurate else ""
+        description = (f"Pareto point {i + 1} of {len(front)} by FLOPs{role}: accuracy {p.accuracy:.4f} at "
+                       f"{p.flops:.3E} FLOPs/img ({p.info['speedup']:.2f}x fewer than the full model), "
+                       f"{p.info['blocks']:.2f} blocks per image; finetuned with gamma {p.info['gamma']:g}, "
+                       f"lr {p.info['lr']:g}.")
+        tags = {"gamma": p.info["gamma"], "lr": p.info["lr"], "preset": run.data.params.get("preset", ""),
+                "accuracy": p.accuracy, "flops_per_image": p.flops, "speedup": p.info["speedup"],
+                "blocks_used": p.info["blocks"], "front_position": f"{i + 1}/{len(front)}"}
         # model_id: a tracking server refuses a models:/ source without it (a local store does not)
         mv = client.create_model_version(model_name, source=source, run_id=run.info.run_id,
                                          model_id=model.model_id if model is not None else None,
-                                         tags={"gamma": str(p.info["gamma"]), "lr": str(p.info["lr"])})
+                                         tags={k: str(v) for k, v in tags.items()}, description=description)
         versions[p.info["run_id"]] = mv.version
     if front:
         client.set_registered_model_alias(model_name, "most_accurate", versions[max(front, key=lambda p: p.accuracy).info["run_id"]])
@@ -325,7 +340,7 @@ def run(args: argparse.Namespace) -> None:
                 "workers": args.workers_per_trial, "gpu": args.gpu, "dataset": args.dataset,
                 "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None, "mlflow_uri": uri,
                 "experiment": args.experiment, "parent_id": parent_id, "init_ref": init_ref,
-                "init_label": args.init, "storage_path": storage}
+                "init_label": args.init, "storage_path": storage, "source": tracker.source}
     # The trial itself only waits on its Train run: it asks for a little memory, no CPU, so the CPUs
     # stay for the Train workers (a trial holding a CPU would deadlock a 2-CPU machine at 2 workers).
     trainable = tune.with_resources(tune.with_parameters(run_trial_with, sweep=settings),

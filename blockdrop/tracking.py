@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -48,6 +49,27 @@ def metric_batch(metrics: dict[str, float], step: int) -> list[mlflow.entities.M
     return [mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()]
 
 
+def source_tags(entry: str) -> dict[str, str]:
+    """MLflow's own source tags (shown as Source, User and Version in the UI): the CLI, the user, and
+    the git commit of this code when it runs from a checkout."""
+    import getpass
+    import subprocess
+
+    tags = {"mlflow.source.name": entry, "mlflow.source.type": "LOCAL"}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):
+        pass
+    try:
+        commit = subprocess.run(["git", "-C", str(PACKAGE_DIR), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5)
+        if commit.returncode == 0 and commit.stdout.strip():
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
 def resolve_uri(flag: str | None) -> str:
     uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
     return uri
@@ -56,8 +78,9 @@ def resolve_uri(flag: str | None) -> str:
 class Tracker:
     """One experiment on one tracking server; runs are addressed by id so workers can log too."""
 
-    def __init__(self, uri: str, experiment: str):
+    def __init__(self, uri: str, experiment: str, source: str | None = None):
         self.uri = uri
+        self.source = source or Path(sys.argv[0]).name  # the CLI that started the work
         mlflow.set_tracking_uri(uri)  # also exported to child processes through the environment
         self.client = MlflowClient(uri)
         try:
@@ -81,7 +104,7 @@ class Tracker:
             run_id = existing[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
             return run_id, True
-        tags = {JOB_TAG: job} | ({"mlflow.parentRunId": parent_id} if parent_id else {})
+        tags = {JOB_TAG: job} | source_tags(self.source) | ({"mlflow.parentRunId": parent_id} if parent_id else {})
         run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
         self.client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
         return run_id, False
@@ -98,23 +121,46 @@ class Tracker:
         return f"run {run_id} in experiment {self.experiment!r} ({self.uri})"
 
     def log_model(self, run_id: str, checkpoint: Path, report_text: str, example: np.ndarray,
-                  name: str = "model") -> str:
-        """Log the checkpoint, the report, and a pyfunc model that loads from that checkpoint."""
+                  name: str = "model", step: int = 0, params: dict | None = None) -> str:
+        """Log the checkpoint, the report, and a pyfunc model that loads from that checkpoint.
+
+        `example`: raw images (uint8, N x H x W x C), the model's input example and signature. The
+        run's metrics at `step` (log the final figures there first) become the logged model's own
+        metrics; `params` (gamma, lr, preset, ...) its parameters."""
+        from mlflow.models import infer_signature
+        from mlflow.types.schema import Schema, TensorSpec
+
         self.client.log_artifact(run_id, str(checkpoint), "checkpoint")
         self.client.log_text(run_id, report_text, "evaluation.txt")
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
             # our outputs are never missing, so MLflow's hint about integer columns does not apply
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+            signature = infer_signature(example, BlockDropModel.output_example(len(example)))
+            # any height and width (the preset's evaluation transform resizes), the preset's channels
+            signature.inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, example.shape[-1]))])
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=BlockDropModel(),
                 artifacts={"checkpoint": str(checkpoint)},
                 code_paths=[str(PACKAGE_DIR)],
                 input_example=example,
+                signature=signature,
+                step=step,
+                params={k: str(v) for k, v in (params or {}).items()} or None,
                 pip_requirements=[f"torch=={_version('torch')}", f"torchvision=={_version('torchvision')}",
-                                  f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"],
+                                  f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}",
+                                  f"pillow=={_version('pillow')}"],
             )
         return info.model_uri
+
+
+def raw_images(preset, tensors) -> np.ndarray:
+    """What a client has: uint8 images (N, H, W, C) in 0..255, from the evaluation transform's output
+    (normalised N, C, H, W tensors); the model's input example."""
+    mean = np.asarray(preset.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(preset.std, dtype=np.float32)[:, None, None]
+    pixels = (np.asarray(tensors, dtype=np.float32) * std + mean) * 255.0
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def _version(package: str) -> str:
@@ -124,10 +170,12 @@ def _version(package: str) -> str:
 
 
 class BlockDropModel(mlflow.pyfunc.PythonModel):
-    """An MLflow model: normalised images (N, C, H, W) in; class, blocks used and FLOPs per image out."""
+    """An MLflow model: raw images in (uint8, N x H x W x C, 0..255, as decoded from PNG/JPEG: the
+    preset's evaluation transform is applied here), per image out: class, blocks used, FLOPs, policy."""
 
     def load_context(self, context) -> None:
         from blockdrop.checkpoints import load_models, read_checkpoint
+        from blockdrop.data import _folder_transform
         from blockdrop.flops import cost_model
         from blockdrop.presets import get_preset
 
@@ -138,6 +186,35 @@ class BlockDropModel(mlflow.pyfunc.PythonModel):
         if self.policy is not None:
             self.policy.eval()
         self.costs = cost_model(self.preset)
+        self.transform = _folder_transform(self.preset, augment=False, imagenet=self.preset.dataset == "imagenet")
+
+    @staticmethod
+    def output_example(n: int) -> pd.DataFrame:
+        return pd.DataFrame({"prediction": np.zeros(n, dtype=np.int64), "blocks_used": np.zeros(n, dtype=np.int32),
+                             "flops": np.zeros(n, dtype=np.float32), "policy": ["0"] * n})
+
+    def images(self, model_input) -> "torch.Tensor":
+        """Raw images to the network's input, or a ValueError that says what was expected."""
+        import torch
+        from PIL import Image
+
+        c = self.preset.in_channels
+        want = (f"uint8 images of shape (N, H, W, {c}) with pixel values 0..255 (the preset's size is "
+                f"{self.preset.image_size}x{self.preset.image_size}; other sizes are resized)")
+        array = np.asarray(model_input)
+        if array.dtype != np.uint8:
+            raise ValueError(f"expected {want}, got dtype {array.dtype}; send raw pixels, not normalised values")
+        if array.size and int(array.max()) <= 2:
+            # MLflow's scoring server casts JSON numbers to the signature's uint8: values scaled to 0..1 or
+            # normalised arrive as 0, 1 and 2, and would be classified as a black image without a word
+            raise ValueError(f"expected {want}: every pixel value here is 0, 1 or 2, which is what values scaled "
+                             "to 0..1 or normalised become; send the pixels as decoded from the image file")
+        if array.ndim == 3 and c == 1:
+            array = array[..., None]
+        if array.ndim != 4 or array.shape[-1] != c or min(array.shape[1:3], default=0) < 1:
+            raise ValueError(f"expected {want}, got shape {array.shape}")
+        mode = "L" if c == 1 else "RGB"
+        return torch.stack([self.transform(Image.fromarray(a[..., 0] if c == 1 else a, mode)) for a in array])
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
         import torch
@@ -145,7 +222,7 @@ class BlockDropModel(mlflow.pyfunc.PythonModel):
         from blockdrop.execution import run_sparse
         from blockdrop.reinforce import greedy
 
-        images = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        images = self.images(model_input)
         with torch.inference_mode():
             if self.policy is None:
                 actions = torch.ones(len(images), self.preset.num_blocks)
@@ -156,6 +233,6 @@ class BlockDropModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({
             "prediction": logits.argmax(1).numpy(),
             "blocks_used": actions.sum(1).int().numpy(),
-            "flops": flops.numpy(),
+            "flops": flops.float().numpy(),
             "policy": ["".join(str(int(v)) for v in row) for row in actions.tolist()],
         })

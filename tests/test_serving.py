@@ -76,7 +76,7 @@ def front(mlflow_server, tmp_path_factory):
         run_id, _ = tracker.job_run(f"serve-test-{i + 1}", f"serve-test-{i + 1}", {"preset": PRESET})
         for key, value in [("final_test_accuracy", accuracy), ("final_flops_per_image", flops), ("final_speedup", speedup)]:
             client.log_metric(run_id, key, value)
-        model_uri = tracker.log_model(run_id, checkpoint, "report", np.zeros((1, 1, 8, 8), dtype=np.float32))
+        model_uri = tracker.log_model(run_id, checkpoint, "report", np.zeros((1, 8, 8, 1), dtype=np.uint8))
         client.create_model_version(MODEL, source=model_uri, run_id=run_id, model_id=model_uri.split("/")[-1])
         checkpoints.append(checkpoint)
     client.set_registered_model_alias(MODEL, "most_accurate", "1")
@@ -378,3 +378,47 @@ def test_original_blockdrop_files_are_served_with_preset_and_backbone(tmp_path):
     with pytest.raises(Exception, match="--backbone applies to checkpoint files"):
         validate(build_parser().parse_args(["--model-uri", "models:/x", "--backbone", str(resnet),
                                             "--mlflow-uri", empty]), check_port=False)
+
+
+def test_mlflow_models_serve_takes_raw_pixels_and_answers_like_evaluate(front, tmp_path):
+    """The registered model through MLflow's own scoring server (`mlflow models serve`, real HTTP): a client
+    sends the pixels it decoded from the PNG files (uint8, N x H x W x 1) and gets blockdrop.evaluate's
+    classes and policies; normalised floats or a wrong shape get a 4xx that says what is expected."""
+    from PIL import Image
+
+    port = _free_port()
+    log = open(tmp_path / "mlflow-serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@fastest",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                            env=clean_env(MLFLOW_TRACKING_URI=front["uri"]), cwd=tmp_path, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/ping", timeout=5).status == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow models serve did not come up:\n" + (tmp_path / "mlflow-serve.log").read_text()[-3000:])
+            time.sleep(1)
+        files = front["images"]
+        pixels = np.stack([np.asarray(Image.open(f).convert("L")) for f in files])[..., None]
+        status, body = http("POST", f"{url}/invocations", json.dumps({"inputs": pixels.tolist()}).encode(),
+                            "application/json")
+        assert status == 200, body
+        expected = library_answers(front, version=2)
+        assert [(p["prediction"], p["policy"]) for p in body["predictions"]] == [expected[f] for f in files]
+        for bad, says in [((pixels / 255.0).tolist(), "uint8"), (pixels[:, :, :, 0:1].repeat(3, axis=3).tolist(), "shape")]:
+            status, body = http("POST", f"{url}/invocations", json.dumps({"inputs": bad}).encode(), "application/json")
+            assert 400 <= status < 500 and says in json.dumps(body), (status, body)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

@@ -130,13 +130,43 @@ def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(tmp
     import mlflow.pyfunc
     import numpy as np
 
+    from blockdrop.presets import get_preset
+    from blockdrop.tracking import raw_images
+
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    images = np.stack([load_dataset(PRESET, "test")[i][0].numpy() for i in range(8)])
+    test = load_dataset(PRESET, "test")
+    images = raw_images(get_preset(PRESET), np.stack([test[i][0].numpy() for i in range(8)]))  # what a client has
+    front_ids = {row["run_id"] for row in table["front"]}
     for alias in ("most_accurate", "fastest"):
         version = client.get_model_version_by_alias("blockdrop-R26_DIGITS", alias)
         assert client.get_run(version.run_id).data.tags["pareto_optimal"] == "true"
-        out = mlflow.pyfunc.load_model(f"models:/blockdrop-R26_DIGITS@{alias}").predict(images)
-        assert len(out) == 8
+        model = mlflow.pyfunc.load_model(f"models:/blockdrop-R26_DIGITS@{alias}")
+        out = model.predict(images)
+        assert len(out) == 8 and model.metadata.get_input_schema().inputs[0].type == np.dtype(np.uint8)
+        with pytest.raises(Exception, match="uint8"):  # normalised tensors, the old input, are refused
+            model.predict(np.stack([test[i][0].numpy() for i in range(8)]))
+    # every registered version and its logged model carry the run's final figures, not epoch 0's
+    versions = client.search_model_versions("name = 'blockdrop-R26_DIGITS'")
+    assert {v.run_id for v in versions} == front_ids
+    for v in versions:
+        final = client.get_run(v.run_id).data.metrics
+        assert float(v.tags["accuracy"]) == pytest.approx(final["final_test_accuracy"])
+        assert float(v.tags["flops_per_image"]) == pytest.approx(final["final_flops_per_image"])
+        assert float(v.tags["speedup"]) == pytest.approx(final["final_speedup"])
+        assert float(v.tags["blocks_used"]) == pytest.approx(final["final_blocks_used"])
+        assert v.tags["preset"] == PRESET and float(v.tags["gamma"]) == float(client.get_run(v.run_id).data.params["gamma"])
+        assert f"accuracy {final['final_test_accuracy']:.4f}" in v.description and "Pareto point" in v.description
+        logged = {m.key: m.value for m in client.get_logged_model(v.model_id).metrics}
+        for key in ("final_test_accuracy", "final_flops_per_image", "final_speedup", "final_blocks_used"):
+            assert logged[key] == pytest.approx(final[key]), key
+        assert logged["test_accuracy"] == pytest.approx(final["test_accuracy"])  # the last epoch's, not the first
+        assert client.get_logged_model(v.model_id).params["gamma"] == client.get_run(v.run_id).data.params["gamma"]
+    # runs read well: trial names say what differs; MLflow's source tags; lr as a parameter only
+    assert sorted(c.info.run_name for c in children) == ["gamma=-0.5 lr=0.001", "gamma=-20 lr=0.001", "gamma=-5 lr=0.001"]
+    for run in [parent, *children]:
+        assert run.data.tags["mlflow.source.name"] == "tune_penalty.py" and run.data.tags.get("mlflow.user")
+        assert "lr" not in run.data.metrics
+    assert "learning_rate" in children[0].data.metrics
 
 
 @pytest.mark.parametrize("args, message", [

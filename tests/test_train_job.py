@@ -145,6 +145,7 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
                      timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Block Usage:" in proc.stdout and "checkpoint: checkpoints/e2e-finetune.pt" in proc.stdout
+    assert "max_restarts > 0" not in proc.stderr and "Token authentication is enabled" not in proc.stderr  # noise
     client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("blockdrop")
     runs = client.search_runs([experiment.experiment_id])
@@ -177,8 +178,10 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model(f"runs:/{parent.info.run_id}/model")
+    from blockdrop.tracking import raw_images
+
     test = load_dataset(get_preset("R26_DIGITS"), "test")
-    images = np.stack([test[i][0].numpy() for i in range(64)])
+    images = raw_images(get_preset("R26_DIGITS"), np.stack([test[i][0].numpy() for i in range(64)]))  # 0..255 pixels
     out = model.predict(images)
     assert len(out) == 64 and out["blocks_used"].max() <= K
     assert (out["prediction"].to_numpy() == test.labels[:64].numpy()).mean() > 0.8
@@ -240,3 +243,12 @@ def test_logs_to_a_real_mlflow_server(tmp_path, mlflow_server):  # noqa: F811
     import numpy as np
 
     assert len(model.predict(np.zeros((3, 1, 8, 8), dtype=np.float32))) == 3
+
+
+def test_checkpoints_go_where_the_run_storage_is_unless_told(tmp_path):
+    from blockdrop.job import output_folder
+
+    assert output_folder(None, str(tmp_path / "shared"), "job1") == tmp_path / "shared" / "job1" / "checkpoints"
+    assert output_folder(str(tmp_path / "mine"), str(tmp_path / "shared"), "job1") == tmp_path / "mine"
+    assert output_folder(None, None, "job1") == Path("checkpoints")
+    assert output_folder(None, "s3://bucket/runs", "job1") == Path("checkpoints")  # no local path to copy to
