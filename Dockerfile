@@ -20,10 +20,17 @@ COPY --chown=ray:users requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt \
  && python -c "import torch, torchvision, ray, mlflow; print('torch', torch.__version__, 'ray', ray.__version__, 'mlflow', mlflow.__version__)"
 
+COPY --chown=ray:users pyproject.toml ./
 COPY --chown=ray:users blockdrop/ blockdrop/
 COPY --chown=ray:users cluster/ cluster/
 COPY --chown=ray:users tests/ tests/
-COPY --chown=ray:users train_job.py tune_penalty.py pytest.ini ./
+COPY --chown=ray:users train_job.py tune_penalty.py serve_policy.py pytest.ini ./
+# blockdrop itself, in place (editable: the code stays in this folder, which the jobs' commands name,
+# and nothing is written here): `import blockdrop` from anywhere and the blockdrop-* commands.
+# --no-deps: requirements.txt brought them; --no-build-isolation: its setuptools is the backend.
+RUN pip install --no-cache-dir --no-deps --no-build-isolation -e . \
+ && python -c "import importlib.metadata as m; print('blockdrop', m.version('blockdrop'))" \
+ && blockdrop-train --help > /dev/null
 
 # Jobs may run from any folder (a RayJob entrypoint, or a `ray job submit --working-dir` upload,
 # which then comes first on sys.path): the baked-in code stays importable.

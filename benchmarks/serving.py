@@ -135,7 +135,8 @@ def main() -> None:
     parser.add_argument("--images-per-request", default="1,16", help="images per request, one series each (default 1,16)")
     parser.add_argument("--seconds", type=float, default=15.0, help="load per client count and model (default 15)")
     parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--output", default="benchmarks/results/serving_cpu.md")
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "serving_cpu.md"),
+                        help="where the table is also written (default benchmarks/results/serving_cpu.md)")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     per_request = [int(k) for k in args.images_per_request.split(",")]

@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,6 +54,8 @@ class StageConfig:
     policy_lr: float | None = None  # finetune: the policy's own lr (default: lr)
     entropy: str = "original"  # curriculum: one of reinforce.ENTROPIES
     pace: int = 0  # curriculum: optimisation steps per newly decided block (0: one epoch)
+    # a progress line within an epoch every this many seconds (ImageNet: an epoch is an hour)
+    progress_every_s: float = field(default_factory=lambda: float(os.environ.get("BLOCKDROP_PROGRESS_EVERY_S", "30")))
 
 
 def progress(line: str) -> None:
@@ -61,6 +63,33 @@ def progress(line: str) -> None:
     Train's patched print would log it twice)."""
     sys.__stdout__.write(line + "\n")
     sys.__stdout__.flush()
+
+
+class StepProgress:
+    """Rank 0's line within a long epoch, every `every` seconds: step, images/s of all workers, ETA.
+    Workers' output is not a terminal (Ray forwards it), so lines rather than a progress bar; an epoch
+    shorter than `every` prints none."""
+
+    def __init__(self, stage: str, epoch: int, epochs: int, world: int, every: float):
+        self.stage, self.epoch, self.epochs, self.world, self.every = stage, epoch, epochs, world, every
+        self.began = self.last = time.time()
+        self.images = 0
+
+    def __call__(self, step: int, steps: int, images: int) -> None:
+        self.images += images
+        now = time.time()
+        if now - self.last < self.every or step >= steps:
+            return
+        self.last = now
+        elapsed = now - self.began
+        eta = (steps - step) * elapsed / step
+        progress(f"[{self.stage}] epoch {self.epoch + 1}/{self.epochs}  step {step}/{steps}  "
+                 f"{self.images * self.world / elapsed:.0f} img/s  epoch ends in {_duration(eta)}")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
 def _gather(obj: object, world: int) -> list:
@@ -172,8 +201,9 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start, cfg.epochs):
         began = time.time()
         sampler.set_epoch(epoch)
+        on_step = StepProgress(cfg.stage, epoch, cfg.epochs, world, cfg.progress_every_s) if rank == 0 else None
         stats = train_epoch(cfg.stage, models, loader, optimizer, epoch, cfg.gamma, device, cfg.drop_rate,
-                            cfg.pace, cfg.entropy)
+                            cfg.pace, cfg.entropy, on_step=on_step)
         lr = optimizer.param_groups[-1]["lr"]  # finetune: the ResNet's
         schedule.step()
         decided = None

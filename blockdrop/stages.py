@@ -169,9 +169,10 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.optim.Optimizer, epoch: int,
                 gamma: float, device: torch.device, drop_rate: float = 0.0, pace: int = 0,
-                entropy: str = "original") -> EpochStats:
+                entropy: str = "original", on_step=None) -> EpochStats:
     """One pass over `loader` (this worker's shard) of `stage`. Curriculum: a new block is decided
-    every `pace` optimisation steps (0: every epoch, as the original)."""
+    every `pace` optimisation steps (0: every epoch, as the original). `on_step(step, steps, images)`
+    after each optimisation step (progress within long epochs)."""
     stats = EpochStats()
     keep = survival(models.backbone.num_blocks, drop_rate, device) if drop_rate > 0 else None
     if stage == "curriculum":
@@ -195,4 +196,6 @@ def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.o
             out = finetune_step(models.policy_train, models.executor_train, models.backbone, images, labels, gamma)
         optimizer.step()
         stats.add(out)
+        if on_step is not None:
+            on_step(i + 1, steps, len(labels))
     return stats

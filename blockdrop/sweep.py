@@ -251,8 +251,17 @@ def publish_front(tracker, parent_id: str, points: list[Point], front: list[Poin
         tracker.client.set_tag(p.info["run_id"], "pareto_optimal", str(p.info["run_id"] in on_front).lower())
     rows = [p.info for p in front]
     gain = front_gain(front)
-    if gain:
-        tracker.log_metrics(parent_id, gain, step=0)
+    # the sweep's result on its own run: how many points, the best of each axis, and the front as a table
+    summary = {"trials_finished": len(points), "pareto_points": len(front),
+               "best_accuracy": max(p.accuracy for p in points), "lowest_flops_per_image": min(p.flops for p in points),
+               "best_speedup": max(p.info["speedup"] for p in points),
+               "full_model_accuracy": reference.accuracy, "full_model_flops_per_image": reference.flops}
+    tracker.log_metrics(parent_id, summary | gain, step=0)
+    import pandas as pd
+
+    columns = ["gamma", "lr", "accuracy", "flops", "speedup", "blocks", "unique_policies", "run_id"]
+    tracker.client.log_table(parent_id, pd.DataFrame([{k: r.get(k) for k in columns} for r in sorted(
+        rows, key=lambda r: r["flops"])]), "pareto/front_table.json")
     with tempfile.TemporaryDirectory() as folder:
         plot = plot_front(points, front, Path(folder) / "pareto_front.png", reference=reference, curves=curves)
         tracker.client.log_artifact(parent_id, str(plot), "pareto")
@@ -263,6 +272,16 @@ def publish_front(tracker, parent_id: str, points: list[Point], front: list[Poin
         tracker.client.log_artifact(parent_id, str(table), "pareto")
     register(tracker, front, model_name)
     return rows
+
+
+def save_view(tracker, parent_id: str, name: str) -> str:
+    """The experiment's saved view of this sweep (a scatter of its trials); where to open it."""
+    from blockdrop.mlflow_views import save_sweep_view, view_location
+
+    children = tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    metrics = sorted({key for run in children for key in run.data.metrics})
+    key = save_sweep_view(tracker.client, tracker.experiment_id, parent_id, name, metrics)
+    return view_location(tracker.uri, tracker.experiment_id, key)
 
 
 def register(tracker, front: list[Point], model_name: str) -> None:
@@ -386,6 +405,7 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"no trial of sweep {name} finished ({failed} failed); see the errors above")
     model_name = args.model_name or f"blockdrop-{preset.name}"
     rows = publish_front(tracker, parent_id, points, front, reference, model_name, curves)
+    view = save_view(tracker, parent_id, name)
     tracker.finish(parent_id, ok=True)
     print(f"\n{name}: {len(points)} trials finished, {failed} failed; Pareto front "
           f"(full model: accuracy {reference.accuracy:.3f}, FLOPs {reference.flops:.2E}):")
@@ -401,8 +421,7 @@ def run(args: argparse.Namespace) -> None:
               f"(front mean {100 * gain['front_gain_over_static']:+.2f} points)")
     print(f"\nregistered as {model_name} (aliases most_accurate, fastest): models:/{model_name}@most_accurate")
     print(f"MLflow: {tracker.run_url(parent_id)}")
-    if uri.startswith("sqlite:"):
-        print(f"browse: mlflow ui --backend-store-uri {uri}")
+    print(f"the front in MLflow's UI (accuracy vs FLOPs, a point per trial): {view}")
 
 
 def run_trial_with(config: dict, sweep: dict) -> None:

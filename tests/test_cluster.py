@@ -96,6 +96,12 @@ def test_dockerfile_builds_on_the_ray_image_of_the_pinned_ray_and_python():
     assert ("WORKDIR", WORKDIR) in steps
     runs = " ".join(args for op, args in steps if op == "RUN")
     assert "pip install" in runs and "-r requirements.txt" in runs
+    # then blockdrop itself (pyproject.toml), from the copied code, adding nothing requirements.txt lacks
+    package = [i for i, (op, args) in enumerate(steps) if op == "RUN" and re.search(r"pip install .*-e \.(\s|$)", args)]
+    assert package, "the image installs blockdrop (pip install -e .)"
+    assert "--no-deps" in steps[package[0]][1]
+    copied_before = " ".join(args for op, args in steps[:package[0]] if op == "COPY")
+    assert "pyproject.toml" in copied_before and "blockdrop/" in copied_before
     env = " ".join(args for op, args in steps if op == "ENV")
     assert f"PYTHONPATH={WORKDIR}" in env
     image_name()  # the label's version is the package's
@@ -110,7 +116,8 @@ def test_dockerfile_copies_what_exists_and_dockerignore_keeps_it():
         if op == "COPY":
             parts = [p for p in args.split() if not p.startswith("--")]
             copied += parts[:-1]
-    assert "requirements.txt" in copied and "train_job.py" in copied and "tune_penalty.py" in copied
+    assert {"requirements.txt", "pyproject.toml", "blockdrop/"} <= set(copied)
+    assert {path.name for path in REPO.glob("*.py")} <= set(copied), "every top-level script (the CLIs) is in the image"
     for src in copied:
         assert (REPO / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
         assert src.rstrip("/") not in ignored, f".dockerignore drops {src}, which the Dockerfile copies"
@@ -533,7 +540,7 @@ def test_training_job_runs_on_both_nodes_and_lands_in_mlflow(cluster, train_subm
 
     mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pyfunc.load_model(f"runs:/{parent.info.run_id}/model")
-    out = model.predict(np.zeros((4, 1, 8, 8), dtype=np.float32))
+    out = model.predict(np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8))  # raw pixels
     assert len(out) == 4 and {"prediction", "blocks_used"} <= set(out.columns)
 
 

@@ -107,7 +107,15 @@ def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(tmp
         assert c.data.tags["pareto_optimal"] == str(not dominated(c.info.run_id)).lower()
 
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "pareto")}
-    assert artifacts == {"pareto/pareto_front.png", "pareto/pareto_front.json"}
+    assert artifacts == {"pareto/pareto_front.png", "pareto/pareto_front.json", "pareto/front_table.json"}
+    on_front = [rid for rid in points if not dominated(rid)]
+    summary = parent.data.metrics  # the parent reads as the sweep's result
+    assert summary["trials_finished"] == 3 and summary["pareto_points"] == len(on_front)
+    assert summary["best_accuracy"] == max(a for a, _ in points.values())
+    assert summary["lowest_flops_per_image"] == min(f for _, f in points.values())
+    front_table = json.loads(Path(client.download_artifacts(parent.info.run_id, "pareto/front_table.json",
+                                                            str(tmp_path))).read_text())
+    assert sorted(row[front_table["columns"].index("run_id")] for row in front_table["data"]) == sorted(on_front)
     local = client.download_artifacts(parent.info.run_id, "pareto/pareto_front.json", str(tmp_path))
     table = json.loads(Path(local).read_text())
     assert {row["run_id"] for row in table["front"]} == {rid for rid in points if not dominated(rid)}

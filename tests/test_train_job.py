@@ -24,9 +24,9 @@ def job_env(tmp_path: Path) -> dict:
     return env
 
 
-def train_job(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def train_job(tmp_path: Path, *args: str, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "train_job.py"), "--storage-path", str(tmp_path / "ray"),
-                           *args], cwd=tmp_path, env=job_env(tmp_path), capture_output=True, text=True,
+                           *args], cwd=tmp_path, env={**job_env(tmp_path), **env}, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -142,9 +142,15 @@ def test_gpu_flag_on_a_cluster_without_gpus_is_refused(tmp_path):
 
 def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     proc = train_job(tmp_path, "--stage", "all", "--num-workers", "2", "--epochs", "12,15,5", "--name", "e2e",
-                     timeout=900)
+                     timeout=900, BLOCKDROP_PROGRESS_EVERY_S="0.2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Block Usage:" in proc.stdout and "checkpoint: checkpoints/e2e-finetune.pt" in proc.stdout
+    # the checkpoints sit next to the run storage (--storage-path), where a cluster keeps them
+    out = tmp_path / "ray" / "e2e" / "checkpoints"
+    assert "Block Usage:" in proc.stdout and f"checkpoint: {out / 'e2e-finetune.pt'}" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["e2e-curriculum.pt", "e2e-finetune.pt", "e2e-pretrain.pt"]
+    # progress within epochs (every 0.2 s here; 30 s by default), from rank 0 only
+    assert re.search(r"\[pretrain\] epoch \d+/12  step \d+/\d+  \d+ img/s  epoch ends in \dm\d\ds", proc.stdout), \
+        proc.stdout[-3000:]
     assert "max_restarts > 0" not in proc.stderr and "Token authentication is enabled" not in proc.stderr  # noise
     client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("blockdrop")
