@@ -68,9 +68,11 @@ def sweep_runs(tmp_path: Path, name: str):
     return client, parent, children
 
 
-def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(tmp_path, curriculum_checkpoint):
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory, curriculum_checkpoint):
     """One sweep exercises both: the driver is killed after its first trial, `--resume` finishes it
-    without rerunning that trial, and the published front is checked against the trials' metrics."""
+    without rerunning that trial. Returns its folder (mlflow.db), the finished trial and the resumed run."""
+    tmp_path = tmp_path_factory.mktemp("grid")
     cmd = sweep_cmd(tmp_path, curriculum_checkpoint, "--penalties", "-0.5,-5,-20", "--name", "grid")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -88,11 +90,18 @@ def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(tmp
 
     again = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    return tmp_path, finished[0], again
+
+
+def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(grid_sweep):
+    """The resumed sweep did not rerun its finished trial; the published front is checked against the
+    trials' metrics; the models carry their figures and take raw images."""
+    tmp_path, finished, again = grid_sweep
     assert "continuing sweep grid" in again.stderr and "Pareto front" in again.stdout
     client, parent, children = sweep_runs(tmp_path, "grid")
     assert sorted(float(c.data.params["gamma"]) for c in children) == [-20.0, -5.0, -0.5]
     assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
-    done = next(c for c in children if c.info.run_id == finished[0].info.run_id)
+    done = next(c for c in children if c.info.run_id == finished.info.run_id)
     steps = [m.step for m in client.get_metric_history(done.info.run_id, "test_accuracy")]
     assert sorted(steps) == [0, 1]  # the finished trial was not run again
 
@@ -227,3 +236,40 @@ def test_init_from_an_mlflow_run_artifact(tmp_path, monkeypatch):
         assert Path(resolve_init(uri, tracker.uri)).read_bytes() == ckpt.read_bytes()
     with pytest.raises(UserError, match="cannot download it from MLflow"):
         resolve_init(f"runs:/{run_id}/nothing-here", tracker.uri)
+
+
+def test_the_sweep_opens_on_its_front_in_mlflow_ui(grid_sweep, tmp_path):
+    """The URL the sweep printed, opened in a real browser (headless Chromium) on a real `mlflow server`
+    holding the sweep: the chart view, one scatter of final_test_accuracy against final_flops_per_image,
+    one point per trial. Needs Debian's chromium (apt-get install chromium)."""
+    import re
+    import shutil
+
+    from conftest import _free_port, start_mlflow_server, stop_process_group
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no Chromium: `apt-get install chromium` (Debian) to run the browser test")
+    folder, _, again = grid_sweep
+    printed = re.search(r"then open http://127\.0\.0\.1:5000(/#/experiments/\S+)", again.stdout)
+    assert printed, again.stdout[-2000:]
+    shutil.copyfile(folder / "mlflow.db", tmp_path / "tracking.db")  # the server's store: the sweep's
+    port = _free_port()
+    server = start_mlflow_server(tmp_path, port)
+    try:
+        url = f"http://127.0.0.1:{port}{printed.group(1)}"
+        command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000",
+                   "--virtual-time-budget=60000"]
+        dom = ""
+        for _ in range(3):  # the first load of a cold server can outlast the page's own data fetches
+            dom = subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+            if "plotly-customdata" in dom:
+                break
+        assert dom.count("js-plotly-plot") == 1, "one chart: the front's scatter"
+        scatter = dom[dom.index("scatterlayer"):]
+        assert scatter.count('class="point') == 3, "one point per trial"
+        assert "final_flops_per_image" in dom and "final_test_accuracy" in dom
+        subprocess.run([*command, f"--screenshot={tmp_path / 'view.png'}", url], capture_output=True, timeout=180)
+        assert (tmp_path / "view.png").stat().st_size > 10_000
+    finally:
+        stop_process_group(server)
