@@ -170,8 +170,9 @@ def _version(package: str) -> str:
 
 
 class BlockDropModel(mlflow.pyfunc.PythonModel):
-    """An MLflow model: raw images in (uint8, N x H x W x C, 0..255, as decoded from PNG/JPEG: the
-    preset's evaluation transform is applied here), per image out: class, blocks used, FLOPs, policy."""
+    """An MLflow model: raw images in (uint8, N x H x W x C, 0..255, as decoded from PNG/JPEG; or
+    a 1-D object array of encoded images: bytes or base64 strings), the preset's evaluation transform
+    applied here; per image out: class, blocks used, FLOPs, policy."""
 
     def load_context(self, context) -> None:
         from blockdrop.checkpoints import load_models, read_checkpoint
@@ -194,14 +195,54 @@ class BlockDropModel(mlflow.pyfunc.PythonModel):
                              "flops": np.zeros(n, dtype=np.float32), "policy": ["0"] * n})
 
     def images(self, model_input) -> "torch.Tensor":
-        """Raw images to the network's input, or a ValueError that says what was expected."""
+        """Raw images to the network's input, or a ValueError that says what was expected. A 1-D object
+        array holds one image per item: PNG/JPEG bytes, base64 strings of them, or pixel arrays (MLflow's
+        signature check lets such ragged input through)."""
         import torch
+
+        if isinstance(model_input, pd.DataFrame) and model_input.shape[1] == 1:
+            model_input = model_input.iloc[:, 0].to_numpy()
+        if isinstance(model_input, (list, tuple)) or (isinstance(model_input, np.ndarray) and model_input.dtype == object):
+            return torch.stack([self._one(item, i) for i, item in enumerate(model_input)])
+        return torch.stack([self._pixels(a) for a in self._check(np.asarray(model_input))])
+
+    def _want(self) -> str:
+        c = self.preset.in_channels
+        return (f"uint8 images of shape (N, H, W, {c}) with pixel values 0..255 (the preset's size is "
+                f"{self.preset.image_size}x{self.preset.image_size}; other sizes are resized), or a 1-D object "
+                "array of PNG/JPEG bytes or base64 strings")
+
+    def _one(self, item, i: int):
+        import base64
+        import binascii
+        import io
+
+        from PIL import Image, UnidentifiedImageError
+
+        if isinstance(item, np.ndarray) and item.dtype != object:
+            return self._pixels(self._check(item[None])[0])
+        if isinstance(item, str):
+            try:
+                item = base64.b64decode(item, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError(f"image {i} is a string but not base64; expected {self._want()}") from None
+        if not isinstance(item, (bytes, bytearray)):
+            raise ValueError(f"image {i} is a {type(item).__name__}; expected {self._want()}")
+        try:
+            with Image.open(io.BytesIO(item)) as image:
+                image = image.convert("L" if self.preset.in_channels == 1 else "RGB")
+        except (UnidentifiedImageError, OSError, ValueError):
+            raise ValueError(f"image {i}: not a PNG, JPEG or other image Pillow reads") from None
+        return self.transform(image)
+
+    def _pixels(self, array: np.ndarray):
         from PIL import Image
 
         c = self.preset.in_channels
-        want = (f"uint8 images of shape (N, H, W, {c}) with pixel values 0..255 (the preset's size is "
-                f"{self.preset.image_size}x{self.preset.image_size}; other sizes are resized)")
-        array = np.asarray(model_input)
+        return self.transform(Image.fromarray(array[..., 0] if c == 1 else array, "L" if c == 1 else "RGB"))
+
+    def _check(self, array: np.ndarray) -> np.ndarray:
+        c, want = self.preset.in_channels, self._want()
         if array.dtype != np.uint8:
             raise ValueError(f"expected {want}, got dtype {array.dtype}; send raw pixels, not normalised values")
         if array.size and int(array.max()) <= 2:
@@ -213,8 +254,7 @@ class BlockDropModel(mlflow.pyfunc.PythonModel):
             array = array[..., None]
         if array.ndim != 4 or array.shape[-1] != c or min(array.shape[1:3], default=0) < 1:
             raise ValueError(f"expected {want}, got shape {array.shape}")
-        mode = "L" if c == 1 else "RGB"
-        return torch.stack([self.transform(Image.fromarray(a[..., 0] if c == 1 else a, mode)) for a in array])
+        return array
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
         import torch

@@ -422,3 +422,22 @@ def test_mlflow_models_serve_takes_raw_pixels_and_answers_like_evaluate(front, t
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def test_the_registered_model_takes_encoded_images_through_mlflows_python_api(front):
+    """PNG bytes or base64 strings (a 1-D object array, one image per item), through
+    mlflow.pyfunc.load_model: the same answers as blockdrop.evaluate on the files."""
+    import mlflow.pyfunc
+
+    mlflow.pyfunc.mlflow.set_tracking_uri(front["uri"])
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@fastest")
+    files = front["images"]
+    expected = [library_answers(front, version=2)[f] for f in files]
+    for payload in (np.array([f.read_bytes() for f in files], dtype=object),
+                    np.array([base64.b64encode(f.read_bytes()).decode() for f in files], dtype=object)):
+        out = model.predict(payload)
+        assert list(zip(out["prediction"].tolist(), out["policy"].tolist())) == expected
+    with pytest.raises(Exception, match="not base64"):
+        model.predict(np.array(["@@@"], dtype=object))
+    with pytest.raises(Exception, match="not a PNG, JPEG"):
+        model.predict(np.array([b"not an image"], dtype=object))

@@ -147,12 +147,11 @@ def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(gri
     import mlflow.pyfunc
     import numpy as np
 
-    from blockdrop.presets import get_preset
     from blockdrop.tracking import raw_images
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     test = load_dataset(PRESET, "test")
-    images = raw_images(get_preset(PRESET), np.stack([test[i][0].numpy() for i in range(8)]))  # what a client has
+    images = raw_images(PRESET, np.stack([test[i][0].numpy() for i in range(8)]))  # what a client has
     front_ids = {row["run_id"] for row in table["front"]}
     for alias in ("most_accurate", "fastest"):
         version = client.get_model_version_by_alias("blockdrop-R26_DIGITS", alias)
@@ -267,7 +266,7 @@ def test_the_sweep_opens_on_its_front_in_mlflow_ui(grid_sweep, tmp_path):
                 break
         assert dom.count("js-plotly-plot") == 1, "one chart: the front's scatter"
         scatter = dom[dom.index("scatterlayer"):]
-        assert scatter.count('class="point') == 3, "one point per trial"
+        assert scatter.count('<path class="point') == 3, "one point per trial"
         assert "final_flops_per_image" in dom and "final_test_accuracy" in dom
         subprocess.run([*command, f"--screenshot={tmp_path / 'view.png'}", url], capture_output=True, timeout=180)
         assert (tmp_path / "view.png").stat().st_size > 10_000

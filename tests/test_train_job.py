@@ -248,7 +248,7 @@ def test_logs_to_a_real_mlflow_server(tmp_path, mlflow_server):  # noqa: F811
     model = mlflow.pyfunc.load_model(f"runs:/{runs[0].info.run_id}/model")
     import numpy as np
 
-    assert len(model.predict(np.zeros((3, 1, 8, 8), dtype=np.float32))) == 3
+    assert len(model.predict(np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8))) == 3
 
 
 def test_checkpoints_go_where_the_run_storage_is_unless_told(tmp_path):
