@@ -170,7 +170,7 @@ def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(gri
         assert float(v.tags["flops_per_image"]) == pytest.approx(final["final_flops_per_image"])
         assert float(v.tags["speedup"]) == pytest.approx(final["final_speedup"])
         assert float(v.tags["blocks_used"]) == pytest.approx(final["final_blocks_used"])
-        assert v.tags["preset"] == PRESET and float(v.tags["gamma"]) == float(client.get_run(v.run_id).data.params["gamma"])
+        assert v.tags["preset"] == PRESET.name and float(v.tags["gamma"]) == float(client.get_run(v.run_id).data.params["gamma"])
         assert f"accuracy {final['final_test_accuracy']:.4f}" in v.description and "Pareto point" in v.description
         logged = {m.key: m.value for m in client.get_logged_model(v.model_id).metrics}
         for key in ("final_test_accuracy", "final_flops_per_image", "final_speedup", "final_blocks_used"):
