@@ -286,14 +286,20 @@ def run(args: argparse.Namespace) -> None:
     from blockdrop.distributed import StageConfig, analyse_remotely, final_report, run_stage
     from blockdrop.tracking import Tracker, raw_images, resolve_uri
 
+    from blockdrop.preflight import check_cluster_flags
+
     preset, plan = validate(args)
     stage_label = "all" if args.stage is None else ",".join(args.stage)
     name = args.name or f"{preset.name}-{stage_label.replace(',', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    uri = resolve_uri(args.mlflow_uri)
+    check_cluster_flags(args, uri)  # MLflow, run storage and Ray answer, before anything starts
+    tracker = Tracker(uri, args.experiment)
+    done = tracker.finished_job(name)
+    if done is not None:  # its record stays as it is: a rerun would log a second model over a trained run
+        raise UserError(f"job {name} has finished already (MLflow run {done}); give another --name to train again")
     start_ray(args.address, args.gpu, args.num_workers, args.storage_path)  # cluster checks first: a refused job leaves no run
     import ray
 
-    uri = resolve_uri(args.mlflow_uri)
-    tracker = Tracker(uri, args.experiment)
     common = {"preset": preset.name, "num_workers": args.num_workers, "gpu": args.gpu,
               "dataset": args.dataset or preset.dataset, "init": args.init or ""}
     job_params = common | {"stage": stage_label, "stages": ",".join(stage for stage, _ in plan)}

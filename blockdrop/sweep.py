@@ -113,13 +113,20 @@ def validate(args: argparse.Namespace) -> tuple[Preset, str, int]:
     if args.num_samples is None:
         if not args.penalties:
             raise UserError("give a grid of gammas (--penalties -1,-2,-5) or --num-samples N for a search")
-        bad = [g for g in args.penalties if not g < 0]
+        bad = [g for g in args.penalties if not (g < 0 and math.isfinite(g))]
         if bad:
-            raise UserError(f"--penalties must all be negative (the reward of a misclassified image): {bad}")
+            raise UserError(f"--penalties must all be negative numbers (the reward of a misclassified image): {bad}")
     elif args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, not {args.num_samples}")
-    if len(args.gamma_range) != 2 or not args.gamma_range[0] < args.gamma_range[1] < 0:
+    elif args.penalties:
+        raise UserError("--num-samples (Optuna proposes gammas in --gamma-range) and --penalties (a grid of gammas) "
+                        "exclude each other: give one")
+    if (len(args.gamma_range) != 2 or not all(math.isfinite(g) for g in args.gamma_range)
+            or not args.gamma_range[0] < args.gamma_range[1] < 0):
         raise UserError(f"--gamma-range takes low,high with low < high < 0, not {args.gamma_range}")
+    for flag in ("epochs", "batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
     if args.lrs is not None and (not args.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs)):
         raise UserError(f"--lrs must be positive numbers, not {args.lrs}")
     for flag in ("workers_per_trial", "max_concurrent"):
@@ -326,10 +333,22 @@ def run(args: argparse.Namespace) -> None:
     from ray import tune
 
     from blockdrop.job import start_ray, storage_location
+    from blockdrop.preflight import check_cluster_flags
     from blockdrop.tracking import Tracker, resolve_uri
 
     preset, init, train_size = validate(args)
     name = args.name or f"{preset.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    uri = resolve_uri(args.mlflow_uri)
+    check_cluster_flags(args, uri)  # MLflow, run storage and Ray answer, before anything starts
+    storage = storage_location(args.storage_path) or str(Path.home() / "ray_results")
+    path = f"{storage.rstrip('/')}/{name}"
+    tracker = Tracker(uri, args.experiment)
+    done = tracker.finished_job(name)
+    if done is not None:  # a second publication would register the front's models again
+        raise UserError(f"sweep {name} has finished already (MLflow run {done}); give another --name for a new sweep")
+    if args.resume and not tune.Tuner.can_restore(path) and not tracker.job_exists(name):
+        raise UserError(f"--resume --name {name}: no such sweep (no Tune state at {path}, no MLflow run in "
+                        f"experiment {args.experiment!r}); drop --resume to start it")
     own = (args.dataset or preset.dataset) == preset.dataset
     defaults = preset.stages["finetune"] if own else OTHER_DATA_STAGES["finetune"]
     batch = args.batch_size or defaults.batch_size
@@ -337,8 +356,6 @@ def run(args: argparse.Namespace) -> None:
     lrs = args.lrs or [defaults.lr]
     policy_lr = args.policy_lr or defaults.policy_lr
     start_ray(args.address, args.gpu, args.workers_per_trial, args.storage_path)
-    uri = resolve_uri(args.mlflow_uri)
-    tracker = Tracker(uri, args.experiment)
     search = "grid" if args.num_samples is None else "optuna"
     parent_id, resumed = tracker.job_run(name, name, {
         "preset": preset.name, "init": args.init, "search": search, "epochs": epochs, "batch_size": batch,
@@ -347,66 +364,67 @@ def run(args: argparse.Namespace) -> None:
         "lrs": ",".join(map(str, lrs))})
     print(f"{'continuing' if resumed else 'started'} sweep {name}: MLflow {tracker.run_url(parent_id)}", file=sys.stderr)
 
-    backbone, policy, _ = load_models(preset, init)
-    test = load_dataset(preset, "test", args.dataset, args.data_dir)
-    full = evaluate(backbone, None, make_loader(test, 256, 0), cost_model(preset), torch.device("cpu"), progress=False)
-    reference = Point(full.accuracy, full.full_flops, "full model",
-                      {"accuracy": full.accuracy, "flops": full.full_flops, "speedup": 1.0})
-    init_ref = ray.put({"backbone": backbone.state_dict(), "policy": policy.state_dict()})
-    storage = storage_location(args.storage_path) or str(Path.home() / "ray_results")
-    settings = {"preset": preset.name, "name": name, "epochs": epochs, "batch_size": batch, "policy_lr": policy_lr,
-                "analysis": not args.no_analysis,
-                "workers": args.workers_per_trial, "gpu": args.gpu, "dataset": args.dataset,
-                "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None, "mlflow_uri": uri,
-                "experiment": args.experiment, "parent_id": parent_id, "init_ref": init_ref,
-                "init_label": args.init, "storage_path": storage, "source": tracker.source}
-    # The trial itself only waits on its Train run: it asks for a little memory, no CPU, so the CPUs
-    # stay for the Train workers (a trial holding a CPU would deadlock a 2-CPU machine at 2 workers).
-    trainable = tune.with_resources(tune.with_parameters(run_trial_with, sweep=settings),
-                                    {"cpu": 0, "memory": 256 * 1024 ** 2})
-    path = f"{storage.rstrip('/')}/{name}"
-    if args.resume and tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
-    else:
-        if args.resume:
-            print(f"note: no Tune state at {path}; starting the sweep", file=sys.stderr)
-        if search == "grid":
-            space = {"gamma": tune.grid_search(args.penalties), "lr": tune.grid_search(lrs)}
-            tune_config = tune.TuneConfig(max_concurrent_trials=args.max_concurrent)
+    try:  # whatever stops the sweep (an error, Ctrl-C), its parent run does not stay RUNNING
+        backbone, policy, _ = load_models(preset, init)
+        test = load_dataset(preset, "test", args.dataset, args.data_dir)
+        full = evaluate(backbone, None, make_loader(test, 256, 0), cost_model(preset), torch.device("cpu"), progress=False)
+        reference = Point(full.accuracy, full.full_flops, "full model",
+                          {"accuracy": full.accuracy, "flops": full.full_flops, "speedup": 1.0})
+        init_ref = ray.put({"backbone": backbone.state_dict(), "policy": policy.state_dict()})
+        settings = {"preset": preset.name, "name": name, "epochs": epochs, "batch_size": batch, "policy_lr": policy_lr,
+                    "analysis": not args.no_analysis,
+                    "workers": args.workers_per_trial, "gpu": args.gpu, "dataset": args.dataset,
+                    "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None, "mlflow_uri": uri,
+                    "experiment": args.experiment, "parent_id": parent_id, "init_ref": init_ref,
+                    "init_label": args.init, "storage_path": storage, "source": tracker.source}
+        # The trial itself only waits on its Train run: it asks for a little memory, no CPU, so the CPUs
+        # stay for the Train workers (a trial holding a CPU would deadlock a 2-CPU machine at 2 workers).
+        trainable = tune.with_resources(tune.with_parameters(run_trial_with, sweep=settings),
+                                        {"cpu": 0, "memory": 256 * 1024 ** 2})
+        if args.resume and tune.Tuner.can_restore(path):
+            tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
         else:
-            import optuna
-            from ray.tune.search.optuna import OptunaSearch
+            if args.resume:
+                print(f"note: no Tune state at {path}; starting the sweep", file=sys.stderr)
+            if search == "grid":
+                space = {"gamma": tune.grid_search(args.penalties), "lr": tune.grid_search(lrs)}
+                tune_config = tune.TuneConfig(max_concurrent_trials=args.max_concurrent)
+            else:
+                import optuna
+                from ray.tune.search.optuna import OptunaSearch
 
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-            space = {"gamma": tune.uniform(*args.gamma_range), "lr": tune.choice(lrs)}
-            searcher = OptunaSearch(metric=["test_accuracy", "flops_per_image"], mode=["max", "min"],
-                                    sampler=optuna.samplers.NSGAIISampler(seed=0))
-            tune_config = tune.TuneConfig(search_alg=searcher, num_samples=args.num_samples,
-                                          max_concurrent_trials=args.max_concurrent)
-        tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=tune.RunConfig(
-            name=name, storage_path=storage, verbose=0, callbacks=[Progress()],
-            failure_config=tune.FailureConfig(max_failures=0)))
-    curves_ref = None
-    if not args.no_analysis:  # on a Ray worker while the trials run
-        from blockdrop.distributed import curves_remotely
+                optuna.logging.set_verbosity(optuna.logging.WARNING)
+                space = {"gamma": tune.uniform(*args.gamma_range), "lr": tune.choice(lrs)}
+                searcher = OptunaSearch(metric=["test_accuracy", "flops_per_image"], mode=["max", "min"],
+                                        sampler=optuna.samplers.NSGAIISampler(seed=0))
+                tune_config = tune.TuneConfig(search_alg=searcher, num_samples=args.num_samples,
+                                              max_concurrent_trials=args.max_concurrent)
+            tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=tune.RunConfig(
+                name=name, storage_path=storage, verbose=0, callbacks=[Progress()],
+                failure_config=tune.FailureConfig(max_failures=0)))
+        curves_ref = None
+        if not args.no_analysis:  # on a Ray worker while the trials run
+            from blockdrop.distributed import curves_remotely
 
-        curves_ref = curves_remotely(preset.name, init_ref, args.dataset, settings["data_dir"], args.gpu)
-    results = tuner.fit()
-    failed = sum(r.error is not None for r in results)
-    curves = None
-    if curves_ref is not None:
-        from blockdrop.baselines import CurvePoint
+            curves_ref = curves_remotely(preset.name, init_ref, args.dataset, settings["data_dir"], args.gpu)
+        results = tuner.fit()
+        failed = sum(r.error is not None for r in results)
+        curves = None
+        if curves_ref is not None:
+            from blockdrop.baselines import CurvePoint
 
-        curves = {name: [CurvePoint(**p) for p in curve] for name, curve in ray.get(curves_ref).items()}
+            curves = {name: [CurvePoint(**p) for p in curve] for name, curve in ray.get(curves_ref).items()}
 
-    points, front = collect_front(tracker, parent_id, reference)
-    if not points:
+        points, front = collect_front(tracker, parent_id, reference)
+        if not points:
+            raise UserError(f"no trial of sweep {name} finished ({failed} failed); see the errors above")
+        model_name = args.model_name or f"blockdrop-{preset.name}"
+        rows = publish_front(tracker, parent_id, points, front, reference, model_name, curves)
+        view = save_view(tracker, parent_id, name)
+        tracker.finish(parent_id, ok=True)
+    except BaseException:
         tracker.finish(parent_id, ok=False)
-        raise UserError(f"no trial of sweep {name} finished ({failed} failed); see the errors above")
-    model_name = args.model_name or f"blockdrop-{preset.name}"
-    rows = publish_front(tracker, parent_id, points, front, reference, model_name, curves)
-    view = save_view(tracker, parent_id, name)
-    tracker.finish(parent_id, ok=True)
+        raise
     print(f"\n{name}: {len(points)} trials finished, {failed} failed; Pareto front "
           f"(full model: accuracy {reference.accuracy:.3f}, FLOPs {reference.flops:.2E}):")
     print(f"{'gamma':>8} {'lr':>8} {'accuracy':>9} {'FLOPs/img':>10} {'speedup':>8} {'blocks':>7} {'policies':>8} "

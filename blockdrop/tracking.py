@@ -93,6 +93,16 @@ class Tracker:
                             "check --mlflow-uri / MLFLOW_TRACKING_URI") from None
         self.experiment = experiment
 
+    def finished_job(self, job: str) -> str | None:
+        """The id of `job`'s top-level run if it finished, else None."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{JOB_TAG}` = '{job}'", max_results=10,
+                                       order_by=["attributes.start_time DESC"])
+        top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        return top[0].info.run_id if top and top[0].info.status == "FINISHED" else None
+
+    def job_exists(self, job: str) -> bool:
+        return bool(self.client.search_runs([self.experiment_id], f"tags.`{JOB_TAG}` = '{job}'", max_results=1))
+
     def job_run(self, job: str, run_name: str, params: dict, parent_id: str | None = None) -> tuple[str, bool]:
         """The run of `job` (under `parent_id`), created or continued; True if it already existed."""
         query = f"tags.`{JOB_TAG}` = '{job}'"

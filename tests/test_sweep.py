@@ -190,6 +190,11 @@ def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(gri
     ([], "give a grid of gammas"),
     (["--penalties", "-1", "--lrs", "0"], "--lrs must be positive"),
     (["--penalties", "-1", "--resume"], "--resume needs --name"),
+    (["--penalties=-inf"], "--penalties must all be negative numbers"),
+    (["--num-samples", "1", "--penalties", "-1"], "exclude each other"),
+    (["--penalties", "-1", "--epochs", "0"], "--epochs must be at least 1"),
+    (["--penalties", "-1", "--batch-size=-4"], "--batch-size must be at least 1"),
+    (["--num-samples", "2", "--gamma-range=-inf,-1"], "--gamma-range takes low,high"),
 ])
 def test_invalid_sweeps_fail_fast(tmp_path, curriculum_checkpoint, monkeypatch, args, message):
     from blockdrop.errors import UserError
@@ -272,3 +277,10 @@ def test_the_sweep_opens_on_its_front_in_mlflow_ui(grid_sweep, tmp_path):
         assert (tmp_path / "view.png").stat().st_size > 10_000
     finally:
         stop_process_group(server)
+
+
+def test_resume_of_a_sweep_that_never_existed_is_refused(tmp_path, curriculum_checkpoint):
+    proc = subprocess.run(sweep_cmd(tmp_path, curriculum_checkpoint, "--penalties", "-1", "--name", "never-existed",
+                                    "--resume"), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2 and "--resume --name never-existed: no such sweep" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
