@@ -294,9 +294,6 @@ def run(args: argparse.Namespace) -> None:
     uri = resolve_uri(args.mlflow_uri)
     check_cluster_flags(args, uri)  # MLflow, run storage and Ray answer, before anything starts
     tracker = Tracker(uri, args.experiment)
-    done = tracker.finished_job(name)
-    if done is not None:  # its record stays as it is: a rerun would log a second model over a trained run
-        raise UserError(f"job {name} has finished already (MLflow run {done}); give another --name to train again")
     start_ray(args.address, args.gpu, args.num_workers, args.storage_path)  # cluster checks first: a refused job leaves no run
     import ray
 
@@ -347,8 +344,8 @@ def run(args: argparse.Namespace) -> None:
                       f"run it again with python -m blockdrop.evaluate --compare --report-dir", file=sys.stderr)
         ok = True
     finally:
-        if not ok:
-            tracker.finish(run_id, ok=False)
+        if not ok:  # a rerun of a finished job that fails leaves the earlier record as it was
+            tracker.finish(run_id, ok=False, restore=resumed)
 
     report = final_report(Path(init_path), cost_model(preset).full)
     test = load_dataset(preset, "test", args.dataset, args.data_dir)

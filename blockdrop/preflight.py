@@ -52,11 +52,21 @@ def check_storage(path: str | None, flag: str = "--storage-path") -> None:
 
 
 def _writable(folder: Path, what: str) -> None:
+    """The folder exists and can be written, or can be created; what the check creates, it removes (a
+    refused command leaves nothing behind)."""
+    folder = folder.absolute()
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"{what} cannot be created ({err.strerror or err}); give a folder you can write") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
+    finally:
+        for created in missing:  # deepest first
+            try:
+                created.rmdir()
+            except OSError:
+                pass
+    if not missing and not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"{what} cannot be written; give a folder you can write")
 
 

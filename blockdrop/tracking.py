@@ -92,6 +92,7 @@ class Tracker:
             raise UserError(f"cannot reach MLflow at {uri} ({type(err).__name__}: {err}); "
                             "check --mlflow-uri / MLFLOW_TRACKING_URI") from None
         self.experiment = experiment
+        self._before: dict[str, tuple[str, int | None]] = {}  # runs reopened here: their earlier status, end time
 
     def finished_job(self, job: str) -> str | None:
         """The id of `job`'s top-level run if it finished, else None."""
@@ -112,6 +113,7 @@ class Tracker:
                                            order_by=["attributes.start_time DESC"])
         if existing:
             run_id = existing[0].info.run_id
+            self._before[run_id] = (existing[0].info.status, existing[0].info.end_time)
             self.client.update_run(run_id, status="RUNNING")
             return run_id, True
         tags = {JOB_TAG: job} | source_tags(self.source) | ({"mlflow.parentRunId": parent_id} if parent_id else {})
@@ -122,7 +124,13 @@ class Tracker:
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         self.client.log_batch(run_id, metrics=metric_batch(metrics, step))
 
-    def finish(self, run_id: str, ok: bool) -> None:
+    def finish(self, run_id: str, ok: bool, restore: bool = False) -> None:
+        """End the run. `restore`: after a failed attempt on a run that had finished before, put its
+        earlier status and end time back rather than marking it FAILED."""
+        status, end_time = self._before.get(run_id, (None, None))
+        if not ok and restore and status == "FINISHED":
+            self.client.set_terminated(run_id, status, end_time=end_time)
+            return
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
     def run_url(self, run_id: str) -> str:

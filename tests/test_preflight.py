@@ -43,7 +43,8 @@ def test_a_server_that_never_answers_fails_within_the_timeout():
 
 
 def test_storage_and_ray_address(tmp_path):
-    check_storage(str(tmp_path / "ray_results"))
+    check_storage(str(tmp_path / "ray_results" / "deep"))
+    assert not (tmp_path / "ray_results").exists()  # the check leaves nothing behind
     check_storage("s3://bucket/runs")  # Ray's business
     with pytest.raises(UserError, match="--storage-path /proc/x cannot be created"):
         check_storage("/proc/x")

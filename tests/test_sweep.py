@@ -172,11 +172,12 @@ def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(gri
         assert float(v.tags["blocks_used"]) == pytest.approx(final["final_blocks_used"])
         assert v.tags["preset"] == PRESET.name and float(v.tags["gamma"]) == float(client.get_run(v.run_id).data.params["gamma"])
         assert f"accuracy {final['final_test_accuracy']:.4f}" in v.description and "Pareto point" in v.description
-        logged = {m.key: m.value for m in client.get_logged_model(v.model_id).metrics}
+        model_id = v.model_id or client.get_run(v.run_id).outputs.model_outputs[0].model_id
+        logged = {m.key: m.value for m in client.get_logged_model(model_id).metrics}
         for key in ("final_test_accuracy", "final_flops_per_image", "final_speedup", "final_blocks_used"):
             assert logged[key] == pytest.approx(final[key]), key
         assert logged["test_accuracy"] == pytest.approx(final["test_accuracy"])  # the last epoch's, not the first
-        assert client.get_logged_model(v.model_id).params["gamma"] == client.get_run(v.run_id).data.params["gamma"]
+        assert client.get_logged_model(model_id).params["gamma"] == client.get_run(v.run_id).data.params["gamma"]
     # runs read well: trial names say what differs; MLflow's source tags; lr as a parameter only
     assert sorted(c.info.run_name for c in children) == ["gamma=-0.5 lr=0.001", "gamma=-20 lr=0.001", "gamma=-5 lr=0.001"]
     for run in [parent, *children]:

@@ -175,9 +175,11 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     pictures = {a.path for a in client.list_artifacts(parent.info.run_id, "policy")}
     assert pictures == {f"policy/{name}" for name in ("block_usage.png", "blocks_histogram.png", "blocks_per_class.png",
                                                       "top_policies.png", "fewest_most_blocks.png", "baselines.json")}
-    # the same job again: refused before anything starts, and its finished run stays as it was
-    again = train_job(tmp_path, "--name", "e2e", timeout=120)
-    assert again.returncode == 2 and "job e2e has finished already" in again.stderr, again.stderr[-2000:]
+    # the same job again with a storage path that cannot be created: refused before anything starts,
+    # and its finished run stays as it was
+    again = subprocess.run([sys.executable, str(REPO / "train_job.py"), "--name", "e2e", "--storage-path", "/proc/x"],
+                           cwd=tmp_path, env=job_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--storage-path /proc/x cannot be created" in again.stderr, again.stderr[-2000:]
     after = client.get_run(parent.info.run_id).info
     assert (after.status, after.end_time) == ("FINISHED", parent.info.end_time)
 
