@@ -118,7 +118,8 @@ def _image_folder(preset: Preset, name: str, root: Path, train: bool, augment: b
     from torchvision import datasets
 
     try:
-        ds = datasets.ImageFolder(str(folder), transform=_folder_transform(preset, augment, name == "imagenet"))
+        ds = SkipUnreadable(datasets.ImageFolder(str(folder), transform=_folder_transform(preset, augment,
+                                                                                          name == "imagenet")), folder)
     except (FileNotFoundError, RuntimeError) as err:
         raise UserError(f"{folder} holds no images in class subfolders ({err})") from None
     if len(ds.classes) != preset.num_classes:
@@ -129,6 +130,74 @@ def _image_folder(preset: Preset, name: str, root: Path, train: bool, augment: b
         keep = set(held_out) if not train else set(range(len(ds))) - set(held_out)
         ds = Subset(ds, sorted(keep))
     return ds
+
+
+MAX_UNREADABLE = 0.001  # default share of a folder's images that may be unreadable (--max-bad-images)
+
+
+class SkipUnreadable(Dataset):
+    """An image folder that survives files it cannot decode. Up-front checks cannot open a million
+    files, so a corrupt or truncated one is found when it is loaded: the next readable image of the
+    folder stands in for it, a warning names it (once per file and process), and it is counted
+    (`skipped`, shared with the DataLoader's worker processes). Callers stop past a threshold:
+    `check_unreadable`."""
+
+    def __init__(self, folder, root: Path):
+        import multiprocessing
+
+        self.folder, self.root = folder, root
+        self.samples, self.classes, self.targets = folder.samples, folder.classes, folder.targets
+        self._count = multiprocessing.Value("i", 0)  # inherited by forked DataLoader workers
+        self._seen: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int):
+        for k in range(len(self.folder)):
+            j = (i + k) % len(self.folder)
+            try:
+                return self.folder[j]
+            except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+                self._skip(self.samples[j][0], err)
+        raise UserError(f"no readable image in {self.root}")
+
+    def _skip(self, path: str, err: Exception) -> None:
+        if path in self._seen:
+            return
+        self._seen.add(path)
+        if self._count is not None:
+            with self._count.get_lock():
+                self._count.value += 1
+        print(f"warning: unreadable image {path} ({type(err).__name__}); the next image stands in for it",
+              file=sys.stderr, flush=True)
+
+    @property
+    def skipped(self) -> int:
+        return 0 if self._count is None else self._count.value
+
+    def __getstate__(self):  # a spawned worker cannot share the counter: it counts nothing
+        return {**self.__dict__, "_count": None}
+
+
+def skipped_images(dataset) -> int | None:
+    """Unreadable files met so far in an image folder (None for datasets that cannot have any)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset.skipped if isinstance(dataset, SkipUnreadable) else None
+
+
+def check_unreadable(dataset, share: float, flag: str = "--max-bad-images") -> int:
+    """The number of unreadable files met; a UserError once they pass `share` of the dataset."""
+    skipped = skipped_images(dataset) or 0
+    allowed = int(share * len(dataset)) if share > 0 else 0
+    if skipped > max(allowed, 1 if share > 0 else 0):
+        inner = dataset
+        while isinstance(inner, Subset):
+            inner = inner.dataset
+        raise UserError(f"{skipped} unreadable images in {inner.root} of {len(dataset)}, more than {flag} {share:g} "
+                        "allows; the warnings above name them: fix or remove them, or raise the limit")
+    return skipped
 
 
 class Digits(Dataset):

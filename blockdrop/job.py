@@ -293,9 +293,10 @@ def run(args: argparse.Namespace) -> None:
     name = args.name or f"{preset.name}-{stage_label.replace(',', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = resolve_uri(args.mlflow_uri)
     check_cluster_flags(args, uri)  # MLflow, run storage and Ray answer, before anything starts
-    tracker = Tracker(uri, args.experiment)
     start_ray(args.address, args.gpu, args.num_workers, args.storage_path)  # cluster checks first: a refused job leaves no run
     import ray
+
+    tracker = Tracker(uri, args.experiment)
 
     common = {"preset": preset.name, "num_workers": args.num_workers, "gpu": args.gpu,
               "dataset": args.dataset or preset.dataset, "init": args.init or ""}
