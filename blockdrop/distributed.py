@@ -21,7 +21,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from blockdrop.checkpoints import read_checkpoint, save_checkpoint
-from blockdrop.data import load_dataset
+from blockdrop.errors import UserError
+from blockdrop.data import MAX_UNREADABLE, load_dataset, skipped_images
 from blockdrop.evaluate import Report, Tally, tally
 from blockdrop.execution import Executor
 from blockdrop.flops import cost_model
@@ -54,6 +55,7 @@ class StageConfig:
     policy_lr: float | None = None  # finetune: the policy's own lr (default: lr)
     entropy: str = "original"  # curriculum: one of reinforce.ENTROPIES
     pace: int = 0  # curriculum: optimisation steps per newly decided block (0: one epoch)
+    max_bad_images: float = MAX_UNREADABLE  # share of an image folder that may be unreadable
     # a progress line within an epoch every this many seconds (ImageNet: an epoch is an hour)
     progress_every_s: float = field(default_factory=lambda: float(os.environ.get("BLOCKDROP_PROGRESS_EVERY_S", "30")))
 
@@ -210,11 +212,18 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.stage == "curriculum":
             decided = curriculum_mask(preset.num_blocks, curriculum_index((epoch + 1) * len(loader) - 1, cfg.pace or len(loader)))
         test = tally(backbone, policy, test_loader, costs, device, decided=decided)
-        merged_stats, merged_test = EpochStats(), Tally()
-        for s, t in _gather((stats, test), world):
+        merged_stats, merged_test, skipped = EpochStats(), Tally(), None
+        for s, t, k in _gather((stats, test, skipped_images(train_set)), world):
             merged_stats.merge(s)
             merged_test.merge(t)
+            skipped = None if k is None else (skipped or 0) + k
         metrics = epoch_metrics(merged_stats, merged_test, costs.full, lr) | {"epoch": epoch}
+        if skipped is not None:  # an image folder: unreadable files met so far (each stood in for by the next)
+            metrics["skipped_images"] = skipped
+            allowed = max(int(cfg.max_bad_images * len(train_set)), 1 if cfg.max_bad_images > 0 else 0)
+            if skipped > allowed:
+                raise UserError(f"{skipped} unreadable training images, more than --max-bad-images "
+                                f"{cfg.max_bad_images:g} allows ({allowed}); the warnings name them")
         if rank != 0:
             ray.train.report(metrics)
             continue

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from blockdrop.baselines import BASELINES, RANDOM_SEEDS, Chooser, chooser, greedy_order
 from blockdrop.checkpoints import load_models
-from blockdrop.data import DATASETS, load_dataset
+from blockdrop.data import DATASETS, check_unreadable, load_dataset
 from blockdrop.errors import UserError, run_cli
 from blockdrop.execution import run_sparse
 from blockdrop.flops import CostModel, cost_model
@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, help="evaluate only the first N test images")
     parser.add_argument("--num-workers", type=int, help="data loader processes (default: 0 for in-memory sets, "
                                                         "else up to 4)")
+    parser.add_argument("--max-bad-images", type=float, default=0.001, metavar="SHARE",
+                        help="image folders: the share of files that may be unreadable (skipped with a warning "
+                             "naming them; the next image stands in) before the evaluation fails (default 0.001)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-download", action="store_true", help="never download a missing dataset")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
@@ -295,6 +298,9 @@ def main(argv: list[str] | None = None) -> None:
         result = tally(backbone, policy and policy.to(device), loader, costs, device, progress=not args.json,
                        records=bool(args.report_dir))
     report = result.report(costs.full)
+    skipped = check_unreadable(dataset, args.max_bad_images)
+    if skipped:
+        print(f"skipped {skipped} unreadable image(s) (named above); the next image stood in for each", file=sys.stderr)
     comparison = None
     if args.compare:
         from blockdrop.analysis import compare
@@ -316,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
             write(comparison, args.report_dir)
     if args.json:
         print(json.dumps({"preset": preset.name, "checkpoint": args.checkpoint, "source": source, "policy": label,
-                          **asdict(report)} | ({"comparison": comparison.to_json()} if comparison else {})))
+                          **asdict(report), "skipped_images": skipped}
+                         | ({"comparison": comparison.to_json()} if comparison else {})))
     else:
         print(f"{preset.name}  {args.checkpoint or '(untrained)'}  ({source}; {label})")
         print(report.text())

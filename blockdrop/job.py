@@ -30,6 +30,10 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
     parser.add_argument("--dataset", choices=DATASETS, help="default: the preset's dataset")
     parser.add_argument("--data-dir", help="dataset folder; on a cluster, shared storage every node sees")
+    parser.add_argument("--max-bad-images", type=float, default=0.001, metavar="SHARE",
+                        help="image folders: the share of files that may be unreadable (each is named in a warning, "
+                             "counted in the metric skipped_images, and the next image stands in) before training "
+                             "stops (default 0.001: 0.1%%)")
     parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     parser.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--storage-path", help="Ray run storage (default ~/ray_results; shared storage on a cluster)")
@@ -206,6 +210,8 @@ def validate(args: argparse.Namespace) -> tuple[Preset, list[tuple[str, dict]]]:
         raise UserError(f"--batch-size {args.batch_size} is smaller than --num-workers {args.num_workers}")
     if args.drop_rate is not None and not 0 <= args.drop_rate < 1:
         raise UserError(f"--drop-rate must be in [0, 1), not {args.drop_rate}")
+    if not 0 <= args.max_bad_images < 1:
+        raise UserError(f"--max-bad-images is a share of the dataset in [0, 1), not {args.max_bad_images}")
     if args.max_failures < 0:
         raise UserError(f"--max-failures must be >= 0, not {args.max_failures}")
     stages = plan_stages(preset, args)
@@ -319,7 +325,7 @@ def run(args: argparse.Namespace) -> None:
                                                common | {"stage": stage} | settings, parent_id=run_id)
             cfg = StageConfig(preset=preset.name, stage=stage, dataset=args.dataset,
                               data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
-                              mlflow_uri=uri, mlflow_run_id=stage_run, seed=args.seed,
+                              mlflow_uri=uri, mlflow_run_id=stage_run, seed=args.seed, max_bad_images=args.max_bad_images,
                               **({"gamma": 0.0} | settings))
             print(describe(stage, settings, args.num_workers), file=sys.stderr)
             ref = ray.put(init_payload(preset, init_path)) if init_path else None

@@ -171,7 +171,8 @@ def run_trial(config: dict) -> None:
     preset = get_preset(s["preset"])
     cfg = StageConfig(preset=preset.name, stage="finetune", epochs=s["epochs"], batch_size=s["batch_size"], lr=lr,
                       weight_decay=0.0, gamma=gamma, drop_rate=0.0, dataset=s["dataset"], data_dir=s["data_dir"],
-                      mlflow_uri=s["mlflow_uri"], mlflow_run_id=run_id, policy_lr=s["policy_lr"])
+                      mlflow_uri=s["mlflow_uri"], mlflow_run_id=run_id, policy_lr=s["policy_lr"],
+                      max_bad_images=s["max_bad_images"])
     try:
         checkpoint = run_stage(cfg, s["init_ref"], s["workers"], s["gpu"], f"{s['name']}-{key}", s["storage_path"],
                                max_failures=1, callbacks=[TuneReportCallback()])
@@ -376,7 +377,8 @@ def run(args: argparse.Namespace) -> None:
                     "workers": args.workers_per_trial, "gpu": args.gpu, "dataset": args.dataset,
                     "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None, "mlflow_uri": uri,
                     "experiment": args.experiment, "parent_id": parent_id, "init_ref": init_ref,
-                    "init_label": args.init, "storage_path": storage, "source": tracker.source}
+                    "init_label": args.init, "storage_path": storage, "source": tracker.source,
+                    "max_bad_images": args.max_bad_images}
         # The trial itself only waits on its Train run: it asks for a little memory, no CPU, so the CPUs
         # stay for the Train workers (a trial holding a CPU would deadlock a 2-CPU machine at 2 workers).
         trainable = tune.with_resources(tune.with_parameters(run_trial_with, sweep=settings),

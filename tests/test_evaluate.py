@@ -152,3 +152,42 @@ def test_tallies_of_shards_merge_into_the_tally_of_the_whole_set():
     assert report.unique_policies == whole.unique_policies and report.accuracy == whole.accuracy
     for key in ("blocks_mean", "blocks_std", "flops_mean", "flops_std"):
         assert getattr(report, key) == pytest.approx(getattr(whole, key), rel=1e-9)
+
+
+def digit_folder(root, per_class: int = 4, corrupt: str | None = None):
+    """root/{train,test}/<digit>/*.png from scikit-learn's digits; `corrupt`: a split whose class 3 gets a
+    file of garbage bytes among its good images."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    for split, offset in (("train", 0), ("test", per_class)):
+        for digit in range(10):
+            folder = root / split / str(digit)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, index in enumerate(np.flatnonzero(bunch.target == digit)[offset:offset + per_class]):
+                Image.fromarray((bunch.images[index] * 255 / 16).round().astype(np.uint8)).save(folder / f"{i}.png")
+    bad = None
+    if corrupt:
+        bad = root / corrupt / "3" / "bad.png"
+        bad.write_bytes(b"\x89PNG\r\n garbage")
+    return bad
+
+
+def test_a_corrupt_image_is_skipped_named_and_counted_then_past_the_limit_refused(tmp_path, capfd):
+    """The policy for unreadable files: the next image stands in, a warning names the file once, the
+    count is reported; past --max-bad-images the evaluation stops with one line."""
+    from blockdrop.errors import UserError
+    from blockdrop.evaluate import main
+
+    bad = digit_folder(tmp_path, corrupt="test")
+    args = ["--preset", "R26_DIGITS", "--dataset", "imagefolder", "--data-dir", str(tmp_path), "--json",
+            "--num-workers", "2"]
+    main(args + ["--max-bad-images", "0.05"])
+    out, err = capfd.readouterr()  # the warning comes from a loader process
+    report = json.loads(out)
+    assert report["images"] == 41 and report["skipped_images"] == 1
+    assert err.count(f"unreadable image {bad}") == 1 and "skipped 1 unreadable image" in err
+    with pytest.raises(UserError, match="1 unreadable images in .* more than --max-bad-images 0 allows"):
+        main(args + ["--max-bad-images", "0"])

@@ -265,3 +265,19 @@ def test_checkpoints_go_where_the_run_storage_is_unless_told(tmp_path):
     assert output_folder(str(tmp_path / "mine"), str(tmp_path / "shared"), "job1") == tmp_path / "mine"
     assert output_folder(None, None, "job1") == Path("checkpoints")
     assert output_folder(None, "s3://bucket/runs", "job1") == Path("checkpoints")  # no local path to copy to
+
+
+def test_a_corrupt_training_image_is_skipped_and_counted_not_a_restart_loop(tmp_path):
+    """One garbage file among good PNGs: training goes on (the next image stands in), the warning names
+    the file, and the epoch's metrics count it (skipped_images)."""
+    from test_evaluate import digit_folder
+
+    bad = digit_folder(tmp_path / "data", per_class=6, corrupt="train")
+    proc = train_job(tmp_path, "--stage", "pretrain", "--epochs", "2", "--num-workers", "1", "--dataset", "imagefolder",
+                     "--data-dir", str(tmp_path / "data"), "--max-bad-images", "0.05", "--name", "corrupt",
+                     "--no-analysis", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"unreadable image {bad}" in proc.stdout + proc.stderr
+    client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("blockdrop").experiment_id])[0]
+    assert [v for _, v in history(client, run.info.run_id, "skipped_images")] == [1.0, 1.0]
