@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if (args.baseline is None) != (args.keep is None):
         raise UserError("--baseline and --keep go together: --baseline greedy --keep 8")
+    if not 0 <= args.max_bad_images < 1:
+        raise UserError(f"--max-bad-images is a share of the dataset in [0, 1), not {args.max_bad_images}")
     if args.baseline and args.compare:
         raise UserError("--compare compares the checkpoint's own policy with the baselines; leave out --baseline")
 

@@ -124,6 +124,8 @@ def validate(args: argparse.Namespace) -> tuple[Preset, str, int]:
     if (len(args.gamma_range) != 2 or not all(math.isfinite(g) for g in args.gamma_range)
             or not args.gamma_range[0] < args.gamma_range[1] < 0):
         raise UserError(f"--gamma-range takes low,high with low < high < 0, not {args.gamma_range}")
+    if not 0 <= args.max_bad_images < 1:
+        raise UserError(f"--max-bad-images is a share of the dataset in [0, 1), not {args.max_bad_images}")
     for flag in ("epochs", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
@@ -282,6 +284,13 @@ def publish_front(tracker, parent_id: str, points: list[Point], front: list[Poin
     return rows
 
 
+def close_stopped_trials(tracker, parent_id: str) -> None:
+    """Trial runs left RUNNING by a stopped sweep (their process was ended before it could say so): KILLED."""
+    for run in tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'"):
+        if run.info.status == "RUNNING":
+            tracker.client.set_terminated(run.info.run_id, "KILLED")
+
+
 def save_view(tracker, parent_id: str, name: str) -> str:
     """The experiment's saved view of this sweep (a scatter of its trials); where to open it."""
     from blockdrop.mlflow_views import save_sweep_view, view_location
@@ -411,6 +420,10 @@ def run(args: argparse.Namespace) -> None:
             curves_ref = curves_remotely(preset.name, init_ref, args.dataset, settings["data_dir"], args.gpu)
         results = tuner.fit()
         failed = sum(r.error is not None for r in results)
+        unfinished = len(results) - results.num_terminated - results.num_errors
+        if unfinished:  # Ctrl-C: Tune stops its trials and returns; the front would be a partial one
+            raise UserError(f"sweep {name} stopped with {unfinished} trial(s) unfinished; continue it with "
+                            f"--resume --name {name}")
         curves = None
         if curves_ref is not None:
             from blockdrop.baselines import CurvePoint
@@ -425,6 +438,7 @@ def run(args: argparse.Namespace) -> None:
         view = save_view(tracker, parent_id, name)
         tracker.finish(parent_id, ok=True)
     except BaseException:
+        close_stopped_trials(tracker, parent_id)
         tracker.finish(parent_id, ok=False)
         raise
     print(f"\n{name}: {len(points)} trials finished, {failed} failed; Pareto front "

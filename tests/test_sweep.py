@@ -285,3 +285,28 @@ def test_resume_of_a_sweep_that_never_existed_is_refused(tmp_path, curriculum_ch
                                     "--resume"), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2 and "--resume --name never-existed: no such sweep" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_during_a_sweep_leaves_no_run_running(tmp_path, curriculum_checkpoint):
+    """SIGINT to the sweep's process group (Ctrl-C in a terminal) while a trial trains: the sweep stops
+    with a line saying how to resume, the parent run is FAILED and no trial run stays RUNNING."""
+    cmd = sweep_cmd(tmp_path, curriculum_checkpoint, "--penalties", "-1,-5", "--name", "stopped", "--no-analysis")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines, deadline = [], time.time() + 300
+    for line in proc.stdout:
+        lines.append(line)
+        if "[finetune] epoch 1/" in line:
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+        assert time.time() < deadline, "".join(lines[-40:])
+    try:
+        rest, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = "".join(lines) + rest
+    assert proc.returncode != 0, output[-3000:]
+    client, parent, children = sweep_runs(tmp_path, "stopped")
+    assert parent.info.status == "FAILED" and children, output[-3000:]
+    assert all(c.info.status in ("FINISHED", "FAILED", "KILLED") for c in children), [c.info.status for c in children]
