@@ -303,6 +303,12 @@ def run(args: argparse.Namespace) -> None:
     import ray
 
     tracker = Tracker(uri, args.experiment)
+    done = tracker.finished_job(name)
+    if done is not None:  # reopened only by a real resume: a single stage asked for more epochs than it ran
+        ran = [m.step for m in tracker.client.get_metric_history(done, "test_accuracy")]
+        if len(plan) > 1 or not ran or plan[0][1]["epochs"] <= max(ran) + 1:
+            raise UserError(f"job {name} has finished already (MLflow run {done}); more --epochs of a single stage "
+                            "continue it, another --name starts a new job")
 
     common = {"preset": preset.name, "num_workers": args.num_workers, "gpu": args.gpu,
               "dataset": args.dataset or preset.dataset, "init": args.init or ""}

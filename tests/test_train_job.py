@@ -182,6 +182,11 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     assert again.returncode == 2 and "--storage-path /proc/x cannot be created" in again.stderr, again.stderr[-2000:]
     after = client.get_run(parent.info.run_id).info
     assert (after.status, after.end_time) == ("FINISHED", parent.info.end_time)
+    # and plainly again: nothing more to train, so it is refused and the record stays
+    again = train_job(tmp_path, "--name", "e2e", timeout=180)
+    assert again.returncode == 2 and "job e2e has finished already" in again.stderr, again.stderr[-2000:]
+    after = client.get_run(parent.info.run_id).info
+    assert (after.status, after.end_time) == ("FINISHED", parent.info.end_time)
 
     import mlflow.pyfunc
     import numpy as np
