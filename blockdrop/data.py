@@ -180,6 +180,43 @@ class SkipUnreadable(Dataset):
         return {**self.__dict__, "_count": None}
 
 
+def add_unreadable_flag(parser) -> None:
+    parser.add_argument("--max-bad-images", type=float, default=MAX_UNREADABLE, metavar="SHARE",
+                        help="image folders: the share of files that may be unreadable (each is named in a warning "
+                             "and counted as skipped_images; the next image stands in) before the work stops "
+                             "(default 0.001: 0.1%%)")
+
+
+def check_unreadable_share(share: float) -> None:
+    if not 0 <= share < 1:
+        raise UserError(f"--max-bad-images is a share of the dataset in [0, 1), not {share}")
+
+
+def allowed_unreadable(share: float, size: int) -> int:
+    """How many unreadable files `share` allows in a dataset of `size`: at least one unless it is 0."""
+    return max(int(share * size), 1) if share > 0 else 0
+
+
+def eval_transform(preset: Preset):
+    """The preset's evaluation transform for a decoded image: what `blockdrop.evaluate` applies to an
+    image folder (grey or RGB as the preset wants, resize / crop, to tensor, normalise)."""
+    return _folder_transform(preset, augment=False, imagenet=preset.dataset == "imagenet")
+
+
+def decode_image(data: bytes, in_channels: int):
+    """Encoded image bytes (PNG, JPEG, ...) as a PIL image in the preset's mode; ValueError if Pillow
+    cannot read them."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("L" if in_channels == 1 else "RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise ValueError("not a PNG, JPEG or other image Pillow reads") from None
+
+
 def skipped_images(dataset) -> int | None:
     """Unreadable files met so far in an image folder (None for datasets that cannot have any)."""
     while isinstance(dataset, Subset):
@@ -190,8 +227,7 @@ def skipped_images(dataset) -> int | None:
 def check_unreadable(dataset, share: float, flag: str = "--max-bad-images") -> int:
     """The number of unreadable files met; a UserError once they pass `share` of the dataset."""
     skipped = skipped_images(dataset) or 0
-    allowed = int(share * len(dataset)) if share > 0 else 0
-    if skipped > max(allowed, 1 if share > 0 else 0):
+    if skipped > allowed_unreadable(share, len(dataset)):
         inner = dataset
         while isinstance(inner, Subset):
             inner = inner.dataset

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from blockdrop.checkpoints import read_checkpoint, save_checkpoint
 from blockdrop.errors import UserError
-from blockdrop.data import MAX_UNREADABLE, load_dataset, skipped_images
+from blockdrop.data import MAX_UNREADABLE, allowed_unreadable, load_dataset, skipped_images
 from blockdrop.evaluate import Report, Tally, tally
 from blockdrop.execution import Executor
 from blockdrop.flops import cost_model
@@ -220,7 +220,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = epoch_metrics(merged_stats, merged_test, costs.full, lr) | {"epoch": epoch}
         if skipped is not None:  # an image folder: unreadable files met so far (each stood in for by the next)
             metrics["skipped_images"] = skipped
-            allowed = max(int(cfg.max_bad_images * len(train_set)), 1 if cfg.max_bad_images > 0 else 0)
+            allowed = allowed_unreadable(cfg.max_bad_images, len(train_set))
             if skipped > allowed:
                 raise UserError(f"{skipped} unreadable training images, more than --max-bad-images "
                                 f"{cfg.max_bad_images:g} allows ({allowed}); the warnings name them")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from blockdrop.baselines import BASELINES, RANDOM_SEEDS, Chooser, chooser, greedy_order
 from blockdrop.checkpoints import load_models
-from blockdrop.data import DATASETS, check_unreadable, load_dataset
+from blockdrop.data import DATASETS, add_unreadable_flag, check_unreadable, check_unreadable_share, load_dataset
 from blockdrop.errors import UserError, run_cli
 from blockdrop.execution import run_sparse
 from blockdrop.flops import CostModel, cost_model
@@ -234,9 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, help="evaluate only the first N test images")
     parser.add_argument("--num-workers", type=int, help="data loader processes (default: 0 for in-memory sets, "
                                                         "else up to 4)")
-    parser.add_argument("--max-bad-images", type=float, default=0.001, metavar="SHARE",
-                        help="image folders: the share of files that may be unreadable (skipped with a warning "
-                             "naming them; the next image stands in) before the evaluation fails (default 0.001)")
+    add_unreadable_flag(parser)
     parser.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-download", action="store_true", help="never download a missing dataset")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
@@ -254,8 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if (args.baseline is None) != (args.keep is None):
         raise UserError("--baseline and --keep go together: --baseline greedy --keep 8")
-    if not 0 <= args.max_bad_images < 1:
-        raise UserError(f"--max-bad-images is a share of the dataset in [0, 1), not {args.max_bad_images}")
+    check_unreadable_share(args.max_bad_images)
     if args.baseline and args.compare:
         raise UserError("--compare compares the checkpoint's own policy with the baselines; leave out --baseline")
 

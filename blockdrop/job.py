@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from blockdrop.checkpoints import load_models, read_checkpoint
-from blockdrop.data import DATASETS, load_dataset
+from blockdrop.data import DATASETS, add_unreadable_flag, check_unreadable_share, load_dataset
 from blockdrop.errors import UserError
 from blockdrop.flops import cost_model
 from blockdrop.presets import CURRICULUM_PACE, OTHER_DATA_STAGES, PRESETS, Preset, get_preset
@@ -30,10 +30,7 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
     parser.add_argument("--dataset", choices=DATASETS, help="default: the preset's dataset")
     parser.add_argument("--data-dir", help="dataset folder; on a cluster, shared storage every node sees")
-    parser.add_argument("--max-bad-images", type=float, default=0.001, metavar="SHARE",
-                        help="image folders: the share of files that may be unreadable (each is named in a warning, "
-                             "counted in the metric skipped_images, and the next image stands in) before training "
-                             "stops (default 0.001: 0.1%%)")
+    add_unreadable_flag(parser)
     parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     parser.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--storage-path", help="Ray run storage (default ~/ray_results; shared storage on a cluster)")
@@ -210,8 +207,7 @@ def validate(args: argparse.Namespace) -> tuple[Preset, list[tuple[str, dict]]]:
         raise UserError(f"--batch-size {args.batch_size} is smaller than --num-workers {args.num_workers}")
     if args.drop_rate is not None and not 0 <= args.drop_rate < 1:
         raise UserError(f"--drop-rate must be in [0, 1), not {args.drop_rate}")
-    if not 0 <= args.max_bad_images < 1:
-        raise UserError(f"--max-bad-images is a share of the dataset in [0, 1), not {args.max_bad_images}")
+    check_unreadable_share(args.max_bad_images)
     if args.max_failures < 0:
         raise UserError(f"--max-failures must be >= 0, not {args.max_failures}")
     stages = plan_stages(preset, args)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import math
 import re
@@ -158,14 +157,6 @@ def class_labels(preset) -> list[str]:
     return [str(i) for i in range(preset.num_classes)]
 
 
-def eval_transform(preset):
-    """The preset's evaluation transform for a decoded image: what `blockdrop.evaluate` applies to an
-    image folder (grey or RGB as the preset wants, resize / crop, to tensor, normalise)."""
-    from blockdrop.data import _folder_transform
-
-    return _folder_transform(preset, augment=False, imagenet=preset.dataset == "imagenet")
-
-
 @dataclass
 class Served:
     source: ModelSource
@@ -178,6 +169,7 @@ class Engine:
 
     def __init__(self, sources: list[ModelSource], preset_name: str | None = None, device: str = "cpu"):
         from blockdrop.checkpoints import load_models, read_checkpoint
+        from blockdrop.data import eval_transform
         from blockdrop.flops import cost_model
         from blockdrop.presets import get_preset
 
@@ -205,12 +197,11 @@ class Engine:
 
     # -- requests
     def decode(self, data: bytes) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
+        from blockdrop.data import decode_image
 
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                image = image.convert("L" if self.preset.in_channels == 1 else "RGB")
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            image = decode_image(data, self.preset.in_channels)
+        except ValueError:
             raise RequestError("not an image (PNG, JPEG or another format Pillow reads)") from None
         return self.transform(image)
 

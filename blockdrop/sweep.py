@@ -20,7 +20,7 @@ import torch
 from ray.tune import Callback
 
 from blockdrop.checkpoints import load_models, read_checkpoint
-from blockdrop.data import load_dataset
+from blockdrop.data import check_unreadable_share, load_dataset
 from blockdrop.errors import UserError
 from blockdrop.evaluate import evaluate, make_loader
 from blockdrop.flops import cost_model
@@ -124,8 +124,7 @@ def validate(args: argparse.Namespace) -> tuple[Preset, str, int]:
     if (len(args.gamma_range) != 2 or not all(math.isfinite(g) for g in args.gamma_range)
             or not args.gamma_range[0] < args.gamma_range[1] < 0):
         raise UserError(f"--gamma-range takes low,high with low < high < 0, not {args.gamma_range}")
-    if not 0 <= args.max_bad_images < 1:
-        raise UserError(f"--max-bad-images is a share of the dataset in [0, 1), not {args.max_bad_images}")
+    check_unreadable_share(args.max_bad_images)
     for flag in ("epochs", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")

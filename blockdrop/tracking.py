@@ -194,7 +194,7 @@ class BlockDropModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from blockdrop.checkpoints import load_models, read_checkpoint
-        from blockdrop.data import _folder_transform
+        from blockdrop.data import eval_transform
         from blockdrop.flops import cost_model
         from blockdrop.presets import get_preset
 
@@ -205,7 +205,7 @@ class BlockDropModel(mlflow.pyfunc.PythonModel):
         if self.policy is not None:
             self.policy.eval()
         self.costs = cost_model(self.preset)
-        self.transform = _folder_transform(self.preset, augment=False, imagenet=self.preset.dataset == "imagenet")
+        self.transform = eval_transform(self.preset)
 
     @staticmethod
     def output_example(n: int) -> pd.DataFrame:
@@ -233,9 +233,8 @@ class BlockDropModel(mlflow.pyfunc.PythonModel):
     def _one(self, item, i: int):
         import base64
         import binascii
-        import io
 
-        from PIL import Image, UnidentifiedImageError
+        from blockdrop.data import decode_image
 
         if isinstance(item, np.ndarray) and item.dtype != object:
             return self._pixels(self._check(item[None])[0])
@@ -247,10 +246,9 @@ class BlockDropModel(mlflow.pyfunc.PythonModel):
         if not isinstance(item, (bytes, bytearray)):
             raise ValueError(f"image {i} is a {type(item).__name__}; expected {self._want()}")
         try:
-            with Image.open(io.BytesIO(item)) as image:
-                image = image.convert("L" if self.preset.in_channels == 1 else "RGB")
-        except (UnidentifiedImageError, OSError, ValueError):
-            raise ValueError(f"image {i}: not a PNG, JPEG or other image Pillow reads") from None
+            image = decode_image(bytes(item), self.preset.in_channels)
+        except ValueError as err:
+            raise ValueError(f"image {i}: {err}") from None
         return self.transform(image)
 
     def _pixels(self, array: np.ndarray):
