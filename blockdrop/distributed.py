@@ -56,6 +56,8 @@ class StageConfig:
     entropy: str = "original"  # curriculum: one of reinforce.ENTROPIES
     pace: int = 0  # curriculum: optimisation steps per newly decided block (0: one epoch)
     max_bad_images: float = MAX_UNREADABLE  # share of an image folder that may be unreadable
+    execution: str = "sparse"  # finetune, stochastic depth: blockdrop.execution.TRAIN_EXECUTIONS
+    eval_every: int = 1  # evaluate on the test set every this many epochs, and after the last
     # a progress line within an epoch every this many seconds (ImageNet: an epoch is an hour)
     progress_every_s: float = field(default_factory=lambda: float(os.environ.get("BLOCKDROP_PROGRESS_EVERY_S", "30")))
 
@@ -102,7 +104,10 @@ def _gather(obj: object, world: int) -> list:
     return out
 
 
-def epoch_metrics(stats: EpochStats, test: Tally, full_flops: int, lr: float) -> dict[str, float]:
+def epoch_metrics(stats: EpochStats, test: Tally | None, full_flops: int, lr: float) -> dict[str, float]:
+    """An epoch's metrics; without `test` (an epoch --eval-every skips) the training ones only."""
+    if test is None:
+        return stats.metrics() | {"learning_rate": lr}
     report = test.report(full_flops)
     return stats.metrics() | {
         "test_images": report.images,
@@ -153,7 +158,10 @@ def train_loop_per_worker(config: dict) -> None:
         if policy is not None and init.get("policy") is not None:
             policy.load_state_dict(init["policy"])
 
-    executor = Executor(backbone).to(device, memory_format=torch.channels_last)
+    executor = Executor(backbone, cfg.execution).to(device, memory_format=torch.channels_last)
+    # Sparse execution leaves the blocks no row of this worker keeps out of the step's graph.
+    with_policy = cfg.stage == "finetune" or cfg.drop_rate > 0
+    ddp = {"find_unused_parameters": with_policy and executor.needs_unused_parameters}
     if policy is not None:
         policy.to(device, memory_format=torch.channels_last)
     if cfg.stage == "curriculum":
@@ -161,10 +169,10 @@ def train_loop_per_worker(config: dict) -> None:
         models = Models(backbone, policy, policy_train=ray.train.torch.prepare_model(policy))
         params = list(policy.parameters())
     elif cfg.stage in SUPERVISED:
-        models = Models(backbone, None, executor_train=ray.train.torch.prepare_model(executor))
+        models = Models(backbone, None, executor_train=ray.train.torch.prepare_model(executor, parallel_strategy_kwargs=ddp))
         params = list(backbone.parameters())
     else:
-        models = Models(backbone, policy, executor_train=ray.train.torch.prepare_model(executor),
+        models = Models(backbone, policy, executor_train=ray.train.torch.prepare_model(executor, parallel_strategy_kwargs=ddp),
                         policy_train=ray.train.torch.prepare_model(policy))
         params = [{"params": list(policy.parameters()), "lr": cfg.policy_lr or cfg.lr},
                   {"params": list(backbone.parameters())}]
@@ -211,11 +219,13 @@ def train_loop_per_worker(config: dict) -> None:
         decided = None
         if cfg.stage == "curriculum":
             decided = curriculum_mask(preset.num_blocks, curriculum_index((epoch + 1) * len(loader) - 1, cfg.pace or len(loader)))
-        test = tally(backbone, policy, test_loader, costs, device, decided=decided)
-        merged_stats, merged_test, skipped = EpochStats(), Tally(), None
+        evaluate = (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1
+        test = tally(backbone, policy, test_loader, costs, device, decided=decided) if evaluate else None
+        merged_stats, merged_test, skipped = EpochStats(), Tally() if evaluate else None, None
         for s, t, k in _gather((stats, test, skipped_images(train_set)), world):
             merged_stats.merge(s)
-            merged_test.merge(t)
+            if evaluate:
+                merged_test.merge(t)
             skipped = None if k is None else (skipped or 0) + k
         metrics = epoch_metrics(merged_stats, merged_test, costs.full, lr) | {"epoch": epoch}
         if skipped is not None:  # an image folder: unreadable files met so far (each stood in for by the next)
@@ -238,9 +248,10 @@ def train_loop_per_worker(config: dict) -> None:
                 from blockdrop.tracking import metric_batch
 
                 tracker.log_batch(cfg.mlflow_run_id, metrics=metric_batch(metrics, epoch))
-            progress(f"[{cfg.stage}] epoch {epoch + 1}/{cfg.epochs}  "
-                     f"loss {metrics['train_loss']:.3f}  test acc {metrics['test_accuracy']:.3f}  "
-                     f"blocks {metrics['blocks_used']:.2f}/{preset.num_blocks}  speedup {metrics['speedup']:.2f}x  "
+            tested = (f"test acc {metrics['test_accuracy']:.3f}  blocks {metrics['blocks_used']:.2f}/"
+                      f"{preset.num_blocks}  speedup {metrics['speedup']:.2f}x" if evaluate else
+                      f"train acc {metrics['train_accuracy']:.3f}  (not evaluated: --eval-every {cfg.eval_every})")
+            progress(f"[{cfg.stage}] epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.3f}  {tested}  "
                      f"({time.time() - began:.1f}s)")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 

@@ -5,10 +5,11 @@ block keeps its shortcut, so a stage's first block still downsamples when it is 
 
 - `run_full`: every block for every image (the pretrained ResNet).
 - `run_masked`: every kept block is computed for the whole batch and the result is blended with
-  the shortcut by the mask, like the original; differentiable with respect to the backbone, and
-  what joint finetuning needs (BatchNorm sees the whole batch).
+  the shortcut by the mask, like the original; differentiable with respect to the backbone
+  (BatchNorm in train mode sees the whole batch, rows that drop the block included).
 - `run_sparse`: block k runs only on the rows that keep it; the other rows take the shortcut and
-  a block no row keeps costs nothing. This is where the wall-clock saving comes from.
+  a block no row keeps costs nothing. This is where the wall-clock saving comes from. In train
+  mode each block's BatchNorm sees only the rows that run it (joint finetuning's default).
 In eval mode `run_masked` and `run_sparse` compute the same function.
 """
 from __future__ import annotations
@@ -74,9 +75,11 @@ def run_sparse(net: FlatResNet, x: torch.Tensor, policy: torch.Tensor) -> torch.
             kept = x[rows]  # unlike index_select, keeps a channels_last layout
             kept_residual = kept if residual is x else residual[rows]
             out = F.relu(kept_residual + net.block(k)(kept))
-            # In-place scatter where autograd does not need `residual` intact.
-            scatter = residual.index_copy if torch.is_grad_enabled() else residual.index_copy_
-            x = scatter(0, rows, out)
+            # In place where autograd does not need `residual` intact; otherwise into a copy made
+            # with clone, which keeps channels_last (out-of-place index_copy returns NCHW, and every
+            # later convolution would then convert layouts forward and backward).
+            target = residual.clone() if torch.is_grad_enabled() else residual
+            x = target.index_copy_(0, rows, out)
     return net.head(x)
 
 
@@ -93,15 +96,35 @@ def run(net: FlatResNet, x: torch.Tensor, policy: torch.Tensor | None, mode: str
     raise ValueError(f"unknown execution mode {mode!r}; expected one of {MODES}")
 
 
+TRAIN_EXECUTIONS = ("sparse", "masked")
+
+
 class Executor(nn.Module):
     """Training-time execution as a module, so that DDP (whose forward must be the entry point) can
-    wrap it: the full network, or masked execution that keeps every block in the graph."""
+    wrap it: the full network without a policy; with one (finetuning, stochastic depth):
 
-    def __init__(self, backbone: FlatResNet):
+    - `sparse` (default): each block runs on the rows that keep it, so a step costs what the policy
+      keeps, and each block's BatchNorm normalises (and tracks statistics of) the images that run
+      it, which are the images it sees at inference. Blocks no row keeps are not in the graph: under
+      DDP wrap with `find_unused_parameters=True` (`needs_unused_parameters`).
+    - `masked`: the original's way, every block on every row, blended by the mask; BatchNorm sees
+      the whole batch, including rows that drop the block. Every block stays in the graph.
+    """
+
+    def __init__(self, backbone: FlatResNet, execution: str = "sparse"):
         super().__init__()
+        if execution not in TRAIN_EXECUTIONS:
+            raise ValueError(f"unknown training execution {execution!r}; expected one of {TRAIN_EXECUTIONS}")
         self.backbone = backbone
+        self.execution = execution
+
+    @property
+    def needs_unused_parameters(self) -> bool:
+        return self.execution == "sparse"
 
     def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
         if policy is None:
             return run_full(self.backbone, x)
+        if self.execution == "sparse":
+            return run_sparse(self.backbone, x, policy)
         return run_masked(self.backbone, x, policy, skip_unused=False)

@@ -135,3 +135,87 @@ def test_sparse_on_cuda_matches_cpu():
         gpu_masked = run_masked(net, x.cuda(), policy.cuda())
     assert_same(gpu.cpu(), cpu)
     assert_same(gpu, gpu_masked)
+
+
+def _stem_frozen_train_mode(net):
+    """Train mode for the blocks, eval mode for the stem's BatchNorm (which sees the whole batch)."""
+    net.train()
+    net.bn1.eval()
+    return net
+
+
+def test_sparse_train_mode_batchnorm_sees_exactly_the_rows_that_run_each_block():
+    # Rows 0-2 and rows 3-5 keep disjoint sets of blocks: then each block's BatchNorm sees only one
+    # group, and the group's outputs and gradients are those of the group run as a batch of its own.
+    net, x = model_and_input("R26_DIGITS", 6)
+    net = net.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    k = net.num_blocks
+    g = torch.Generator().manual_seed(5)
+    owner = torch.rand(k, generator=g) < 0.5  # which group each block belongs to
+    policy = torch.zeros(6, k)
+    policy[:3, owner] = (torch.rand(3, int(owner.sum()), generator=g) < 0.8).float()
+    policy[3:, ~owner] = (torch.rand(3, int((~owner).sum()), generator=g) < 0.8).float()
+    policy[0, owner] = 1  # every group block has at least one row (so no block runs on no rows)
+    policy[3, ~owner] = 1
+    import copy
+    alone = copy.deepcopy(net)
+    _stem_frozen_train_mode(net)
+    _stem_frozen_train_mode(alone)
+    together = run_sparse(net, x, policy)
+    by_itself = run_sparse(alone, x[:3], policy[:3])
+    assert_same(together[:3], by_itself)
+    together[:3].pow(2).sum().backward()
+    by_itself.pow(2).sum().backward()
+    for (name, p), q in zip(net.named_parameters(), alone.parameters()):
+        if q.grad is None:
+            assert p.grad is None or p.grad.abs().max() == 0, name
+        else:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+    # running statistics of a group-0 block: from group 0's rows only, as in the lone run
+    first = int(owner.nonzero()[0])
+    torch.testing.assert_close(net.block(first).bn1.running_mean, alone.block(first).bn1.running_mean)
+
+
+def test_sparse_train_mode_with_every_block_kept_is_the_full_network_in_train_mode():
+    net, x = model_and_input("R32_C10", 4)
+    import copy
+    other = copy.deepcopy(net)
+    net.train()
+    other.train()
+    sparse = run_sparse(net, x, torch.ones(4, net.num_blocks))
+    full = run_full(other, x)
+    assert_same(sparse, full)
+    sparse.sum().backward()
+    full.sum().backward()
+    for p, q in zip(net.parameters(), other.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_sparse_training_keeps_channels_last_through_the_network():
+    # Out-of-place index_copy returns NCHW; every later convolution would then convert layouts.
+    net, x = model_and_input("R32_C10", 8)
+    net = net.to(memory_format=torch.channels_last).train()
+    x = x.contiguous(memory_format=torch.channels_last)
+    layouts = []
+    for k in range(net.num_blocks):
+        net.block(k).register_forward_pre_hook(
+            lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    run_sparse(net, x, policies("R32_C10", 8)["random70"]).sum().backward()
+    assert layouts and all(layouts)
+
+
+def test_executor_runs_sparse_by_default_and_masked_on_request():
+    from blockdrop.execution import Executor
+
+    net, x = model_and_input("R32_C10", 6)
+    policy = policies("R32_C10", 6)["random30"]
+    policy[:, 2] = 0
+    net.train()
+    Executor(net)(x, policy).sum().backward()
+    assert net.block(2).conv1.weight.grad is None  # not run: not in the graph
+    net.zero_grad(set_to_none=True)
+    Executor(net, "masked")(x, policy).sum().backward()
+    assert net.block(2).conv1.weight.grad is not None  # masked keeps every block in the graph (DDP)
+    with pytest.raises(ValueError, match="unknown training execution"):
+        Executor(net, "dense")
