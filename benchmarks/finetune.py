@@ -27,7 +27,6 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 from blockdrop import reinforce as R
 from blockdrop.checkpoints import load_models
@@ -37,28 +36,8 @@ from blockdrop.execution import TRAIN_EXECUTIONS, Executor
 from blockdrop.flops import cost_model
 from blockdrop.presets import get_preset
 from blockdrop.stages import Models, finetune_step, make_optimizer, make_schedule, train_epoch
+from policies import PerImagePolicy, per_image_probs
 from results_table import emit
-
-
-class PerImagePolicy(nn.Module):
-    """The policy network's cost, with outputs fixed per image: `probs[i]` (0.99 keep / 0.01 drop)."""
-
-    def __init__(self, net: nn.Module, probs: torch.Tensor):
-        super().__init__()
-        self.net, self.probs = net, probs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x) * 0 + self.probs
-
-
-def per_image_probs(batch: int, blocks: int, sampled_keep: float, alpha: float, seed: int = 0) -> torch.Tensor:
-    """Probabilities whose alpha-bounded samples keep `sampled_keep` of the blocks on average, each
-    image with a policy of its own."""
-    hi, lo = 0.99, 0.01
-    b_hi, b_lo = alpha * hi + (1 - alpha) * (1 - hi), alpha * lo + (1 - alpha) * (1 - lo)
-    share = min(max((sampled_keep - b_lo) / (b_hi - b_lo), 0.0), 1.0)
-    g = torch.Generator().manual_seed(seed)
-    return torch.where(torch.rand(batch, blocks, generator=g) < share, hi, lo)
 
 
 def speed(args) -> list[str]:

@@ -23,6 +23,7 @@ import torch
 from blockdrop.execution import run
 from blockdrop.flops import cost_model
 from blockdrop.presets import get_preset
+from policies import make_policies
 from results_table import emit
 
 
@@ -43,16 +44,6 @@ def timed(fns: dict, device: torch.device, min_time: float, min_reps: int = 7) -
             sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def make_policies(family: str, batch: int, blocks: int, keep: float, patterns: int = 8) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    if family == "random":
-        return (torch.rand(batch, blocks, generator=g) < keep).float()
-    if family == "patterned":
-        base = (torch.rand(patterns, blocks, generator=g) < keep).float()
-        return base[torch.randint(patterns, (batch,), generator=g)]
-    raise SystemExit(f"unknown policy family {family!r}; use random or patterned")
 
 
 def main() -> None:
