@@ -214,6 +214,7 @@ def train_loop_per_worker(config: dict) -> None:
         on_step = StepProgress(cfg.stage, epoch, cfg.epochs, world, cfg.progress_every_s) if rank == 0 else None
         stats = train_epoch(cfg.stage, models, loader, optimizer, epoch, cfg.gamma, device, cfg.drop_rate,
                             cfg.pace, cfg.entropy, on_step=on_step)
+        trained = time.time()
         lr = optimizer.param_groups[-1]["lr"]  # finetune: the ResNet's
         schedule.step()
         decided = None
@@ -228,6 +229,9 @@ def train_loop_per_worker(config: dict) -> None:
                 merged_test.merge(t)
             skipped = None if k is None else (skipped or 0) + k
         metrics = epoch_metrics(merged_stats, merged_test, costs.full, lr) | {"epoch": epoch}
+        # where the epoch's time goes (rank 0's clock): training steps, then evaluation and merging
+        metrics |= {"train_seconds": trained - began, "eval_seconds": time.time() - trained,
+                    "torch_threads": torch.get_num_threads()}
         if skipped is not None:  # an image folder: unreadable files met so far (each stood in for by the next)
             metrics["skipped_images"] = skipped
             allowed = allowed_unreadable(cfg.max_bad_images, len(train_set))

@@ -72,15 +72,53 @@ def run_sparse(net: FlatResNet, x: torch.Tensor, policy: torch.Tensor) -> torch.
             x = F.relu(residual + net.block(k)(x))
         else:
             rows = keep[:, k].nonzero().squeeze(1)
-            kept = x[rows]  # unlike index_select, keeps a channels_last layout
-            kept_residual = kept if residual is x else residual[rows]
-            out = F.relu(kept_residual + net.block(k)(kept))
-            # In place where autograd does not need `residual` intact; otherwise into a copy made
-            # with clone, which keeps channels_last (out-of-place index_copy returns NCHW, and every
-            # later convolution would then convert layouts forward and backward).
-            target = residual.clone() if torch.is_grad_enabled() else residual
-            x = target.index_copy_(0, rows, out)
+            if torch.is_grad_enabled():
+                kept = _Gather.apply(x, rows)
+                kept_residual = kept if residual is x else _Gather.apply(residual, rows)
+                x = _Scatter.apply(residual, F.relu(kept_residual + net.block(k)(kept)), rows)
+            else:
+                kept = x[rows]  # unlike index_select, keeps a channels_last layout
+                kept_residual = kept if residual is x else residual[rows]
+                x = residual.index_copy_(0, rows, F.relu(kept_residual + net.block(k)(kept)))
     return net.head(x)
+
+
+def _like(t: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """An empty tensor of `size` in `t`'s memory layout (channels_last stays channels_last)."""
+    fmt = torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
+        and not t.is_contiguous() else torch.contiguous_format
+    return torch.empty(size, dtype=t.dtype, device=t.device, memory_format=fmt)
+
+
+class _Gather(torch.autograd.Function):
+    """`x[rows]` (rows distinct) whose backward copies the gradient into place (index_copy_) instead of
+    autograd's accumulating index_put_, several times slower on CPU, and keeps the layout."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.size = x.shape
+        return x[rows]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        return _like(grad, ctx.size).zero_().index_copy_(0, rows, grad), None
+
+
+class _Scatter(torch.autograd.Function):
+    """`residual` with rows `rows` replaced by `out`, layout kept both ways (out-of-place index_copy
+    and the backward of index_copy_ return NCHW: every later convolution would convert)."""
+
+    @staticmethod
+    def forward(ctx, residual: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        return residual.clone().index_copy_(0, rows, out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        return grad.clone().index_fill_(0, rows, 0), grad[rows], None
 
 
 def run(net: FlatResNet, x: torch.Tensor, policy: torch.Tensor | None, mode: str) -> torch.Tensor:
