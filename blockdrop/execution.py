@@ -62,24 +62,26 @@ def run_sparse(net: FlatResNet, x: torch.Tensor, policy: torch.Tensor) -> torch.
     _check_policy(net, x, policy)
     keep = policy.to(device=x.device, dtype=torch.bool)
     counts = keep.sum(0).tolist()  # one host sync for the whole pass
+    rows_of = keep.t().nonzero()[:, 1].split(counts)  # every block's rows, from one nonzero (sync)
     batch = x.shape[0]
+    grad = torch.is_grad_enabled()
     x = net.seed(x)
     for k in range(net.num_blocks):
         residual = net.shortcut(k, x)
         if counts[k] == 0:
             x = residual
         elif counts[k] == batch:
-            x = F.relu(residual + net.block(k)(x))
-        else:
-            rows = keep[:, k].nonzero().squeeze(1)
-            if torch.is_grad_enabled():
-                kept = _Gather.apply(x, rows)
-                kept_residual = kept if residual is x else _Gather.apply(residual, rows)
-                x = _Scatter.apply(residual, F.relu(kept_residual + net.block(k)(kept)), rows)
-            else:
-                kept = x[rows]  # unlike index_select, keeps a channels_last layout
-                kept_residual = kept if residual is x else residual[rows]
-                x = residual.index_copy_(0, rows, F.relu(kept_residual + net.block(k)(kept)))
+            x = F.relu(residual + net.block(k)(x)) if grad else net.block(k)(x).add_(residual).relu_()
+        elif grad:
+            rows = rows_of[k]
+            kept = _Gather.apply(x, rows)
+            kept_residual = kept if residual is x else _Gather.apply(residual, rows)
+            x = _Scatter.apply(residual, F.relu(kept_residual + net.block(k)(kept)), rows)
+        else:  # no autograd: everything in place
+            rows = rows_of[k]
+            kept = x[rows]  # unlike index_select, keeps a channels_last layout
+            kept_residual = kept if residual is x else residual[rows]
+            x = residual.index_copy_(0, rows, net.block(k)(kept).add_(kept_residual).relu_())
     return net.head(x)
 
 
