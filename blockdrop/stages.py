@@ -12,9 +12,10 @@ knows about Ray. Each step returns per-image tensors (loss is a scalar) that the
   min(c+1, K) blocks, c advancing every `pace` steps, entropy bonus. No gradient reaches the ResNet,
   so both of its passes (sampled and greedy policy) use sparse execution: dropped blocks are not
   computed.
-- finetune: policy and ResNet jointly: REINFORCE + cross-entropy of the ResNet run (train mode,
-  masked execution so BatchNorm sees the batch) under the sampled policy; the greedy baseline
-  pass needs no gradient and runs sparse in eval mode.
+- finetune: policy and ResNet jointly: REINFORCE + cross-entropy of the ResNet run in train mode
+  under the sampled policy, by the executor (blockdrop.execution.Executor: sparse by default, each
+  block's BatchNorm seeing the images that run it; masked as the original on request); the greedy
+  baseline pass needs no gradient and runs sparse in eval mode.
 """
 from __future__ import annotations
 
