@@ -1,4 +1,8 @@
-"""A training job: one stage or all three, on Ray Train, tracked in MLflow (`train_job.py`)."""
+"""A training job: one stage or all three, on Ray Train, tracked in MLflow (`train_job.py`).
+
+The parser and the checks that need no model or data import neither torch, Ray nor MLflow: --help and a
+bad flag answer in a fraction of a second (benchmarks/startup.py); those come in where they are used.
+"""
 from __future__ import annotations
 
 import argparse
@@ -12,17 +16,31 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from blockdrop.checkpoints import load_models, read_checkpoint
-from blockdrop.data import DATASETS, add_unreadable_flag, check_unreadable_share, load_dataset
 from blockdrop.errors import UserError
-from blockdrop.flops import cost_model
-from blockdrop.presets import CURRICULUM_PACE, OTHER_DATA_STAGES, PRESETS, Preset, get_preset
-from blockdrop.reinforce import ENTROPIES
-from blockdrop.stages import STAGES
+from blockdrop.presets import CURRICULUM_PACE, OTHER_DATA_STAGES, PRESET_NAMES, Preset, check_preset_name, get_preset
 
 DEFAULT_PRESET = "R26_DIGITS"
+
+# What the parser offers, copied here from modules that import torch (seconds at start-up): the same
+# values as blockdrop.data.DATASETS, blockdrop.reinforce.ENTROPIES and blockdrop.stages.STAGES, and
+# the flag and check of blockdrop.data.add_unreadable_flag / check_unreadable_share (tests/test_startup.py
+# checks each pair).
+DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder", "digits")
+ENTROPIES = ("original", "bernoulli")
+STAGES = ("pretrain", "adapt", "curriculum", "finetune")
+MAX_UNREADABLE = 0.001
+
+
+def add_unreadable_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-bad-images", type=float, default=MAX_UNREADABLE, metavar="SHARE",
+                        help="image folders: the share of files that may be unreadable (each is named in a warning "
+                             "and counted as skipped_images; the next image stands in) before the work stops "
+                             "(default 0.001: 0.1%%)")
+
+
+def check_unreadable_share(share: float) -> None:
+    if not 0 <= share < 1:
+        raise UserError(f"--max-bad-images is a share of the dataset in [0, 1), not {share}")
 
 
 def add_cluster_args(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                "Flags override every stage run.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
+    parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESET_NAMES)} (default {DEFAULT_PRESET})")
     parser.add_argument("--stage", default="all", type=stage_list,
                         help="a stage (pretrain, adapt, curriculum, finetune), several (adapt,curriculum), or all "
                              "(default): every stage after what --init holds; adapt is left out after a pretrain "
@@ -114,6 +132,8 @@ def plan_stages(preset: Preset, args: argparse.Namespace) -> list[str]:
     if not args.init:
         pretrain_drop = args.drop_rate if args.drop_rate is not None else preset.stages["pretrain"].drop_rate
         return ["pretrain", "curriculum", "finetune"] if pretrain_drop > 0 else list(STAGES)
+    from blockdrop.checkpoints import read_checkpoint
+
     ckpt = read_checkpoint(args.init)
     if ckpt.policy is not None:
         return ["finetune"]
@@ -189,7 +209,7 @@ def _finite(value: float | None) -> bool:
 
 def validate(args: argparse.Namespace) -> tuple[Preset, list[tuple[str, dict]]]:
     """Every check that needs no cluster, before any work starts; the stages to run and their settings."""
-    preset = get_preset(args.preset)
+    check_preset_name(args.preset)  # the flags first: the preset itself brings its models in (torch)
     for flag in ("penalty", "curriculum_penalty"):
         value = getattr(args, flag)
         if value is not None and not (value < 0 and math.isfinite(value)):
@@ -210,6 +230,7 @@ def validate(args: argparse.Namespace) -> tuple[Preset, list[tuple[str, dict]]]:
     check_unreadable_share(args.max_bad_images)
     if args.max_failures < 0:
         raise UserError(f"--max-failures must be >= 0, not {args.max_failures}")
+    preset = get_preset(args.preset)
     stages = plan_stages(preset, args)
     if args.epochs is not None and (min(args.epochs) < 1 or len(args.epochs) not in (1, len(stages))):
         raise UserError(f"--epochs takes one number (>= 1) or one per stage run ({len(stages)}: "
@@ -217,6 +238,9 @@ def validate(args: argparse.Namespace) -> tuple[Preset, list[tuple[str, dict]]]:
     if stages[0] != "pretrain" and not args.init:
         raise UserError(f"--stage {stages[0]} starts from a trained ResNet: pass --init with a pretrain checkpoint "
                         f"(checkpoints/*-pretrain.pt), an original BlockDrop file or a torchvision ResNet file")
+    from blockdrop.checkpoints import load_models, read_checkpoint  # the checks that read files: torch
+    from blockdrop.data import load_dataset
+
     if stages[0] == "finetune" and args.init and read_checkpoint(args.init).policy is None:
         raise UserError(f"--stage finetune needs a policy: {args.init} has none; pass a curriculum checkpoint")
     if args.init:
@@ -229,6 +253,8 @@ def validate(args: argparse.Namespace) -> tuple[Preset, list[tuple[str, dict]]]:
 def init_payload(preset: Preset, path: str | None) -> dict | None:
     if path is None:
         return None
+    from blockdrop.checkpoints import load_models
+
     backbone, policy, _ = load_models(preset, path)
     return {"backbone": backbone.state_dict(), "policy": None if policy is None else policy.state_dict()}
 
@@ -285,16 +311,22 @@ def start_ray(address: str | None, use_gpu: bool, num_workers: int, storage_path
 
 
 def run(args: argparse.Namespace) -> None:
-    from blockdrop.distributed import StageConfig, analyse_remotely, final_report, run_stage
-    from blockdrop.tracking import Tracker, raw_images, resolve_uri
-
     from blockdrop.preflight import check_cluster_flags
 
-    preset, plan = validate(args)
+    preset, plan = validate(args)  # before the imports of Ray and MLflow: a bad flag answers at once
+    from blockdrop.tracking import Tracker, raw_images, resolve_uri
+
     stage_label = "all" if args.stage is None else ",".join(args.stage)
     name = args.name or f"{preset.name}-{stage_label.replace(',', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = resolve_uri(args.mlflow_uri)
     check_cluster_flags(args, uri)  # MLflow, run storage and Ray answer, before anything starts
+    import torch
+
+    from blockdrop.checkpoints import read_checkpoint
+    from blockdrop.data import load_dataset
+    from blockdrop.distributed import StageConfig, analyse_remotely, final_report, run_stage
+    from blockdrop.flops import cost_model
+
     start_ray(args.address, args.gpu, args.num_workers, args.storage_path)  # cluster checks first: a refused job leaves no run
     import ray
 

@@ -1,10 +1,19 @@
-"""Named configurations: backbone, policy network, dataset and input pipeline of each setting."""
+"""Named configurations: backbone, policy network, dataset and input pipeline of each setting.
+
+Imported without torch (the CLIs' --help and flag errors answer without it): the models come in when
+a preset's networks are built, and PRESETS itself is made on first use (module __getattr__), since
+its network specs live with the models. PRESET_NAMES names the presets without building them.
+"""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from blockdrop.errors import UserError
-from blockdrop.models.resnet import FlatResNet, PolicyNet, ResNetSpec
+
+if TYPE_CHECKING:
+    from blockdrop.models.resnet import FlatResNet, PolicyNet, ResNetSpec
 
 # The original code's normalisation constants.
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -17,10 +26,14 @@ DIGITS_STD = (0.3760,)
 
 
 def cifar_resnet(layers: tuple[int, ...], widths: tuple[int, ...] = (16, 32, 64), in_channels: int = 3) -> ResNetSpec:
+    from blockdrop.models.resnet import ResNetSpec
+
     return ResNetSpec("basic", layers, widths, stem="cifar", shortcut="pad", in_channels=in_channels)
 
 
 def imagenet_resnet(block: str, layers: tuple[int, ...]) -> ResNetSpec:
+    from blockdrop.models.resnet import ResNetSpec
+
     return ResNetSpec(block, layers, (64, 128, 256, 512), stem="imagenet", shortcut="conv")
 
 
@@ -100,24 +113,31 @@ class Preset:
         return self.backbone.in_channels
 
     def build_backbone(self) -> FlatResNet:
+        from blockdrop.models.resnet import FlatResNet
+
         return FlatResNet(self.backbone, self.num_classes)
 
     def build_policy(self) -> PolicyNet:
+        from blockdrop.models.resnet import PolicyNet
+
         return PolicyNet(self.policy, self.num_blocks, input_pool=self.policy_pool)
 
 
-_RESNET8 = cifar_resnet((1, 1, 1))
+# The presets' names, in PRESETS' order: what the CLIs list and get_preset checks without building
+# PRESETS (their network specs come with the models, hence torch); _build_presets checks the two agree.
+PRESET_NAMES = ("R32_C10", "R110_C10", "R32_C100", "R110_C100", "R101_ImgNet", "R26_DIGITS")
 
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in [
-        Preset("R32_C10", "CIFAR-10, ResNet-32 (15 blocks), ResNet-8 policy", cifar_resnet((5, 5, 5)), _RESNET8,
+
+def _build_presets() -> dict[str, Preset]:
+    resnet8 = cifar_resnet((1, 1, 1))
+    presets = [
+        Preset("R32_C10", "CIFAR-10, ResNet-32 (15 blocks), ResNet-8 policy", cifar_resnet((5, 5, 5)), resnet8,
                10, "cifar10", 32, CIFAR_MEAN, CIFAR_STD),
-        Preset("R110_C10", "CIFAR-10, ResNet-110 (54 blocks), ResNet-8 policy", cifar_resnet((18, 18, 18)), _RESNET8,
+        Preset("R110_C10", "CIFAR-10, ResNet-110 (54 blocks), ResNet-8 policy", cifar_resnet((18, 18, 18)), resnet8,
                10, "cifar10", 32, CIFAR_MEAN, CIFAR_STD),
-        Preset("R32_C100", "CIFAR-100, ResNet-32 (15 blocks), ResNet-8 policy", cifar_resnet((5, 5, 5)), _RESNET8,
+        Preset("R32_C100", "CIFAR-100, ResNet-32 (15 blocks), ResNet-8 policy", cifar_resnet((5, 5, 5)), resnet8,
                100, "cifar100", 32, CIFAR_MEAN, CIFAR_STD),
-        Preset("R110_C100", "CIFAR-100, ResNet-110 (54 blocks), ResNet-8 policy", cifar_resnet((18, 18, 18)), _RESNET8,
+        Preset("R110_C100", "CIFAR-100, ResNet-110 (54 blocks), ResNet-8 policy", cifar_resnet((18, 18, 18)), resnet8,
                100, "cifar100", 32, CIFAR_MEAN, CIFAR_STD),
         Preset("R101_ImgNet", "ImageNet, ResNet-101 (33 blocks), ResNet-10 policy on 112x112",
                imagenet_resnet("bottleneck", (3, 4, 23, 3)), imagenet_resnet("basic", (1, 1, 1, 1)),
@@ -129,12 +149,38 @@ PRESETS: dict[str, Preset] = {
                cifar_resnet((4, 4, 4), in_channels=1), cifar_resnet((1, 1, 1), (8, 16, 32), in_channels=1),
                10, "digits", 8, DIGITS_MEAN, DIGITS_STD, stages=DIGITS_STAGES, penalty=-5.0),
     ]
-}
+    names = tuple(p.name for p in presets)
+    if names != PRESET_NAMES:
+        raise RuntimeError(f"blockdrop.presets: PRESET_NAMES {PRESET_NAMES} != the presets made, {names}")
+    return {p.name: p for p in presets}
+
+
+PRESETS: dict[str, Preset]  # made on first use: see __getattr__
+_made = threading.Lock()
+
+
+def _presets() -> dict[str, Preset]:
+    if "PRESETS" not in globals():
+        with _made:  # made once: each preset stays one object (checkpoints compares them by identity)
+            if "PRESETS" not in globals():
+                globals()["PRESETS"] = _build_presets()
+    return globals()["PRESETS"]
+
+
+def __getattr__(name: str):
+    """`PRESETS` (name -> Preset), made on first use: it imports the models (torch)."""
+    if name == "PRESETS":
+        return _presets()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def check_preset_name(name: str) -> None:
+    """A UserError listing the known presets unless `name` is one (without torch)."""
+    if name not in PRESET_NAMES:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESET_NAMES)}")
 
 
 def get_preset(name: str) -> Preset:
     """The preset called `name`; a UserError listing the known ones otherwise."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+    check_preset_name(name)
+    return _presets()[name]

@@ -106,10 +106,8 @@ def _with_backbone(sources, backbone: str, preset_name: str | None):
 
 
 def validate(args: argparse.Namespace, check_port: bool = True):
-    """Everything checked before anything is deployed: flags, URIs, the models themselves, the port."""
-    from blockdrop.serving import DEFAULT_MODEL, Engine, resolve
-    from blockdrop.tracking import resolve_uri
-
+    """Everything checked before anything is deployed: flags, URIs, the models themselves, the port.
+    The flags first, before torch and MLflow are imported: a bad one answers at once."""
     for flag in ("max_batch_size", "max_images", "replicas", "cpus_per_replica"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
@@ -124,6 +122,9 @@ def validate(args: argparse.Namespace, check_port: bool = True):
         from blockdrop.presets import get_preset
 
         get_preset(args.preset)
+    from blockdrop.serving import DEFAULT_MODEL, Engine, resolve
+    from blockdrop.tracking import resolve_uri
+
     uri = resolve_uri(args.mlflow_uri)
     if args.model_uris:
         sources = resolve(args.model_uris, uri)

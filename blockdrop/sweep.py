@@ -16,17 +16,12 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-from ray.tune import Callback
-
-from blockdrop.checkpoints import load_models, read_checkpoint
-from blockdrop.data import check_unreadable_share, load_dataset
 from blockdrop.errors import UserError
-from blockdrop.evaluate import evaluate, make_loader
-from blockdrop.flops import cost_model
-from blockdrop.job import add_cluster_args
+from blockdrop.job import add_cluster_args, check_unreadable_share
 from blockdrop.pareto import Point, pareto_front, plot_front
-from blockdrop.presets import OTHER_DATA_STAGES, PRESETS, Preset, get_preset
+from blockdrop.presets import OTHER_DATA_STAGES, PRESET_NAMES, Preset, check_preset_name, get_preset
+
+# torch, Ray and MLflow are imported where they are used: --help and a bad flag answer without them.
 
 TRIAL_TAG = "blockdrop.trial"
 
@@ -51,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python tune_penalty.py ... --name my-sweep --resume                       # after an interruption",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--preset", default="R26_DIGITS", help=f"one of: {', '.join(PRESETS)} (default R26_DIGITS)")
+    parser.add_argument("--preset", default="R26_DIGITS", help=f"one of: {', '.join(PRESET_NAMES)} (default R26_DIGITS)")
     parser.add_argument("--init", required=True, help="curriculum checkpoint: a file, or an MLflow artifact URI "
                                                       "(runs:/<id>/checkpoint/<file>)")
     parser.add_argument("--penalties", type=float_list, help="grid of gammas, negative (e.g. -1,-2,-5,-10)")
@@ -92,9 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(glued)
 
 
+def is_artifact_uri(init: str) -> bool:
+    return "://" in init or init.startswith(("runs:/", "models:/"))
+
+
 def resolve_init(init: str, tracking_uri: str) -> str:
     """A local path for --init; MLflow artifact URIs are downloaded from the sweep's tracking server."""
-    if "://" in init or init.startswith(("runs:/", "models:/")):
+    if is_artifact_uri(init):
         from blockdrop.tracking import mlflow  # configured quietly before use
 
         try:
@@ -109,7 +108,7 @@ def resolve_init(init: str, tracking_uri: str) -> str:
 
 
 def validate(args: argparse.Namespace) -> tuple[Preset, str, int]:
-    preset = get_preset(args.preset)
+    check_preset_name(args.preset)  # the flags first: the preset itself brings its models in (torch)
     if args.num_samples is None:
         if not args.penalties:
             raise UserError("give a grid of gammas (--penalties -1,-2,-5) or --num-samples N for a search")
@@ -135,11 +134,17 @@ def validate(args: argparse.Namespace) -> tuple[Preset, str, int]:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.resume and not args.name:
         raise UserError("--resume needs --name: the sweep to resume")
-    from blockdrop.tracking import resolve_uri
+    init = args.init
+    if is_artifact_uri(init):  # MLflow only for an artifact URI
+        from blockdrop.tracking import resolve_uri
 
-    init = resolve_init(args.init, resolve_uri(args.mlflow_uri))
+        init = resolve_init(init, resolve_uri(args.mlflow_uri))
     if args.policy_lr is not None and not (args.policy_lr > 0 and math.isfinite(args.policy_lr)):
         raise UserError(f"--policy-lr must be positive, not {args.policy_lr}")
+    from blockdrop.checkpoints import load_models  # the checks that read files: torch
+    from blockdrop.data import load_dataset
+
+    preset = get_preset(args.preset)
     _, policy, _ = load_models(preset, init)
     if policy is None:
         raise UserError(f"--init {args.init} holds no policy: a sweep finetunes a curriculum checkpoint")
@@ -154,9 +159,13 @@ def trial_key(gamma: float, lr: float) -> str:
 def run_trial(config: dict) -> None:
     """A Tune trial: one finetune run on Ray Train, tracked as a child of the sweep's MLflow run."""
     import ray
+    import torch
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from blockdrop.checkpoints import read_checkpoint
+    from blockdrop.data import load_dataset
     from blockdrop.distributed import StageConfig, analyse_remotely, final_report, run_stage
+    from blockdrop.flops import cost_model
     from blockdrop.tracking import Tracker, raw_images
 
     s = config["sweep"]
@@ -197,8 +206,9 @@ def run_trial(config: dict) -> None:
     ray.tune.report(final)  # the same keys as the per-epoch reports: what the search optimises
 
 
-class Progress(Callback):
-    """One line per finished or failed trial: counts, and the most accurate points so far."""
+class _Progress:
+    """One line per finished or failed trial: counts, and the most accurate points so far.
+    (The methods of Progress, the Tune Callback that `progress_class` makes.)"""
 
     def __init__(self):
         self.done, self.failed, self.best = 0, 0, []
@@ -221,6 +231,23 @@ class Progress(Callback):
         self.failed += 1
         print(f"[sweep] trial {trial_key(trial.config['gamma'], trial.config['lr'])} failed", file=sys.stderr)
         print(self._line(trials, trial), file=sys.stderr, flush=True)
+
+
+def progress_class() -> type:
+    """Progress: _Progress as a Tune Callback, made on first use (Ray comes in here, not at import) and
+    kept as blockdrop.sweep.Progress, so that it pickles by name (Tune keeps the callbacks of a sweep)."""
+    if "Progress" not in globals():
+        from ray.tune import Callback
+
+        globals()["Progress"] = type("Progress", (_Progress, Callback),
+                                     {"__module__": __name__, "__qualname__": "Progress", "__doc__": _Progress.__doc__})
+    return globals()["Progress"]
+
+
+def __getattr__(name: str):
+    if name == "Progress":  # blockdrop.sweep.Progress, as an unpickled sweep state asks for it
+        return progress_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def collect_front(tracker, parent_id: str, reference: Point) -> tuple[list[Point], list[Point]]:
@@ -338,17 +365,24 @@ def register(tracker, front: list[Point], model_name: str) -> None:
 def run(args: argparse.Namespace) -> None:
     import time
 
-    import ray
-    from ray import tune
-
     from blockdrop.job import start_ray, storage_location
     from blockdrop.preflight import check_cluster_flags
+
+    preset, init, train_size = validate(args)  # before the imports of Ray and MLflow: a bad flag answers at once
     from blockdrop.tracking import Tracker, resolve_uri
 
-    preset, init, train_size = validate(args)
     name = args.name or f"{preset.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = resolve_uri(args.mlflow_uri)
     check_cluster_flags(args, uri)  # MLflow, run storage and Ray answer, before anything starts
+    import ray
+    import torch
+    from ray import tune
+
+    from blockdrop.checkpoints import load_models
+    from blockdrop.data import load_dataset
+    from blockdrop.evaluate import evaluate, make_loader
+    from blockdrop.flops import cost_model
+
     storage = storage_location(args.storage_path) or str(Path.home() / "ray_results")
     path = f"{storage.rstrip('/')}/{name}"
     tracker = Tracker(uri, args.experiment)
@@ -410,7 +444,7 @@ def run(args: argparse.Namespace) -> None:
                 tune_config = tune.TuneConfig(search_alg=searcher, num_samples=args.num_samples,
                                               max_concurrent_trials=args.max_concurrent)
             tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=tune.RunConfig(
-                name=name, storage_path=storage, verbose=0, callbacks=[Progress()],
+                name=name, storage_path=storage, verbose=0, callbacks=[progress_class()()],
                 failure_config=tune.FailureConfig(max_failures=0)))
         curves_ref = None
         if not args.no_analysis:  # on a Ray worker while the trials run

@@ -1,0 +1,167 @@
+"""The CLIs start light: --help and the errors found in the flags come without torch, Ray or MLflow.
+
+Each command runs in a fresh interpreter that reports which heavy packages it imported (no timing
+here: benchmarks/startup.py measures the seconds). The values the parsers copy from modules that import
+torch (datasets, stages, entropies, the --max-bad-images flag, the preset names) are checked against
+their originals.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+HEAVY = ("torch", "torchvision", "ray", "mlflow")
+
+# Runs a script (`path`) or a console script's function (`module:function`) as a user would, then
+# prints its exit status, its output and the heavy packages now in sys.modules.
+DRIVER = """
+import contextlib, importlib, io, json, runpy, sys
+target, args, heavy = sys.argv[1], sys.argv[2:], {heavy!r}
+out, err = io.StringIO(), io.StringIO()
+code = 0
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+        if ":" in target:
+            module, function = target.split(":")
+            sys.argv = [function, *args]
+            getattr(importlib.import_module(module), function)()
+        else:
+            sys.argv = [target, *args]
+            runpy.run_path(target, run_name="__main__")
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+imported = sorted({{name.split(".")[0] for name in sys.modules}} & set(heavy))
+print(json.dumps({{"code": code, "out": out.getvalue(), "err": err.getvalue(), "imported": imported}}))
+""".format(heavy=HEAVY)
+
+
+def start(tmp_path, target: str, *args: str) -> dict:
+    if ":" not in target:
+        target = str(REPO / target)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-c", DRIVER, target, *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+HELP = [
+    ("train_job.py", "usage: train_job.py"),
+    ("tune_penalty.py", "usage: tune_penalty.py"),
+    ("serve_policy.py", "usage: serve_policy.py"),
+    ("blockdrop.cli:train", "usage: train_job.py"),
+    ("blockdrop.cli:sweep", "usage: tune_penalty.py"),
+    ("blockdrop.cli:serve", "usage: serve"),
+    ("blockdrop.cli:quickstart", "usage: python -m blockdrop.quickstart"),
+    ("blockdrop.cli:sample_data", "usage:"),
+]
+
+
+@pytest.mark.parametrize("target, usage", HELP)
+def test_help_imports_neither_torch_ray_nor_mlflow(tmp_path, target, usage):
+    result = start(tmp_path, target, "--help")
+    assert result["code"] == 0 and result["out"].startswith(usage), result
+    assert result["imported"] == [], f"{target} --help imported {result['imported']}"
+
+
+@pytest.mark.parametrize("target", ["train_job.py", "tune_penalty.py"])
+def test_help_lists_the_presets(tmp_path, target):
+    out = " ".join(start(tmp_path, target, "--help")["out"].split())  # argparse wraps lines
+    assert "one of: R32_C10, R110_C10, R32_C100, R110_C100, R101_ImgNet, R26_DIGITS (default R26_DIGITS)" in out
+    assert "{cifar10,cifar100,imagenet,imagefolder,digits}" in out and "--max-bad-images SHARE" in out
+
+
+ERRORS = [  # what the CLIs check before any model, data, MLflow or Ray is touched
+    ("train_job.py", ["--preset", "R999"], "error: unknown preset 'R999'; choose one of: R32_C10,"),
+    ("train_job.py", ["--penalty", "2"], "error: --penalty must be a negative number"),
+    ("train_job.py", ["--num-workers", "0"], "error: --num-workers must be at least 1"),
+    ("train_job.py", ["--max-bad-images", "2"], "error: --max-bad-images is a share of the dataset in [0, 1)"),
+    ("train_job.py", ["--stage", "bogus"], "unknown stage 'bogus'"),
+    ("train_job.py", ["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
+    ("train_job.py", ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ("tune_penalty.py", ["--init", "x.pt", "--penalties", "-1", "--preset", "R999"], "error: unknown preset 'R999'"),
+    ("tune_penalty.py", ["--init", "x.pt", "--penalties", "-1,2"], "error: --penalties must all be negative"),
+    ("tune_penalty.py", ["--init", "x.pt"], "error: give a grid of gammas"),
+    ("tune_penalty.py", ["--penalties", "-1"], "the following arguments are required: --init"),
+    ("serve_policy.py", ["--preset", "R999"], "error: unknown preset 'R999'"),
+    ("serve_policy.py", ["--autoscale", "3"], "error: --autoscale wants MIN,MAX"),
+    ("serve_policy.py", ["--port", "0"], "error: --port must be 1..65535"),
+    ("blockdrop.cli:train", ["--preset", "R999"], "error: unknown preset 'R999'"),
+    ("blockdrop.cli:sweep", ["--init", "x.pt", "--penalties=-1,2"], "error: --penalties must all be negative"),
+    ("blockdrop.cli:serve", ["--autoscale", "3"], "error: --autoscale wants MIN,MAX"),
+]
+
+
+@pytest.mark.parametrize("target, args, message", ERRORS, ids=[f"{t} {' '.join(a)}" for t, a, _ in ERRORS])
+def test_flag_errors_exit_2_without_torch_ray_or_mlflow(tmp_path, target, args, message):
+    result = start(tmp_path, target, *args)
+    assert result["code"] == 2 and message in result["err"], result
+    assert "Traceback" not in result["err"]
+    assert result["imported"] == [], f"{target} {' '.join(args)} imported {result['imported']}"
+    assert not any(tmp_path.iterdir()), "a refused command leaves nothing behind"
+
+
+def test_a_missing_checkpoint_is_still_refused_before_ray_and_mlflow(tmp_path):
+    # reading files needs torch; Ray and MLflow still wait until every check has passed
+    result = start(tmp_path, "tune_penalty.py", "--init", "missing.pt", "--penalties", "-1")
+    assert result["code"] == 2 and "missing.pt does not exist" in result["err"], result
+    assert "ray" not in result["imported"] and "mlflow" not in result["imported"]
+
+
+def test_what_the_parsers_copy_equals_the_originals():
+    from blockdrop import data, job, presets, reinforce, stages
+
+    assert job.DATASETS == data.DATASETS
+    assert job.ENTROPIES == reinforce.ENTROPIES
+    assert job.STAGES == stages.STAGES
+    assert job.MAX_UNREADABLE == data.MAX_UNREADABLE
+    ours, theirs = argparse.ArgumentParser(), argparse.ArgumentParser()
+    job.add_unreadable_flag(ours)
+    data.add_unreadable_flag(theirs)
+    fields = ("option_strings", "dest", "type", "default", "metavar", "help", "choices", "required")
+    assert [[getattr(a, f) for f in fields] for a in ours._actions] == \
+           [[getattr(a, f) for f in fields] for a in theirs._actions]
+    for share in (-0.1, 0.0, 0.001, 0.5, 1.0, float("nan"), float("inf")):
+        outcomes = []
+        for check in (job.check_unreadable_share, data.check_unreadable_share):
+            try:
+                check(share)
+                outcomes.append(None)
+            except Exception as err:  # noqa: BLE001 - the two must raise alike
+                outcomes.append((type(err), str(err)))
+        assert outcomes[0] == outcomes[1], share
+    assert presets.PRESET_NAMES == tuple(presets.PRESETS)
+
+
+def test_presets_are_made_once_and_shared():
+    import blockdrop
+    from blockdrop import presets
+
+    assert blockdrop.PRESETS is presets.PRESETS
+    assert all(presets.get_preset(name) is preset for name, preset in presets.PRESETS.items())
+    with pytest.raises(blockdrop.UserError, match="unknown preset 'R999'; choose one of: R32_C10, R110_C10"):
+        presets.get_preset("R999")
+    with pytest.raises(AttributeError):
+        presets.NOT_A_NAME  # noqa: B018
+
+
+def test_the_sweeps_progress_callback_is_a_tune_callback_that_pickles_by_name():
+    from ray import cloudpickle
+    from ray.tune import Callback
+
+    from blockdrop import sweep
+
+    progress = sweep.progress_class()()
+    progress.done = 3
+    assert isinstance(progress, Callback) and sweep.Progress is type(progress)
+    restored = pickle.loads(cloudpickle.dumps(progress))  # Tune keeps a sweep's callbacks in tuner.pkl
+    assert type(restored) is sweep.Progress and restored.done == 3
