@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
+from blockdrop.choices import DATASETS, MAX_UNREADABLE, add_unreadable_flag, check_unreadable_share  # noqa: F401 (re-exported)
 from blockdrop.errors import UserError
 from blockdrop.presets import Preset
 
-DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder", "digits")
 SPLITS = ("train", "test")
 DEFAULT_DATA_DIR = Path("data")
 DOWNLOAD_TIMEOUT_S = 30.0
@@ -132,7 +132,6 @@ def _image_folder(preset: Preset, name: str, root: Path, train: bool, augment: b
     return ds
 
 
-MAX_UNREADABLE = 0.001  # default share of a folder's images that may be unreadable (--max-bad-images)
 
 
 class SkipUnreadable(Dataset):
@@ -178,18 +177,6 @@ class SkipUnreadable(Dataset):
 
     def __getstate__(self):  # a spawned worker cannot share the counter: it counts nothing
         return {**self.__dict__, "_count": None}
-
-
-def add_unreadable_flag(parser) -> None:
-    parser.add_argument("--max-bad-images", type=float, default=MAX_UNREADABLE, metavar="SHARE",
-                        help="image folders: the share of files that may be unreadable (each is named in a warning "
-                             "and counted as skipped_images; the next image stands in) before the work stops "
-                             "(default 0.001: 0.1%%)")
-
-
-def check_unreadable_share(share: float) -> None:
-    if not 0 <= share < 1:
-        raise UserError(f"--max-bad-images is a share of the dataset in [0, 1), not {share}")
 
 
 def allowed_unreadable(share: float, size: int) -> int:
@@ -265,6 +252,44 @@ class Digits(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image = self.images[i]
         return (self.augment(image) if self.augment else image), int(self.labels[i])
+
+
+MAX_LOADER_WORKERS = 16  # beyond what one GPU needs even with mixed precision; each worker costs memory
+PREFETCH_FACTOR = 2  # batches in flight per worker (torch's default): more bought nothing measurable
+
+
+def default_loader_workers(dataset: str, device_type: str, cpus: int) -> int:
+    """DataLoader worker processes for one training process that has `cpus` cores to itself (its
+    node's cores over the training processes on that node), measured in
+    benchmarks/results/input_pipeline_cpu.md:
+
+    - feeding a GPU: every core but the training process's own, at most MAX_LOADER_WORKERS. One
+      worker decodes and augments ~200 ImageNet-sized JPEGs/s (500x375, RandomResizedCrop to 224);
+      a ResNet-101 trains at ~600 images/s on an A100 in TF32 and several times that in mixed
+      precision on an H100, so a GPU needs 3 to 15 of them.
+    - on the CPU: none. The model step is ~50x slower than one decoding core, so in-process
+      loading costs the step a few percent, and worker processes would take cores from the model.
+    - digits: none; it is a tensor in memory.
+    """
+    if dataset == "digits" or device_type != "cuda":
+        return 0
+    return max(1, min(cpus - 1, MAX_LOADER_WORKERS))
+
+
+def loader_options(device_type: str, num_workers: int) -> dict:
+    """Keyword arguments of a training or test DataLoader with `num_workers` worker processes that
+    feeds a `device_type` device ("cuda", "cpu"), besides dataset, batch size and sampler:
+
+    - pin_memory on CUDA: batches in page-locked memory, so that the non_blocking copy of
+      `blockdrop.stages.to_device` overlaps the GPU's work instead of waiting on a staging copy.
+    - persistent_workers: the workers live across epochs; otherwise every epoch forks them again
+      and waits for their first batches (a cost per epoch that short epochs feel).
+    - prefetch_factor: PREFETCH_FACTOR batches in flight per worker.
+    Without workers only pin_memory applies (torch refuses the other two)."""
+    options: dict = {"num_workers": num_workers, "pin_memory": device_type == "cuda"}
+    if num_workers > 0:
+        options |= {"persistent_workers": True, "prefetch_factor": PREFETCH_FACTOR}
+    return options
 
 
 def load_dataset(preset: Preset, split: str, name: str | None = None, data_dir: str | Path | None = None,

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blockdrop.choices import TRAIN_EXECUTIONS
 from blockdrop.models.resnet import FlatResNet
 
 MODES = ("full", "masked", "sparse")
@@ -134,9 +135,6 @@ def run(net: FlatResNet, x: torch.Tensor, policy: torch.Tensor | None, mode: str
     if mode == "sparse":
         return run_sparse(net, x, policy)
     raise ValueError(f"unknown execution mode {mode!r}; expected one of {MODES}")
-
-
-TRAIN_EXECUTIONS = ("sparse", "masked")
 
 
 class Executor(nn.Module):

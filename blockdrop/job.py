@@ -16,31 +16,28 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from blockdrop.choices import (DATASETS, ENTROPIES, STAGES, TRAIN_EXECUTIONS, add_unreadable_flag,  # noqa: F401
+                               check_unreadable_share)
 from blockdrop.errors import UserError
 from blockdrop.presets import CURRICULUM_PACE, OTHER_DATA_STAGES, PRESET_NAMES, Preset, check_preset_name, get_preset
 
 DEFAULT_PRESET = "R26_DIGITS"
 
-# What the parser offers, copied here from modules that import torch (seconds at start-up): the same
-# values as blockdrop.data.DATASETS, blockdrop.reinforce.ENTROPIES and blockdrop.stages.STAGES, and
-# the flag and check of blockdrop.data.add_unreadable_flag / check_unreadable_share (tests/test_startup.py
-# checks each pair).
-DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder", "digits")
-ENTROPIES = ("original", "bernoulli")
-STAGES = ("pretrain", "adapt", "curriculum", "finetune")
-MAX_UNREADABLE = 0.001
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """How training runs (the flags train_job.py and tune_penalty.py share)."""
+    parser.add_argument("--train-execution", choices=TRAIN_EXECUTIONS, default="sparse",
+                        help="finetuning and stochastic depth: sparse (default) runs each block on the images whose "
+                             "policy keeps it, so a step costs what the policy keeps and each block's BatchNorm "
+                             "sees the images it runs on; masked runs every block on every image and blends, as "
+                             "the original code (benchmarks/results/finetune_cpu.md compares them)")
+    parser.add_argument("--eval-every", type=int, default=1, metavar="N",
+                        help="evaluate on the test set every N epochs and after the last (default 1); on ImageNet "
+                             "an evaluation is 50k images, and on CIFAR's curriculum a third of an epoch's time")
 
 
-def add_unreadable_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-bad-images", type=float, default=MAX_UNREADABLE, metavar="SHARE",
-                        help="image folders: the share of files that may be unreadable (each is named in a warning "
-                             "and counted as skipped_images; the next image stands in) before the work stops "
-                             "(default 0.001: 0.1%%)")
-
-
-def check_unreadable_share(share: float) -> None:
-    if not 0 <= share < 1:
-        raise UserError(f"--max-bad-images is a share of the dataset in [0, 1), not {share}")
+def check_training_args(args: argparse.Namespace) -> None:
+    if args.eval_every < 1:
+        raise UserError(f"--eval-every is a number of epochs >= 1, not {args.eval_every}")
 
 
 def add_cluster_args(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "./checkpoints); MLflow keeps a copy with the run either way")
     parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts allowed per stage (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order and policy sampling (default 0)")
+    add_training_args(parser)
     parser.add_argument("--no-analysis", action="store_true",
                         help="after finetuning, skip comparing the policy with image-blind baselines at equal FLOPs "
                              "and drawing its policy pictures (one Ray task, a few test-set passes)")
@@ -210,6 +208,7 @@ def _finite(value: float | None) -> bool:
 def validate(args: argparse.Namespace) -> tuple[Preset, list[tuple[str, dict]]]:
     """Every check that needs no cluster, before any work starts; the stages to run and their settings."""
     check_preset_name(args.preset)  # the flags first: the preset itself brings its models in (torch)
+    check_training_args(args)
     for flag in ("penalty", "curriculum_penalty"):
         value = getattr(args, flag)
         if value is not None and not (value < 0 and math.isfinite(value)):
@@ -339,7 +338,8 @@ def run(args: argparse.Namespace) -> None:
                             "continue it, another --name starts a new job")
 
     common = {"preset": preset.name, "num_workers": args.num_workers, "gpu": args.gpu,
-              "dataset": args.dataset or preset.dataset, "init": args.init or ""}
+              "dataset": args.dataset or preset.dataset, "init": args.init or "",
+              "train_execution": args.train_execution}
     job_params = common | {"stage": stage_label, "stages": ",".join(stage for stage, _ in plan)}
     if len(plan) == 1:
         job_params |= plan[0][1]
@@ -360,6 +360,7 @@ def run(args: argparse.Namespace) -> None:
             cfg = StageConfig(preset=preset.name, stage=stage, dataset=args.dataset,
                               data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
                               mlflow_uri=uri, mlflow_run_id=stage_run, seed=args.seed, max_bad_images=args.max_bad_images,
+                              execution=args.train_execution, eval_every=args.eval_every,
                               **({"gamma": 0.0} | settings))
             print(describe(stage, settings, args.num_workers), file=sys.stderr)
             ref = ray.put(init_payload(preset, init_path)) if init_path else None

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from blockdrop.choices import ENTROPIES  # noqa: F401 (re-exported)
+
 ALPHA = 0.8  # bounds keep-probabilities to [0.2, 0.8] while sampling
 BETA = 0.1  # entropy bonus weight in the curriculum stage
-ENTROPIES = ("original", "bernoulli")  # the curriculum's entropy bonus: see entropy_original / entropy
 
 
 def validate_penalty(gamma: float) -> float:

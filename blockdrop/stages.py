@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockdrop import reinforce as R
+from blockdrop.choices import STAGES  # noqa: F401 (re-exported)
 from blockdrop.evaluate import Moments
 from blockdrop.execution import run_sparse
 from blockdrop.models.resnet import FlatResNet
 
-STAGES = ("pretrain", "adapt", "curriculum", "finetune")
 SUPERVISED = ("pretrain", "adapt")  # the ResNet alone, cross-entropy
 
 

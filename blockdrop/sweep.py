@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from blockdrop.errors import UserError
-from blockdrop.job import add_cluster_args, check_unreadable_share
+from blockdrop.job import add_cluster_args, add_training_args, check_training_args, check_unreadable_share
 from blockdrop.pareto import Point, pareto_front, plot_front
 from blockdrop.presets import OTHER_DATA_STAGES, PRESET_NAMES, Preset, check_preset_name, get_preset
 
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment", default="blockdrop-sweeps", help="MLflow experiment (default blockdrop-sweeps)")
     parser.add_argument("--name", help="sweep name (default PRESET-sweep-TIMESTAMP); with --resume, the sweep to resume")
     parser.add_argument("--model-name", help="registered model name for the front (default blockdrop-PRESET)")
+    add_training_args(parser)
     add_cluster_args(parser)
     parser.add_argument("--resume", action="store_true", help="continue the sweep --name: finished trials are kept")
     return parser
@@ -109,6 +110,7 @@ def resolve_init(init: str, tracking_uri: str) -> str:
 
 def validate(args: argparse.Namespace) -> tuple[Preset, str, int]:
     check_preset_name(args.preset)  # the flags first: the preset itself brings its models in (torch)
+    check_training_args(args)
     if args.num_samples is None:
         if not args.penalties:
             raise UserError("give a grid of gammas (--penalties -1,-2,-5) or --num-samples N for a search")
@@ -174,7 +176,8 @@ def run_trial(config: dict) -> None:
     tracker = Tracker(s["mlflow_uri"], s["experiment"], source=s["source"])
     params = {"preset": s["preset"], "stage": "finetune", "gamma": gamma, "lr": lr, "policy_lr": s["policy_lr"] or lr,
               "epochs": s["epochs"],
-              "batch_size": s["batch_size"], "workers": s["workers"], "init": s["init_label"]}
+              "batch_size": s["batch_size"], "workers": s["workers"], "init": s["init_label"],
+              "train_execution": s.get("execution", "sparse")}
     # the run's name says what differs between trials (the sweep's name is the parent's)
     run_id, _ = tracker.job_run(f"{s['name']}/{key}", f"gamma={gamma:g} lr={lr:g}", params, parent_id=s["parent_id"])
     tracker.client.set_tag(run_id, TRIAL_TAG, key)
@@ -182,7 +185,8 @@ def run_trial(config: dict) -> None:
     cfg = StageConfig(preset=preset.name, stage="finetune", epochs=s["epochs"], batch_size=s["batch_size"], lr=lr,
                       weight_decay=0.0, gamma=gamma, drop_rate=0.0, dataset=s["dataset"], data_dir=s["data_dir"],
                       mlflow_uri=s["mlflow_uri"], mlflow_run_id=run_id, policy_lr=s["policy_lr"],
-                      max_bad_images=s["max_bad_images"])
+                      max_bad_images=s["max_bad_images"], execution=s.get("execution", "sparse"),
+                      eval_every=s.get("eval_every", 1))
     try:
         checkpoint = run_stage(cfg, s["init_ref"], s["workers"], s["gpu"], f"{s['name']}-{key}", s["storage_path"],
                                max_failures=1, callbacks=[TuneReportCallback()])
@@ -420,7 +424,8 @@ def run(args: argparse.Namespace) -> None:
                     "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None, "mlflow_uri": uri,
                     "experiment": args.experiment, "parent_id": parent_id, "init_ref": init_ref,
                     "init_label": args.init, "storage_path": storage, "source": tracker.source,
-                    "max_bad_images": args.max_bad_images}
+                    "max_bad_images": args.max_bad_images, "execution": args.train_execution,
+                    "eval_every": args.eval_every}
         # The trial itself only waits on its Train run: it asks for a little memory, no CPU, so the CPUs
         # stay for the Train workers (a trial holding a CPU would deadlock a 2-CPU machine at 2 workers).
         trainable = tune.with_resources(tune.with_parameters(run_trial_with, sweep=settings),

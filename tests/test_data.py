@@ -181,3 +181,30 @@ def test_shapes_get_harder_with_difficulty():
     spread = lambda images: float(np.mean([np.percentile(i, 95) - np.median(i) for i in images.mean(3)]))
     noise = lambda images: float(np.mean(np.abs(np.diff(images.astype(float), axis=2))))
     assert spread(easy) > spread(hard) and noise(hard) > noise(easy)
+
+
+def test_loader_defaults_feed_a_gpu_from_worker_processes_and_a_cpu_in_process():
+    from blockdrop.data import MAX_LOADER_WORKERS, default_loader_workers
+
+    assert default_loader_workers("imagenet", "cuda", 8) == 7  # every core but the training process's
+    assert default_loader_workers("imagefolder", "cuda", 1) == 1
+    assert default_loader_workers("imagenet", "cuda", 96) == MAX_LOADER_WORKERS
+    assert default_loader_workers("cifar10", "cuda", 4) == 3
+    assert default_loader_workers("imagenet", "cpu", 8) == 0
+    assert default_loader_workers("digits", "cuda", 8) == 0
+
+
+def test_loader_options_are_accepted_by_the_dataloader_with_and_without_workers():
+    from torch.utils.data import DataLoader
+
+    from blockdrop.data import loader_options
+
+    assert loader_options("cuda", 4) == {"num_workers": 4, "pin_memory": True, "persistent_workers": True,
+                                         "prefetch_factor": 2}
+    assert loader_options("cuda", 0) == {"num_workers": 0, "pin_memory": True}
+    assert loader_options("cpu", 2)["pin_memory"] is False
+    data = torch.utils.data.TensorDataset(torch.arange(8.0), torch.arange(8))
+    for workers in (0, 2):
+        loader = DataLoader(data, batch_size=4, **loader_options("cpu", workers))
+        for _ in range(2):  # persistent workers serve a second epoch
+            assert sorted(int(i) for batch, _ in loader for i in batch) == list(range(8))

@@ -1,13 +1,11 @@
 """The CLIs start light: --help and the errors found in the flags come without torch, Ray or MLflow.
 
 Each command runs in a fresh interpreter that reports which heavy packages it imported (no timing
-here: benchmarks/startup.py measures the seconds). The values the parsers copy from modules that import
-torch (datasets, stages, entropies, the --max-bad-images flag, the preset names) are checked against
-their originals.
+here: benchmarks/startup.py measures the seconds). The parsers' choices live in the torch-free
+blockdrop.choices, shared with the library.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
@@ -117,30 +115,13 @@ def test_a_missing_checkpoint_is_still_refused_before_ray_and_mlflow(tmp_path):
     assert "ray" not in result["imported"] and "mlflow" not in result["imported"]
 
 
-def test_what_the_parsers_copy_equals_the_originals():
-    from blockdrop import data, job, presets, reinforce, stages
+def test_the_parsers_and_the_library_share_one_definition_of_their_choices():
+    from blockdrop import choices, data, execution, job, reinforce, stages
 
-    assert job.DATASETS == data.DATASETS
-    assert job.ENTROPIES == reinforce.ENTROPIES
-    assert job.STAGES == stages.STAGES
-    assert job.MAX_UNREADABLE == data.MAX_UNREADABLE
-    ours, theirs = argparse.ArgumentParser(), argparse.ArgumentParser()
-    job.add_unreadable_flag(ours)
-    data.add_unreadable_flag(theirs)
-    fields = ("option_strings", "dest", "type", "default", "metavar", "help", "choices", "required")
-    assert [[getattr(a, f) for f in fields] for a in ours._actions] == \
-           [[getattr(a, f) for f in fields] for a in theirs._actions]
-    for share in (-0.1, 0.0, 0.001, 0.5, 1.0, float("nan"), float("inf")):
-        outcomes = []
-        for check in (job.check_unreadable_share, data.check_unreadable_share):
-            try:
-                check(share)
-                outcomes.append(None)
-            except Exception as err:  # noqa: BLE001 - the two must raise alike
-                outcomes.append((type(err), str(err)))
-        assert outcomes[0] == outcomes[1], share
-    assert presets.PRESET_NAMES == tuple(presets.PRESETS)
-
+    assert job.DATASETS is data.DATASETS is choices.DATASETS
+    assert job.ENTROPIES is reinforce.ENTROPIES and job.STAGES is stages.STAGES
+    assert job.TRAIN_EXECUTIONS is execution.TRAIN_EXECUTIONS
+    assert job.add_unreadable_flag is data.add_unreadable_flag and job.check_unreadable_share is data.check_unreadable_share
 
 def test_presets_are_made_once_and_shared():
     import blockdrop

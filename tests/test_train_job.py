@@ -48,6 +48,7 @@ def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     (["--curriculum-pace", "0"], "--curriculum-pace must be at least 1"),
     (["--lr", "0"], "--lr must be positive"),
     (["--num-workers", "0"], "--num-workers must be at least 1"),
+    (["--eval-every", "0"], "--eval-every is a number of epochs >= 1, not 0"),
     (["--preset", "R999"], "unknown preset 'R999'"),
     (["--stage", "curriculum"], "pass --init"),
     (["--epochs", "3,3"], "--epochs takes one number (>= 1) or one per stage run (3: pretrain, curriculum, finetune)"),
@@ -141,8 +142,10 @@ def test_gpu_flag_on_a_cluster_without_gpus_is_refused(tmp_path):
 
 
 def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
+    # two workers: data parallel, with sparse execution in stochastic-depth pretraining and finetuning
+    # (DDP with blocks some worker's rows all drop); evaluated every 4th epoch and after the last
     proc = train_job(tmp_path, "--stage", "all", "--num-workers", "2", "--epochs", "12,15,5", "--name", "e2e",
-                     timeout=900, BLOCKDROP_PROGRESS_EVERY_S="0.2")
+                     "--eval-every", "4", timeout=900, BLOCKDROP_PROGRESS_EVERY_S="0.2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the checkpoints sit next to the run storage (--storage-path), where a cluster keeps them
     out = tmp_path / "ray" / "e2e" / "checkpoints"
@@ -158,9 +161,13 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     parent = next(r for r in runs if r.data.tags.get("blockdrop.job") == "e2e")
     children = {r.data.params["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"pretrain", "curriculum", "finetune"} and len(runs) == 4  # pretrained with SD: no adapt
-    for stage, epochs in (("pretrain", 12), ("curriculum", 15), ("finetune", 5)):
+    for stage, evaluated in (("pretrain", [3, 7, 11]), ("curriculum", [3, 7, 11, 14]), ("finetune", [3, 4])):
         steps = [s for s, _ in history(client, children[stage].info.run_id, "test_accuracy")]
-        assert sorted(set(steps)) == list(range(epochs)), stage
+        assert sorted(set(steps)) == evaluated, stage
+        trained = [s for s, _ in history(client, children[stage].info.run_id, "train_seconds")]
+        assert sorted(set(trained)) == list(range(evaluated[-1] + 1)), stage  # every epoch: where the time goes
+    assert children["finetune"].data.params["train_execution"] == "sparse"
+    assert "not evaluated: --eval-every 4" in proc.stdout
     reward = [v for _, v in history(client, children["curriculum"].info.run_id, "train_reward")]
     assert max(reward[-3:]) > reward[0]  # the policy learns
     final = parent.data.metrics

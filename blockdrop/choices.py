@@ -1,0 +1,26 @@
+"""The values command lines offer and check, in one torch-free module: the CLIs' parsers import
+this and answer `--help` and bad flags without loading torch (benchmarks/startup.py); the library
+modules that use the same values import them from here."""
+from __future__ import annotations
+
+import argparse
+
+from blockdrop.errors import UserError
+
+DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder", "digits")
+STAGES = ("pretrain", "adapt", "curriculum", "finetune")
+ENTROPIES = ("original", "bernoulli")  # the curriculum's entropy bonus: see reinforce.entropy_original / entropy
+TRAIN_EXECUTIONS = ("sparse", "masked")  # how finetuning and stochastic depth run the ResNet (execution.Executor)
+MAX_UNREADABLE = 0.001  # default share of a folder's images that may be unreadable (--max-bad-images)
+
+
+def add_unreadable_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-bad-images", type=float, default=MAX_UNREADABLE, metavar="SHARE",
+                        help="image folders: the share of files that may be unreadable (each is named in a warning "
+                             "and counted as skipped_images; the next image stands in) before the work stops "
+                             "(default 0.001: 0.1%%)")
+
+
+def check_unreadable_share(share: float) -> None:
+    if not 0 <= share < 1:
+        raise UserError(f"--max-bad-images is a share of the dataset in [0, 1), not {share}")
