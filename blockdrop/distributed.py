@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from blockdrop.checkpoints import read_checkpoint, save_checkpoint
 from blockdrop.errors import UserError
-from blockdrop.data import MAX_UNREADABLE, allowed_unreadable, load_dataset, skipped_images
+from blockdrop.data import (MAX_UNREADABLE, allowed_unreadable, default_loader_workers, load_dataset, loader_options,
+                            skipped_images)
 from blockdrop.evaluate import Report, Tally, tally
 from blockdrop.execution import Executor
 from blockdrop.flops import cost_model
@@ -51,7 +52,7 @@ class StageConfig:
     mlflow_uri: str | None
     mlflow_run_id: str | None
     seed: int = 0
-    loader_workers: int = 0
+    loader_workers: int | None = None  # DataLoader worker processes (None: blockdrop.data.default_loader_workers)
     policy_lr: float | None = None  # finetune: the policy's own lr (default: lr)
     entropy: str = "original"  # curriculum: one of reinforce.ENTROPIES
     pace: int = 0  # curriculum: optimisation steps per newly decided block (0: one epoch)
@@ -197,10 +198,14 @@ def train_loop_per_worker(config: dict) -> None:
     test_set = load_dataset(preset, "test", cfg.dataset, cfg.data_dir, download=False)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     per_worker = max(cfg.batch_size // world, 1)
-    loader = DataLoader(train_set, batch_size=per_worker, sampler=sampler, num_workers=cfg.loader_workers,
-                        drop_last=len(train_set) >= per_worker * world * 2)
-    test_loader = DataLoader(Subset(test_set, range(rank, len(test_set), world)), batch_size=256,
-                             num_workers=cfg.loader_workers)
+    workers = cfg.loader_workers
+    if workers is None:  # the node's cores shared by its training processes (benchmarks/input_pipeline.py)
+        cpus = max((os.cpu_count() or 1) // max(ctx.get_local_world_size(), 1), 1)
+        workers = default_loader_workers(cfg.dataset or preset.dataset, device.type, cpus)
+    options = loader_options(device.type, workers)
+    loader = DataLoader(train_set, batch_size=per_worker, sampler=sampler,
+                        drop_last=len(train_set) >= per_worker * world * 2, **options)
+    test_loader = DataLoader(Subset(test_set, range(rank, len(test_set), world)), batch_size=256, **options)
     costs = cost_model(preset)
     tracker = None
     if rank == 0 and cfg.mlflow_run_id:
