@@ -264,11 +264,11 @@ def default_loader_workers(dataset: str, device_type: str, cpus: int) -> int:
     benchmarks/results/input_pipeline_cpu.md:
 
     - feeding a GPU: every core but the training process's own, at most MAX_LOADER_WORKERS. One
-      worker decodes and augments ~200 ImageNet-sized JPEGs/s (500x375, RandomResizedCrop to 224);
-      a ResNet-101 trains at ~600 images/s on an A100 in TF32 and several times that in mixed
-      precision on an H100, so a GPU needs 3 to 15 of them.
-    - on the CPU: none. The model step is ~50x slower than one decoding core, so in-process
-      loading costs the step a few percent, and worker processes would take cores from the model.
+      worker decodes and augments ~300 ImageNet-sized JPEGs/s (500x375, RandomResizedCrop to 224;
+      ~260 on a busy machine); a ResNet-101 trains at ~600 images/s on an A100 in TF32 and several
+      times that in mixed precision on an H100, so a GPU needs 2 to 11 of them.
+    - on the CPU: none. One core trains R101 on ~2 images/s and decodes ~300, so in-process
+      loading costs the step under 1%, and worker processes would take cores from the model.
     - digits: none; it is a tensor in memory.
     """
     if dataset == "digits" or device_type != "cuda":
