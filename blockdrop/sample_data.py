@@ -5,8 +5,12 @@
 - `shapes`: ten kinds of shape (circle, square, triangle, ...) drawn with a per-image difficulty:
   easy images are large, high-contrast and clean; hard ones are small, faint, noisy and cluttered.
   A second dataset of the same shape as `digits`, and one where image difficulty really varies.
+- `mixed`: the digits of `digits`, half of them (per class, at random) degraded: pixel noise, an
+  occluding bar, low contrast and a shift. Each file name says which (`00042-hard.png`,
+  `00043-easy.png`; blockdrop.data.difficulties reads it back), so reports can show the blocks a
+  policy gives easy and hard images.
 
-Both are written as `ROOT/train/<class>/*.png` and `ROOT/test/<class>/*.png` (80/20, stratified,
+All are written as `ROOT/train/<class>/*.png` and `ROOT/test/<class>/*.png` (80/20, stratified,
 fixed seed), which `--dataset imagefolder --data-dir ROOT` reads.
 
     python -m blockdrop.sample_data digits data/digits32 [--size 32]
@@ -21,7 +25,8 @@ import numpy as np
 
 from blockdrop.errors import UserError, run_cli
 
-SETS = ("digits", "shapes")
+SETS = ("digits", "shapes", "mixed")
+HARD_SHARE = 0.5  # mixed: the share of degraded images
 SHAPES = ("circle", "square", "triangle", "plus", "ring", "diamond", "cross", "star", "hexagon", "crescent")
 
 
@@ -35,14 +40,17 @@ def _split(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     return mask
 
 
-def _write(root: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str]) -> None:
+def _write(root: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str],
+           hard: np.ndarray | None = None) -> None:
+    """`hard` (per image): the difficulty goes into the file name."""
     from PIL import Image
 
     test = _split(labels)
     for i, (image, label) in enumerate(zip(images, labels)):
         folder = root / ("test" if test[i] else "train") / f"{label}_{class_names[label]}"
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / f"{i:05d}.png")
+        suffix = "" if hard is None else ("-hard" if hard[i] else "-easy")
+        Image.fromarray(image).save(folder / f"{i:05d}{suffix}.png")
 
 
 def digits_images(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,6 +62,34 @@ def digits_images(size: int) -> tuple[np.ndarray, np.ndarray]:
     small = (bunch.images * (255 / 16)).round().astype(np.uint8)
     images = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in small])
     return np.repeat(images[..., None], 3, axis=3), bunch.target.astype(np.int64)
+
+
+def degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A hard version of one (H, W, 3) uint8 image: shifted, low contrast, an occluding bar, noise."""
+    size = image.shape[0]
+    shift = rng.integers(-size // 8, size // 8 + 1, 2)
+    out = np.roll(image.astype(np.float64), tuple(shift), axis=(0, 1))
+    out = 128 + (out - 128) * rng.uniform(0.4, 0.6)  # contrast
+    bar = rng.integers(size // 10, size // 6 + 1)
+    at = rng.integers(0, size - bar)
+    if rng.uniform() < 0.5:
+        out[at:at + bar, :, :] = rng.uniform(60, 200)
+    else:
+        out[:, at:at + bar, :] = rng.uniform(60, 200)
+    out += rng.normal(0, rng.uniform(18, 32), out.shape[:2])[..., None]
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def mixed_images(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`digits_images` with HARD_SHARE of each class degraded: images, labels, and which are hard."""
+    images, labels = digits_images(size)
+    rng = np.random.default_rng(seed)
+    hard = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        hard[rng.choice(members, int(round(HARD_SHARE * len(members))), replace=False)] = True
+    images = np.stack([degrade(im, rng) if h else im for im, h in zip(images, hard)])
+    return images, labels, hard
 
 
 def _polygon(cx: float, cy: float, r: float, sides: int, angle: float) -> list[tuple[float, float]]:
@@ -134,13 +170,17 @@ def write_folder(name: str, root: str | Path, size: int = 32) -> Path:
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         raise UserError(f"{root} exists and is not empty; give a new folder")
+    hard = None
     if name == "digits":
         images, labels = digits_images(size)
+        names = [str(d) for d in range(10)]
+    elif name == "mixed":
+        images, labels, hard = mixed_images(size)
         names = [str(d) for d in range(10)]
     else:
         images, labels = shapes_images(size)
         names = list(SHAPES)
-    _write(root, images, labels, names)
+    _write(root, images, labels, names, hard)
     return root
 
 
