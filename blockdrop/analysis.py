@@ -11,16 +11,19 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from blockdrop import baselines as B
+from blockdrop.data import difficulties
 from blockdrop.evaluate import Report, tally
+from blockdrop.stats import CONFIDENCE, PairedDifference, paired_difference
 from blockdrop.flops import CostModel
 from blockdrop.models.resnet import FlatResNet, PolicyNet
 
 HOLDOUT_IMAGES = 500  # training images the greedy static policy is chosen on (at most)
-TIE = 0.002  # accuracy differences below 0.2 points, or below 2 test images, count as a tie
+PRUNED = "prune_finetune"  # the competitor trained apart: the ResNet finetuned under a static policy (blockdrop.prune)
 
 
 def holdout(train_unaugmented: Dataset, limit: int = HOLDOUT_IMAGES) -> Dataset:
@@ -29,95 +32,191 @@ def holdout(train_unaugmented: Dataset, limit: int = HOLDOUT_IMAGES) -> Dataset:
     return Subset(train_unaugmented, range(0, len(train_unaugmented), step)[:limit])
 
 
+@dataclass
+class Curve:
+    """A competitor's points (block count, accuracy, FLOPs) and, per point, each test image's score
+    (1 right, 0 wrong; RandomK: the share of its draws that were right)."""
+
+    points: list[B.CurvePoint]
+    scores: list[np.ndarray]
+
+    def at(self, flops: float) -> tuple[np.ndarray, str]:
+        """Each image's score at `flops`, read off the curve as `B.accuracy_at` reads its accuracy (running
+        the cheaper policy on a share of the images, the dearer one on the rest), and where on the curve."""
+        order = sorted(range(len(self.points)), key=lambda i: self.points[i].flops)
+        points = [self.points[i] for i in order]
+        scores = [self.scores[i] for i in order]
+        if flops <= points[0].flops:
+            return scores[0], f"K={points[0].keep}"
+        for (lo, a), (hi, b) in zip(zip(points, scores), zip(points[1:], scores[1:])):
+            if flops <= hi.flops:
+                t = (flops - lo.flops) / (hi.flops - lo.flops) if hi.flops > lo.flops else 1.0
+                return (1 - t) * a + t * b, f"K={lo.keep}..{hi.keep}"
+        return scores[-1], f"K={points[-1].keep}"
+
+
 def baseline_curve(name: str, backbone: FlatResNet, loader: DataLoader, costs: CostModel, device: torch.device,
-                   keeps: list[int], order: list[int] | None = None) -> list[B.CurvePoint]:
-    """Accuracy and FLOPs of baseline `name` at each block count in `keeps` (RandomK: mean of draws)."""
-    points = []
+                   keeps: list[int], order: list[int] | None = None) -> Curve:
+    """Accuracy, FLOPs and per-image scores of baseline `name` at each block count in `keeps` (RandomK: the
+    mean of its draws)."""
+    points, scores = [], []
     for keep in keeps:
         seeds = range(B.RANDOM_SEEDS) if name == "randomk" else [0]
-        reports = [tally(backbone, B.chooser(name, keep, backbone, order, seed), loader, costs, device).report(costs.full)
+        tallies = [tally(backbone, B.chooser(name, keep, backbone, order, seed), loader, costs, device, records=True)
                    for seed in seeds]
+        reports = [t.report(costs.full) for t in tallies]
         points.append(B.CurvePoint(keep, sum(r.accuracy for r in reports) / len(reports),
                                    sum(r.flops_mean for r in reports) / len(reports)))
-    return points
+        scores.append(np.mean([t.records().correct for t in tallies], axis=0))
+    return Curve(points, scores)
+
+
+@dataclass(frozen=True)
+class Versus:
+    """The learned policy against one competitor at the learned policy's mean FLOPs."""
+
+    accuracy: float  # the competitor's, at those FLOPs
+    interval: PairedDifference  # learned minus competitor, per image, with its interval
+    where: str = ""  # the competitor's block counts read off ("K=5..6")
+
+
+@dataclass(frozen=True)
+class Group:
+    """Blocks and accuracy of the learned policy on the test images of one difficulty."""
+
+    images: int
+    blocks: float
+    accuracy: float
 
 
 @dataclass
 class Comparison:
-    """The learned policy against each baseline at the learned policy's mean FLOPs."""
+    """The learned policy against each competitor at the learned policy's mean FLOPs: the image-blind
+    policies on its own ResNet, prune-and-finetune where it was trained, each with a paired interval."""
 
     learned: Report
-    at_equal_flops: dict[str, float]  # baseline -> accuracy at the learned FLOPs
+    versus: dict[str, Versus]
     curves: dict[str, list[B.CurvePoint]] = field(default_factory=dict)
     greedy_order: list[int] = field(default_factory=list)
+    groups: dict[str, Group] = field(default_factory=dict)  # "easy", "hard": where the data says which
+
+    @property
+    def at_equal_flops(self) -> dict[str, float]:
+        return {name: v.accuracy for name, v in self.versus.items()}
 
     @property
     def best_baseline(self) -> str:
-        return max(self.at_equal_flops, key=self.at_equal_flops.get)
+        """The strongest competitor at the learned policy's FLOPs."""
+        return max(self.versus, key=lambda name: self.versus[name].accuracy)
+
+    @property
+    def best_static(self) -> str:
+        """The strongest image-blind policy on the learned policy's own ResNet."""
+        return max((n for n in self.versus if n != PRUNED), key=lambda name: self.versus[name].accuracy)
 
     @property
     def gain(self) -> float:
-        """Accuracy of the learned policy minus the best baseline's, at equal FLOPs."""
-        return self.learned.accuracy - self.at_equal_flops[self.best_baseline]
-
-    @property
-    def tie(self) -> float:
-        return max(TIE, 2 / self.learned.images)
+        """Accuracy of the learned policy minus the strongest competitor's, at equal FLOPs."""
+        return self.versus[self.best_baseline].interval.difference
 
     def verdict(self) -> str:
-        best, gain, tie = LABELS[self.best_baseline], self.gain, self.tie
+        best = self.best_baseline
+        label, interval = LABELS[best], self.versus[best].interval
         if self.learned.unique_policies == 1:
-            return (f"The learned policy gives every image the same blocks: it is a static policy, and "
-                    f"{'beats' if gain > tie else 'does not beat'} the best image-blind one ({best}) by "
-                    f"{100 * gain:+.1f} points.")
-        if gain > tie:
-            return f"Per-image policies pay here: {100 * gain:+.1f} points over the best image-blind policy ({best})."
-        if gain >= -tie:
-            return (f"A static policy is as good on this data: the best image-blind policy ({best}) is within "
-                    f"{100 * abs(gain):.1f} points of the learned one at the same FLOPs.")
-        return (f"A static policy is better on this data: the best image-blind policy ({best}) is "
-                f"{100 * -gain:.1f} points more accurate at the same FLOPs.")
+            return (f"The learned policy gives every image the same blocks: it is a static policy, "
+                    f"{interval.text()} against the strongest competitor ({label}).")
+        if interval.verdict == "better":
+            return (f"Per-image policies pay here: {interval.text()} over the strongest competitor ({label}) at "
+                    "equal FLOPs.")
+        if interval.verdict == "tie":
+            return (f"A static policy is as good on this data: against the strongest competitor ({label}) the "
+                    f"learned policy is {interval.text()} at equal FLOPs, an interval that holds 0.")
+        return (f"A static policy is better on this data: {label} is {100 * -interval.difference:.2f} points more "
+                f"accurate at the same FLOPs ({interval.text()}).")
 
     def text(self) -> str:
         r = self.learned
-        lines = [f"At the learned policy's FLOPs ({r.flops_mean:.2E}/img, {r.blocks_mean:.2f} blocks, "
-                 f"{r.unique_policies} unique policies):",
-                 f"  {'learned policy':<22} {100 * r.accuracy:6.2f}%"]
-        for name, accuracy in sorted(self.at_equal_flops.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  {LABELS[name]:<22} {100 * accuracy:6.2f}%  ({100 * (r.accuracy - accuracy):+.2f})")
+        lines = [f"At the learned policy's FLOPs ({r.flops_mean:.2E}/img, {r.blocks_mean:.2f} +- {r.blocks_std:.2f} "
+                 f"blocks, {r.unique_policies} unique policies), learned minus competitor per image, "
+                 f"{100 * CONFIDENCE:.0f}% paired bootstrap interval:",
+                 f"  {'learned policy':<24} {100 * r.accuracy:6.2f}%"]
+        for name, v in sorted(self.versus.items(), key=lambda kv: -kv[1].accuracy):
+            lines.append(f"  {LABELS[name]:<24} {100 * v.accuracy:6.2f}%  {v.interval.text()}  ({v.where})")
+        if self.groups:
+            lines.append("Per difficulty: " + "; ".join(f"{name} images {g.blocks:.2f} blocks, {100 * g.accuracy:.1f}% "
+                                                       f"({g.images})" for name, g in self.groups.items()))
         lines.append(self.verdict())
         return "\n".join(lines)
 
     def metrics(self) -> dict[str, float]:
-        out = {f"baseline_{name}_accuracy": a for name, a in self.at_equal_flops.items()}
-        return out | {"gain_over_static": self.gain}
+        out = {f"baseline_{name}_accuracy": v.accuracy for name, v in self.versus.items()}
+        static = self.versus[self.best_static].interval
+        out |= {"gain_over_static": static.difference, "gain_over_static_low": static.low,
+                "gain_over_static_high": static.high}
+        if PRUNED in self.versus:
+            pruned = self.versus[PRUNED].interval
+            out |= {"gain_over_pruning": pruned.difference, "gain_over_pruning_low": pruned.low,
+                    "gain_over_pruning_high": pruned.high}
+        for name, g in self.groups.items():
+            out |= {f"blocks_{name}": g.blocks, f"accuracy_{name}": g.accuracy}
+        return out
 
     @classmethod
     def from_json(cls, data: dict) -> Comparison:
-        return cls(Report(**data["learned"]), data["at_equal_flops"],
-                   {n: [B.CurvePoint(**p) for p in c] for n, c in data["curves"].items()}, data["greedy_order"])
+        versus = {n: Versus(v["accuracy"], PairedDifference(**v["interval"]), v["where"]) for n, v in data["versus"].items()}
+        return cls(Report(**data["learned"]), versus,
+                   {n: [B.CurvePoint(**p) for p in c] for n, c in data["curves"].items()}, data["greedy_order"],
+                   {n: Group(**g) for n, g in data.get("groups", {}).items()})
 
     def to_json(self) -> dict:
-        return {"learned": asdict(self.learned), "at_equal_flops": self.at_equal_flops, "best_baseline": self.best_baseline,
-                "gain_over_static": self.gain, "verdict": self.verdict(), "greedy_order": self.greedy_order,
+        return {"learned": asdict(self.learned), "versus": {n: asdict(v) for n, v in self.versus.items()},
+                "at_equal_flops": self.at_equal_flops, "best_baseline": self.best_baseline,
+                "gain_over_static": self.versus[self.best_static].interval.difference, "verdict": self.verdict(),
+                "greedy_order": self.greedy_order, "groups": {n: asdict(g) for n, g in self.groups.items()},
                 "curves": {n: [asdict(p) for p in c] for n, c in self.curves.items()}}
 
 
-LABELS = {"firstk": "FirstK", "randomk": "RandomK", "distributek": "DistributeK", "greedy": "greedy static"}
+LABELS = {"firstk": "FirstK", "randomk": "RandomK", "distributek": "DistributeK", "greedy": "greedy static",
+          PRUNED: "prune and finetune"}
+
+
+def versus(learned: np.ndarray, curve: Curve, flops: float) -> Versus:
+    scores, where = curve.at(flops)
+    return Versus(float(scores.mean()), paired_difference(learned, scores), where)
+
+
+def difficulty_groups(records, hard: np.ndarray | None) -> dict[str, Group]:
+    """Blocks and accuracy of easy and hard images, when the test set records which is which."""
+    if hard is None or len(hard) != len(records.labels):
+        return {}
+    groups = {}
+    for name, members in (("easy", ~hard), ("hard", hard)):
+        if members.any():
+            groups[name] = Group(int(members.sum()), float(records.blocks[members].mean()),
+                                 float(records.correct[members].mean()))
+    return groups
 
 
 def compare(backbone: FlatResNet, policy: PolicyNet, test: Dataset, train_unaugmented: Dataset, costs: CostModel,
-            device: torch.device, batch_size: int = 256, records: bool = True):
-    """The comparison, and (with `records`) the tally of the learned policy with per-image records."""
+            device: torch.device, batch_size: int = 256, records: bool = True, pruned: Curve | None = None):
+    """The comparison, and the tally of the learned policy (with per-image records when `records`).
+    `pruned`: prune-and-finetune's curve on the same test images (blockdrop.prune.pruned_curve)."""
     loader = DataLoader(test, batch_size=batch_size)
-    learned = tally(backbone, policy, loader, costs, device, records=records)
+    learned = tally(backbone, policy, loader, costs, device, records=True)
     report = learned.report(costs.full)
     keeps = B.keeps_around(costs, report.flops_mean)
     order = B.greedy_order(backbone, DataLoader(holdout(train_unaugmented), batch_size=batch_size), device,
                            drops=backbone.num_blocks - min(keeps))
     curves = {name: baseline_curve(name, backbone, loader, costs, device, keeps, order) for name in B.BASELINES}
-    at = {name: B.accuracy_at(curve, report.flops_mean) for name, curve in curves.items()}
-    return Comparison(report, at, curves, order), learned
+    if pruned is not None:
+        curves[PRUNED] = pruned
+    correct = learned.records().correct.astype(np.float64)
+    comparison = Comparison(report, {name: versus(correct, curve, report.flops_mean) for name, curve in curves.items()},
+                            {name: curve.points for name, curve in curves.items()}, order,
+                            difficulty_groups(learned.records(), difficulties(test)))
+    if not records:
+        learned.rows = None
+    return comparison, learned
 
 
 def write(comparison: Comparison, folder: str | Path) -> Path:
@@ -135,19 +234,32 @@ def class_names(dataset: Dataset) -> list[str]:
 
 
 def analyse(preset, backbone: FlatResNet, policy: PolicyNet, dataset: str | None, data_dir: str | None,
-            device: torch.device, folder: str | Path) -> Comparison:
-    """The comparison with the baselines (baselines.json) and the policy pictures, into `folder`."""
+            device: torch.device, folder: str | Path, pruned: list | None = None) -> Comparison:
+    """The comparison with the baselines (baselines.json) and the policy pictures, into `folder`.
+    `pruned`: prune-and-finetune models, (K, finetuned ResNet, 0/1 row) each."""
     from blockdrop.data import load_dataset
     from blockdrop.flops import cost_model
     from blockdrop.pictures import draw_all
+    from blockdrop.prune import pruned_curve
 
     test = load_dataset(preset, "test", dataset, data_dir, download=False)
     train = load_dataset(preset, "train", dataset, data_dir, download=False, augment=False)
-    comparison, learned = compare(backbone.to(device), policy.to(device), test, train, cost_model(preset), device)
+    costs = cost_model(preset)
+    curve = pruned_curve(pruned, test, costs, device) if pruned else None
+    comparison, learned = compare(backbone.to(device), policy.to(device), test, train, costs, device, pruned=curve)
     write(comparison, folder)
     stages = [stage for stage, _ in preset.backbone.block_index]
     draw_all(learned.records(), test, preset.mean, preset.std, stages, class_names(test), folder)
     return comparison
+
+
+def greedy_order_on(preset, backbone: FlatResNet, dataset: str | None, data_dir: str | None,
+                    device: torch.device) -> list[int]:
+    """The greedy static order of every block of `backbone`, on the holdout slice of the training images."""
+    from blockdrop.data import load_dataset
+
+    train = load_dataset(preset, "train", dataset, data_dir, download=False, augment=False)
+    return B.greedy_order(backbone.to(device), DataLoader(holdout(train), batch_size=256), device)
 
 
 def curves(preset, backbone: FlatResNet, dataset: str | None, data_dir: str | None, device: torch.device,
@@ -157,10 +269,9 @@ def curves(preset, backbone: FlatResNet, dataset: str | None, data_dir: str | No
     from blockdrop.flops import cost_model
 
     test = load_dataset(preset, "test", dataset, data_dir, download=False)
-    train = load_dataset(preset, "train", dataset, data_dir, download=False, augment=False)
     backbone = backbone.to(device)
-    order = B.greedy_order(backbone, DataLoader(holdout(train), batch_size=256), device)
+    order = greedy_order_on(preset, backbone, dataset, data_dir, device)
     loader = DataLoader(test, batch_size=256)
     keeps = B.keep_grid(preset.num_blocks, points)
-    return {name: baseline_curve(name, backbone, loader, cost_model(preset), device, keeps, order)
+    return {name: baseline_curve(name, backbone, loader, cost_model(preset), device, keeps, order).points
             for name in B.BASELINES}

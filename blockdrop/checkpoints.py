@@ -222,8 +222,9 @@ def load_state(module: nn.Module, sd: StateDict, preset: Preset, part: str, path
 
 
 def load_models(preset: Preset, checkpoint: str | os.PathLike, backbone_file: str | os.PathLike | None = None,
-                ) -> tuple[FlatResNet, PolicyNet | None, Checkpoint]:
-    """The preset's backbone and policy with weights from the file(s); the policy is None if absent.
+                ) -> tuple[FlatResNet, nn.Module | None, Checkpoint]:
+    """The preset's backbone and policy with weights from the file(s); the policy is None if absent, a
+    StaticPolicy (blockdrop.prune) for a pruned ResNet.
 
     `backbone_file` supplies the ResNet when `checkpoint` holds only a policy (an original
     curriculum checkpoint, for instance); it overrides a backbone inside `checkpoint`.
@@ -247,4 +248,8 @@ def load_models(preset: Preset, checkpoint: str | os.PathLike, backbone_file: st
     if ckpt.policy is not None:
         policy = preset.build_policy()
         load_state(policy, ckpt.policy, preset, "policy", checkpoint)
+    elif ckpt.meta.get("config", {}).get("static_policy") is not None:  # a pruned ResNet (train_job --stage prune)
+        from blockdrop.prune import StaticPolicy
+
+        policy = StaticPolicy(torch.tensor(ckpt.meta["config"]["static_policy"], dtype=torch.float32))
     return backbone, policy, ckpt

@@ -9,6 +9,9 @@ from blockdrop.errors import UserError
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder", "digits")
 STAGES = ("pretrain", "adapt", "curriculum", "finetune")
+# Not a BlockDrop stage: the competitor it must beat, the ResNet finetuned under one image-blind policy (a
+# static set of K blocks, greedy order) for as many steps as BlockDrop's stages train it (blockdrop.prune).
+PRUNE = "prune"
 ENTROPIES = ("original", "bernoulli")  # the curriculum's entropy bonus: see reinforce.entropy_original / entropy
 TRAIN_EXECUTIONS = ("sparse", "masked")  # how finetuning and stochastic depth run the ResNet (execution.Executor)
 MAX_UNREADABLE = 0.001  # default share of a folder's images that may be unreadable (--max-bad-images)

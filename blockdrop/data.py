@@ -12,6 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
@@ -202,6 +203,24 @@ def decode_image(data: bytes, in_channels: int):
             return image.convert("L" if in_channels == 1 else "RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         raise ValueError("not a PNG, JPEG or other image Pillow reads") from None
+
+
+def difficulties(dataset) -> np.ndarray | None:
+    """For an image folder whose file names say each image's difficulty (`00042-hard.png`, as
+    `blockdrop.sample_data mixed` writes them): True for the hard images, in the dataset's order.
+    None when the names do not say it for every image."""
+    indices = None
+    while isinstance(dataset, Subset):
+        inner = list(dataset.indices)
+        indices = inner if indices is None else [inner[i] for i in indices]
+        dataset = dataset.dataset
+    samples = getattr(dataset, "samples", None)
+    if not samples:
+        return None
+    stems = [Path(samples[i][0]).stem for i in (range(len(samples)) if indices is None else indices)]
+    if not all(stem.endswith(("-hard", "-easy")) for stem in stems):
+        return None
+    return np.array([stem.endswith("-hard") for stem in stems])
 
 
 def skipped_images(dataset) -> int | None:

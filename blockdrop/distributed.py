@@ -28,6 +28,7 @@ from blockdrop.evaluate import Report, Tally, tally
 from blockdrop.execution import Executor
 from blockdrop.flops import cost_model
 from blockdrop.presets import get_preset
+from blockdrop.prune import static_chooser
 from blockdrop.reinforce import curriculum_index, curriculum_mask
 from blockdrop.stages import SUPERVISED, EpochStats, Models, make_optimizer, make_schedule, train_epoch
 
@@ -59,6 +60,12 @@ class StageConfig:
     max_bad_images: float = MAX_UNREADABLE  # share of an image folder that may be unreadable
     execution: str = "sparse"  # finetune, stochastic depth: blockdrop.execution.TRAIN_EXECUTIONS
     eval_every: int = 1  # evaluate on the test set every this many epochs, and after the last
+    # The user's ResNet, what every figure is measured against: {"accuracy", "source"}. None: the stage's
+    # --init ResNet is that reference, evaluated in full before the first epoch (`reference_source` names it).
+    reference: dict | None = None
+    reference_source: str = ""
+    reference_file: str = ""  # its checkpoint, where prune-and-finetune starts from
+    static_policy: list[int] | None = None  # prune: the 0/1 policy every image runs
     # a progress line within an epoch every this many seconds (ImageNet: an epoch is an hour)
     progress_every_s: float = field(default_factory=lambda: float(os.environ.get("BLOCKDROP_PROGRESS_EVERY_S", "30")))
 
@@ -124,14 +131,27 @@ def epoch_metrics(stats: EpochStats, test: Tally | None, full_flops: int, lr: fl
     }
 
 
-def final_report(checkpoint: Path, full_flops: int) -> Report:
-    """The report of a stage's last epoch, as its workers computed it over the whole test set
-    (kept in the checkpoint's metadata): no second evaluation pass on the driver."""
-    m = read_checkpoint(checkpoint).meta["metrics"]
+def final_report(meta: dict, full_flops: int) -> Report:
+    """The report of a stage's last epoch from its checkpoint's metadata, as its workers computed it over
+    the whole test set: no second evaluation pass on the driver."""
+    m, reference = meta["metrics"], meta.get("reference") or {}
     return Report(images=int(m["test_images"]), accuracy=m["test_accuracy"], blocks_mean=m["blocks_used"],
                   blocks_std=m["blocks_used_std"], flops_mean=m["flops_per_image"],
                   flops_std=m["flops_per_image_std"], unique_policies=int(m["unique_policies"]),
-                  full_accuracy=m["full_accuracy"], full_flops=full_flops, speedup=m["speedup"])
+                  full_accuracy=m["full_accuracy"], full_flops=full_flops, speedup=m["speedup"],
+                  reference_accuracy=reference.get("accuracy"), reference=reference.get("source", ""))
+
+
+def reference_of(cfg: StageConfig, backbone, test_loader, costs, device, world: int) -> dict | None:
+    """The stage's reference ResNet: the one given, else its starting ResNet run in full on the whole
+    test set (each worker its shard, merged)."""
+    if cfg.reference is not None or not cfg.reference_source:
+        return cfg.reference
+    merged = Tally()
+    for shard in _gather(tally(backbone, None, test_loader, costs, device), world):
+        merged.merge(shard)
+    return {"accuracy": merged.full_correct / max(merged.blocks.n, 1), "source": cfg.reference_source,
+            "file": cfg.reference_file}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -161,7 +181,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     executor = Executor(backbone, cfg.execution).to(device, memory_format=torch.channels_last)
     # Sparse execution leaves the blocks no row of this worker keeps out of the step's graph.
-    with_policy = cfg.stage == "finetune" or cfg.drop_rate > 0
+    with_policy = cfg.stage == "finetune" or cfg.drop_rate > 0 or cfg.static_policy is not None
     ddp = {"find_unused_parameters": with_policy and executor.needs_unused_parameters}
     if policy is not None:
         policy.to(device, memory_format=torch.channels_last)
@@ -191,6 +211,8 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         start = state["epoch"] + 1
+        # a resumed stage keeps the reference measured on its starting ResNet, not on the trained one
+        cfg.reference, cfg.reference_source = state.get("reference", cfg.reference), ""
         if rank == 0:
             progress(f"[{cfg.stage}] resuming after epoch {state['epoch']} (from the last checkpoint)")
 
@@ -207,18 +229,22 @@ def train_loop_per_worker(config: dict) -> None:
                         drop_last=len(train_set) >= per_worker * world * 2, **options)
     test_loader = DataLoader(Subset(test_set, range(rank, len(test_set), world)), batch_size=256, **options)
     costs = cost_model(preset)
+    static = None if cfg.static_policy is None else torch.tensor(cfg.static_policy, dtype=torch.float32)
+    # what the test set is run under: the policy network, the static policy of a pruned ResNet, or every block
+    evaluated = policy if static is None else static_chooser(static)
     tracker = None
     if rank == 0 and cfg.mlflow_run_id:
         from mlflow.tracking import MlflowClient
 
         tracker = MlflowClient(cfg.mlflow_uri)
 
+    reference = reference_of(cfg, backbone, test_loader, costs, device, world)
     for epoch in range(start, cfg.epochs):
         began = time.time()
         sampler.set_epoch(epoch)
         on_step = StepProgress(cfg.stage, epoch, cfg.epochs, world, cfg.progress_every_s) if rank == 0 else None
         stats = train_epoch(cfg.stage, models, loader, optimizer, epoch, cfg.gamma, device, cfg.drop_rate,
-                            cfg.pace, cfg.entropy, on_step=on_step)
+                            cfg.pace, cfg.entropy, on_step=on_step, static=static)
         trained = time.time()
         lr = optimizer.param_groups[-1]["lr"]  # finetune: the ResNet's
         schedule.step()
@@ -226,7 +252,7 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.stage == "curriculum":
             decided = curriculum_mask(preset.num_blocks, curriculum_index((epoch + 1) * len(loader) - 1, cfg.pace or len(loader)))
         evaluate = (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1
-        test = tally(backbone, policy, test_loader, costs, device, decided=decided) if evaluate else None
+        test = tally(backbone, evaluated, test_loader, costs, device, decided=decided) if evaluate else None
         merged_stats, merged_test, skipped = EpochStats(), Tally() if evaluate else None, None
         for s, t, k in _gather((stats, test, skipped_images(train_set)), world):
             merged_stats.merge(s)
@@ -234,6 +260,8 @@ def train_loop_per_worker(config: dict) -> None:
                 merged_test.merge(t)
             skipped = None if k is None else (skipped or 0) + k
         metrics = epoch_metrics(merged_stats, merged_test, costs.full, lr) | {"epoch": epoch}
+        if reference is not None:
+            metrics["reference_accuracy"] = reference["accuracy"]
         # where the epoch's time goes (rank 0's clock): training steps, then evaluation and merging
         metrics |= {"train_seconds": trained - began, "eval_seconds": time.time() - trained,
                     "torch_threads": torch.get_num_threads()}
@@ -250,9 +278,11 @@ def train_loop_per_worker(config: dict) -> None:
             torch.save({
                 "backbone": backbone.state_dict(), "policy": None if policy is None else policy.state_dict(),
                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "epoch": epoch,
+                "reference": reference,
             }, Path(folder) / STATE_FILE)
             save_checkpoint(Path(folder) / MODEL_FILE, preset, backbone, policy,
-                            {"stage": cfg.stage, "epoch": epoch, "metrics": metrics, "config": asdict(cfg)})
+                            {"stage": cfg.stage, "epoch": epoch, "metrics": metrics, "config": asdict(cfg),
+                             "reference": reference})
             if tracker is not None:
                 from blockdrop.tracking import metric_batch
 
@@ -303,18 +333,29 @@ def run_stage(cfg: StageConfig, init_ref, num_workers: int, use_gpu: bool, name:
 _TASK_OPTIONS = {"num_cpus": 1, "max_retries": 1, "scheduling_strategy": "DEFAULT"}
 
 
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _backbone(preset, state: dict):
+    backbone = preset.build_backbone()
+    backbone.load_state_dict(state)
+    return backbone
+
+
 def _analyse_task(preset_name: str, payload: dict, dataset: str | None, data_dir: str | None,
-                  mlflow_uri: str | None, run_id: str | None) -> dict:
-    """Runs on a Ray worker: compare with the baselines, draw the pictures, log both to the run."""
+                  mlflow_uri: str | None, run_id: str | None, pruned: list | None = None) -> dict:
+    """Runs on a Ray worker: compare with the baselines (and the pruned ResNets: (K, state dict, 0/1
+    row) each), draw the pictures, log both to the run."""
     from blockdrop.analysis import analyse
 
     preset = get_preset(preset_name)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backbone, policy = preset.build_backbone(), preset.build_policy()
-    backbone.load_state_dict(payload["backbone"])
+    policy = preset.build_policy()
     policy.load_state_dict(payload["policy"])
+    models = [(keep, _backbone(preset, state), torch.tensor(row, dtype=torch.float32)) for keep, state, row in pruned or []]
     with tempfile.TemporaryDirectory() as folder:
-        comparison = analyse(preset, backbone, policy, dataset, data_dir, device, folder)
+        comparison = analyse(preset, _backbone(preset, payload["backbone"]), policy, dataset, data_dir, _device(), folder,
+                             pruned=models)
         if mlflow_uri and run_id:
             from mlflow.tracking import MlflowClient
 
@@ -327,7 +368,7 @@ def _analyse_task(preset_name: str, payload: dict, dataset: str | None, data_dir
 
 
 def analyse_remotely(preset_name: str, payload_ref, dataset: str | None, data_dir: str | None,
-                     mlflow_uri: str | None, run_id: str | None, use_gpu: bool):
+                     mlflow_uri: str | None, run_id: str | None, use_gpu: bool, pruned: list | None = None):
     """blockdrop.analysis on one Ray worker (a GPU one with `use_gpu`), logged to the MLflow run;
     returns the Comparison. Not on the driver: on a cluster that is the head node."""
     import ray
@@ -335,18 +376,31 @@ def analyse_remotely(preset_name: str, payload_ref, dataset: str | None, data_di
     from blockdrop.analysis import Comparison
 
     task = ray.remote(_analyse_task).options(**_TASK_OPTIONS, num_gpus=1 if use_gpu else 0)
-    result = ray.get(task.remote(preset_name, payload_ref, dataset, data_dir, mlflow_uri, run_id))
+    result = ray.get(task.remote(preset_name, payload_ref, dataset, data_dir, mlflow_uri, run_id, pruned))
     return Comparison.from_json(result)
+
+
+def _order_task(preset_name: str, payload: dict, dataset: str | None, data_dir: str | None) -> list[int]:
+    from blockdrop.analysis import greedy_order_on
+
+    preset = get_preset(preset_name)
+    return greedy_order_on(preset, _backbone(preset, payload["backbone"]), dataset, data_dir, _device())
+
+
+def order_remotely(preset_name: str, payload_ref, dataset: str | None, data_dir: str | None, use_gpu: bool) -> list[int]:
+    """The greedy static order (every block, least useful first) of a ResNet, on a Ray worker."""
+    import ray
+
+    task = ray.remote(_order_task).options(**_TASK_OPTIONS, num_gpus=1 if use_gpu else 0)
+    return ray.get(task.remote(preset_name, payload_ref, dataset, data_dir))
 
 
 def _curves_task(preset_name: str, payload: dict, dataset: str | None, data_dir: str | None) -> dict:
     from blockdrop.analysis import curves
 
     preset = get_preset(preset_name)
-    backbone = preset.build_backbone()
-    backbone.load_state_dict(payload["backbone"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return {name: [asdict(p) for p in curve] for name, curve in curves(preset, backbone, dataset, data_dir, device).items()}
+    backbone = _backbone(preset, payload["backbone"])
+    return {name: [asdict(p) for p in curve] for name, curve in curves(preset, backbone, dataset, data_dir, _device()).items()}
 
 
 def curves_remotely(preset_name: str, payload_ref, dataset: str | None, data_dir: str | None, use_gpu: bool):

@@ -139,16 +139,25 @@ class Report:
     full_accuracy: float
     full_flops: int
     speedup: float  # full_flops / flops_mean
+    # the ResNet the user started from (a job's --init, or its pretrain stage), run in full on the same
+    # images: what BlockDrop is measured against. `full_accuracy` is this checkpoint's own ResNet in full.
+    reference_accuracy: float | None = None
+    reference: str = ""  # where that ResNet came from
 
     def text(self) -> str:
-        return "\n".join([
+        lines = [
             f"Accuracy: {self.accuracy:.3f}",
             f"Block Usage: {self.blocks_mean:.3f} +- {self.blocks_std:.3f}",
             f"FLOPs/img: {self.flops_mean:.2E} +- {self.flops_std:.2E}",
             f"Unique Policies: {self.unique_policies}",
-            f"Full model: accuracy {self.full_accuracy:.3f}, FLOPs/img {self.full_flops:.2E}",
+            f"This checkpoint's ResNet, all blocks: accuracy {self.full_accuracy:.3f}, FLOPs/img {self.full_flops:.2E}",
             f"FLOPs speedup: {self.speedup:.2f}x  ({self.images} images)",
-        ])
+        ]
+        if self.reference_accuracy is not None:
+            lines.append(f"Your ResNet ({self.reference or 'the reference'}), all blocks: accuracy "
+                         f"{self.reference_accuracy:.3f}; this model {100 * (self.accuracy - self.reference_accuracy):+.1f} "
+                         "points against it")
+        return "\n".join(lines)
 
 
 @torch.inference_mode()
@@ -176,12 +185,12 @@ def tally(backbone: FlatResNet, policy: PolicyNet | Chooser | None, loader: Iter
             actions = torch.ones(len(images), backbone.num_blocks, device=device)
             logits, flops = full_logits, torch.full((len(images),), float(costs.full))
         else:
-            learned = isinstance(policy, torch.nn.Module)
+            learned = isinstance(policy, PolicyNet)
             actions = greedy(policy(images)) if learned else policy(images)
             if decided is not None:
                 actions = force_undecided(actions, decided.to(device))
             # an image-blind policy runs no policy network: it does not pay for one
-            flops = costs.per_image(actions) - (0 if learned else costs.policy)
+            flops = costs.per_image(actions, with_policy=learned)
             logits = run_sparse(backbone, images, actions)
         predictions = logits.argmax(1)
         result.add(predictions == labels, full_logits.argmax(1) == labels, actions, flops, labels, predictions)
@@ -192,6 +201,14 @@ def evaluate(backbone: FlatResNet, policy: PolicyNet | Chooser | None, loader: I
              device: torch.device, progress: bool = True) -> Report:
     """The report over the whole of `loader`."""
     return tally(backbone, policy, loader, costs, device, progress).report(costs.full)
+
+
+def load_pruned(preset, path: str) -> tuple[int, FlatResNet, torch.Tensor]:
+    """A prune-and-finetune checkpoint as (K, its ResNet, its 0/1 row), or a UserError."""
+    backbone, policy, _ = load_models(preset, path)
+    if policy is None or isinstance(policy, PolicyNet):
+        raise UserError(f"--pruned {path} is not a pruned ResNet (train_job.py --stage prune writes those)")
+    return int(policy.row.sum()), backbone, policy.row
 
 
 def pick_device(name: str) -> torch.device:
@@ -247,6 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare", action="store_true",
                         help="also evaluate every --baseline at the policy's FLOPs: does the per-image policy beat "
                              "the image-blind ones?")
+    parser.add_argument("--pruned", type=lambda text: [p for p in text.split(",") if p], metavar="FILE[,FILE]",
+                        help="with --compare: prune-and-finetune checkpoints (train_job.py --stage prune; a job "
+                             "writes them as NAME-prune-K*.pt) to compare with too, at equal FLOPs")
     parser.add_argument("--report-dir", help="write the policy pictures (blocks per image, per class, frequent "
                                              "policies with sample images, ...) and report.json into this folder")
     args = parser.parse_args(argv)
@@ -271,8 +291,12 @@ def main(argv: list[str] | None = None) -> None:
     loader = make_loader(dataset, args.batch_size, args.num_workers, args.limit)
     backbone = backbone.to(device)
     costs = cost_model(preset)
-    if args.compare and policy is None:
-        raise UserError(f"--compare needs a policy network; {args.checkpoint} holds only a ResNet")
+    if args.compare and not isinstance(policy, PolicyNet):
+        raise UserError(f"--compare needs a policy network; {args.checkpoint} holds "
+                        f"{'a pruned ResNet' if policy is not None else 'only a ResNet'}")
+    if args.pruned and not args.compare:
+        raise UserError("--pruned lists competitors of --compare: add --compare")
+    pruned = [load_pruned(preset, path) for path in args.pruned or []]
     train = None
     if args.baseline == "greedy" or args.compare:
         train = load_dataset(preset, "train", args.dataset, args.data_dir, download=not args.no_download, augment=False)
@@ -294,9 +318,14 @@ def main(argv: list[str] | None = None) -> None:
         if policy is None:
             print(f"{args.checkpoint} has no policy network: evaluating the full ResNet", file=sys.stderr)
             label = "full ResNet"
+        elif not isinstance(policy, PolicyNet):
+            label = f"pruned ResNet, the same {int(policy.row.sum())} blocks for every image"
         result = tally(backbone, policy and policy.to(device), loader, costs, device, progress=not args.json,
                        records=bool(args.report_dir))
     report = result.report(costs.full)
+    if args.checkpoint is not None and ckpt.meta.get("reference"):  # the user's ResNet, as the job measured it
+        report.reference_accuracy = ckpt.meta["reference"]["accuracy"]
+        report.reference = ckpt.meta["reference"]["source"]
     skipped = check_unreadable(dataset, args.max_bad_images)
     if skipped:
         print(f"skipped {skipped} unreadable image(s) (named above); the next image stood in for each", file=sys.stderr)
@@ -305,7 +334,11 @@ def main(argv: list[str] | None = None) -> None:
         from blockdrop.analysis import compare
 
         test = dataset if args.limit is None else Subset(dataset, range(min(args.limit, len(dataset))))
-        comparison, _ = compare(backbone, policy, test, train, costs, device, args.batch_size, records=False)
+        from blockdrop.prune import pruned_curve
+
+        curve = pruned_curve(pruned, test, costs, device, args.batch_size) if pruned else None
+        comparison, _ = compare(backbone, policy, test, train, costs, device, args.batch_size, records=False,
+                                pruned=curve)
     if args.report_dir:
         from blockdrop.analysis import class_names, write
         from blockdrop.pictures import draw_all

@@ -97,10 +97,11 @@ class CostModel:
         b = self.backbone
         return b.stem + b.shortcuts + b.head + self.policy
 
-    def per_image(self, policy: torch.Tensor) -> torch.Tensor:
-        """FLOPs of each row of a (batch, K) 0/1 policy matrix, as float64."""
+    def per_image(self, policy: torch.Tensor, with_policy: bool = True) -> torch.Tensor:
+        """FLOPs of each row of a (batch, K) 0/1 policy matrix, as float64; `with_policy` False for a
+        policy that runs no network (image-blind, a pruned ResNet's)."""
         blocks = torch.tensor(self.backbone.blocks, dtype=torch.float64, device=policy.device)
-        return self.fixed + policy.to(torch.float64) @ blocks
+        return self.fixed - (0 if with_policy else self.policy) + policy.to(torch.float64) @ blocks
 
 
 def cost_model(preset: Preset) -> CostModel:

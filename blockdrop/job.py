@@ -16,8 +16,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from blockdrop.choices import (DATASETS, ENTROPIES, STAGES, TRAIN_EXECUTIONS, add_unreadable_flag,  # noqa: F401
-                               check_unreadable_share)
+from blockdrop.choices import (DATASETS, ENTROPIES, PRUNE, STAGES, TRAIN_EXECUTIONS,  # noqa: F401
+                               add_unreadable_flag, check_unreadable_share)
 from blockdrop.errors import UserError
 from blockdrop.presets import CURRICULUM_PACE, OTHER_DATA_STAGES, PRESET_NAMES, Preset, check_preset_name, get_preset
 
@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stage", default="all", type=stage_list,
                         help="a stage (pretrain, adapt, curriculum, finetune), several (adapt,curriculum), or all "
                              "(default): every stage after what --init holds; adapt is left out after a pretrain "
-                             "with stochastic depth")
+                             "with stochastic depth. prune (alone, with --keep K): prune-and-finetune, the "
+                             "competitor, from --init's ResNet")
     parser.add_argument("--epochs", type=epoch_list, help="epochs of each stage run, or one number per stage run "
                                                          "(e.g. 30,30,15; default: the preset's)")
     parser.add_argument("--penalty", type=float, help="gamma of finetuning, the reward of a misclassified image; "
@@ -104,8 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of data order and policy sampling (default 0)")
     add_training_args(parser)
     parser.add_argument("--no-analysis", action="store_true",
-                        help="after finetuning, skip comparing the policy with image-blind baselines at equal FLOPs "
-                             "and drawing its policy pictures (one Ray task, a few test-set passes)")
+                        help="after finetuning, skip comparing the policy with its competitors at equal FLOPs "
+                             "(image-blind policies, prune-and-finetune) and drawing its policy pictures")
+    parser.add_argument("--no-prune-baseline", action="store_true",
+                        help="in that comparison, leave out prune-and-finetune: the user's ResNet finetuned under a "
+                             "static policy (the greedy K blocks) for as many steps as BlockDrop's stages train the "
+                             "ResNet, at the two block counts that bracket the learned policy's FLOPs (two more "
+                             "training runs; their time is reported)")
+    parser.add_argument("--keep", type=int, metavar="K",
+                        help="--stage prune: the blocks the pruned ResNet keeps, chosen by the greedy static order "
+                             "on --init's ResNet")
     return parser
 
 
@@ -113,10 +122,13 @@ def stage_list(text: str) -> list[str] | None:
     """`all` (None: decided once --init is known) or stages in training order."""
     if text == "all":
         return None
+    if text == PRUNE:
+        return [PRUNE]
     names = [part.strip() for part in text.split(",")]
     unknown = [n for n in names if n not in STAGES]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown stage {', '.join(unknown) or text!r}; use {', '.join(STAGES)} or all")
+        raise argparse.ArgumentTypeError(f"unknown stage {', '.join(unknown) or text!r}; use {', '.join(STAGES)}, all, "
+                                         f"or {PRUNE} (alone)")
     if sorted(names, key=STAGES.index) != names or len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"stages run in the order {' -> '.join(STAGES)}, each once: not {text}")
     return names
@@ -151,9 +163,39 @@ def own_data(preset: Preset, args: argparse.Namespace) -> bool:
     return (args.dataset or preset.dataset) == preset.dataset
 
 
+def resnet_steps(plan: list[tuple[str, dict]], train_size: int) -> int:
+    """The optimisation steps the stages of `plan` train the ResNet for (adapt and finetune; the curriculum
+    freezes it): the length of prune-and-finetune, their competitor."""
+    return sum(settings["epochs"] * max(train_size // settings["batch_size"], 1)
+               for stage, settings in plan if stage in ("adapt", "finetune"))
+
+
+def default_plan(preset: Preset, args: argparse.Namespace, train_size: int) -> list[tuple[str, dict]]:
+    """BlockDrop's stages after a user's ResNet (adapt, curriculum, finetune) with their default settings."""
+    plain = argparse.Namespace(**{**vars(args), "epochs": None, "batch_size": None, "lr": None})
+    stages = ["adapt", "curriculum", "finetune"]
+    return [(stage, stage_settings(preset, stage, plain, stages, train_size)) for stage in stages]
+
+
+def prune_settings(preset: Preset, args: argparse.Namespace, train_size: int, steps: int | None = None) -> dict:
+    """Prune-and-finetune: the adapt stage's optimiser and batch, for `steps` optimisation steps (default:
+    as many as BlockDrop's default stages train the ResNet), or --epochs."""
+    d = preset.stages["adapt"] if own_data(preset, args) else OTHER_DATA_STAGES["adapt"]
+    batch = args.batch_size if args.batch_size is not None else d.batch_size
+    if steps is None and args.epochs is not None:
+        epochs = args.epochs[0]
+    else:
+        steps = steps or resnet_steps(default_plan(preset, args, train_size), train_size)
+        epochs = math.ceil(steps / max(train_size // batch, 1))
+    return {"epochs": epochs, "batch_size": batch, "lr": args.lr if args.lr is not None else d.lr,
+            "weight_decay": d.weight_decay, "drop_rate": 0.0}
+
+
 def stage_settings(preset: Preset, stage: str, args: argparse.Namespace, stages: list[str], train_size: int) -> dict:
     """Epochs, batch size, lrs, pace of one stage: flags, else the preset's defaults on its own data,
     else a fixed number of optimisation steps (OTHER_DATA_STAGES) on other data."""
+    if stage == PRUNE:
+        return prune_settings(preset, args, train_size) | {"keep": args.keep}
     own = own_data(preset, args) or stage == "pretrain"
     d = preset.stages[stage] if own else OTHER_DATA_STAGES[stage]
     batch = args.batch_size if args.batch_size is not None else d.batch_size
@@ -198,11 +240,9 @@ def describe(stage: str, settings: dict, workers: int) -> str:
         parts.append(f"gamma {settings['gamma']:g}, a block decided {pace}, {settings['entropy']} entropy")
     if stage == "finetune":
         parts.append(f"policy lr {settings['policy_lr']:g}, gamma {settings['gamma']:g}")
+    if stage == PRUNE:
+        parts.append(f"{settings['keep']} blocks kept (greedy order of the starting ResNet)")
     return f"== {stage}: {', '.join(parts)}, {workers} workers"
-
-
-def _finite(value: float | None) -> bool:
-    return value is None or math.isfinite(value)
 
 
 def validate(args: argparse.Namespace) -> tuple[Preset, list[tuple[str, dict]]]:
@@ -234,6 +274,10 @@ def validate(args: argparse.Namespace) -> tuple[Preset, list[tuple[str, dict]]]:
     if args.epochs is not None and (min(args.epochs) < 1 or len(args.epochs) not in (1, len(stages))):
         raise UserError(f"--epochs takes one number (>= 1) or one per stage run ({len(stages)}: "
                         f"{', '.join(stages)}), not {','.join(map(str, args.epochs))}")
+    if (stages == [PRUNE]) != (args.keep is not None):
+        raise UserError("--stage prune and --keep K go together: --stage prune --keep 8 --init RESNET")
+    if stages == [PRUNE] and not 0 <= args.keep <= preset.num_blocks:
+        raise UserError(f"--keep must be between 0 and {preset.num_blocks} (the blocks of {preset.name}), not {args.keep}")
     if stages[0] != "pretrain" and not args.init:
         raise UserError(f"--stage {stages[0]} starts from a trained ResNet: pass --init with a pretrain checkpoint "
                         f"(checkpoints/*-pretrain.pt), an original BlockDrop file or a torchvision ResNet file")
@@ -254,8 +298,10 @@ def init_payload(preset: Preset, path: str | None) -> dict | None:
         return None
     from blockdrop.checkpoints import load_models
 
+    from blockdrop.models.resnet import PolicyNet
+
     backbone, policy, _ = load_models(preset, path)
-    return {"backbone": backbone.state_dict(), "policy": None if policy is None else policy.state_dict()}
+    return {"backbone": backbone.state_dict(), "policy": policy.state_dict() if isinstance(policy, PolicyNet) else None}
 
 
 def storage_location(path: str | None) -> str | None:
@@ -309,6 +355,78 @@ def start_ray(address: str | None, use_gpu: bool, num_workers: int, storage_path
               "give shared storage (NFS path or s3://...) so every node and this driver see them", file=sys.stderr)
 
 
+def stage_reference(meta: dict, path: Path) -> dict | None:
+    """The reference a stage's checkpoint carries; a pretrain stage's own ResNet is the reference of the
+    stages after it."""
+    if meta.get("reference") is not None:
+        return meta["reference"]
+    if meta.get("stage") == "pretrain":
+        return {"accuracy": meta["metrics"]["full_accuracy"], "source": f"pretrain stage, {path.name}",
+                "file": str(path.resolve())}
+    return None
+
+
+def prune_baseline(preset: Preset, args: argparse.Namespace, name: str, plan: list[tuple[str, dict]],
+                   reference: dict | None, finetuned: dict, blockdrop_seconds: float, tracker, parent_id: str,
+                   common: dict) -> list[tuple[int, dict, list[int]]]:
+    """Prune-and-finetune from the user's ResNet at the two block counts that bracket the finetuned
+    policy's FLOPs, for as many steps as `plan` trained the ResNet: (K, ResNet state dict, 0/1 row) each,
+    for the analysis. Its runs are children of the job's MLflow run; its time is logged beside BlockDrop's."""
+    import ray
+
+    from blockdrop.baselines import from_order
+    from blockdrop.checkpoints import read_checkpoint
+    from blockdrop.data import load_dataset
+    from blockdrop.distributed import StageConfig, order_remotely, run_stage
+    from blockdrop.flops import cost_model
+    from blockdrop.prune import keeps_bracketing
+
+    source = Path((reference or {}).get("file", ""))
+    if not source.is_file():
+        print(f"note: prune-and-finetune left out: the user's ResNet file ({source or 'unknown'}) is not here",
+              file=sys.stderr)
+        return []
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+    train_size = len(load_dataset(preset, "train", args.dataset, args.data_dir))
+    start = ray.put(init_payload(preset, str(source)))
+    order = order_remotely(preset.name, start, args.dataset, data_dir, args.gpu)
+    flops = finetuned["metrics"]["flops_per_image"]
+    plain = argparse.Namespace(**{**vars(args), "epochs": None, "lr": None})
+    settings = prune_settings(preset, plain, train_size, resnet_steps(plan, train_size))
+    keeps = keeps_bracketing(cost_model(preset), order, flops)
+    print(f"== prune and finetune (the competitor): {reference['source']} finetuned with the greedy "
+          f"{' and '.join(map(str, keeps))} blocks, {settings['epochs']} epochs each (as many steps as BlockDrop's "
+          f"stages trained the ResNet)", file=sys.stderr)
+    began, pruned = time.time(), []
+    for keep in keeps:
+        row = from_order(keep, order).int().tolist()
+        run_name = f"{name}-prune-K{keep}"
+        child, _ = tracker.job_run(f"{name}/prune-K{keep}", run_name,
+                                   common | {"stage": PRUNE, "keep": keep} | settings, parent_id=parent_id)
+        cfg = StageConfig(preset=preset.name, stage=PRUNE, dataset=args.dataset, data_dir=data_dir,
+                          mlflow_uri=tracker.uri, mlflow_run_id=child, seed=args.seed,
+                          max_bad_images=args.max_bad_images, execution=args.train_execution,
+                          eval_every=settings["epochs"], reference=reference, static_policy=row,
+                          **({"gamma": 0.0} | settings))
+        checkpoint = run_stage(cfg, start, args.num_workers, args.gpu, run_name, storage_location(args.storage_path),
+                               args.max_failures)
+        out = output_folder(args.output, storage_location(args.storage_path), name) / f"{run_name}.pt"
+        shutil.copyfile(checkpoint, out)
+        tracker.client.log_artifact(child, str(out), "checkpoint")
+        tracker.finish(child, ok=True)
+        pruned.append((keep, read_checkpoint(out).backbone, row))
+    seconds = time.time() - began
+    tracker.log_metrics(parent_id, {"prune_baseline_seconds": seconds, "blockdrop_seconds": blockdrop_seconds}, step=0)
+    print(f"   prune and finetune: {len(keeps)} runs in {seconds:.0f} s (BlockDrop's stages: {blockdrop_seconds:.0f} s)",
+          file=sys.stderr)
+    return pruned
+
+
+def report_metrics(report) -> dict[str, float]:
+    """A final report as MLflow metrics (final_*): its numbers, the reference's where there is one."""
+    return {f"final_{k}": v for k, v in asdict(report).items() if isinstance(v, (int, float))}
+
+
 def run(args: argparse.Namespace) -> None:
     from blockdrop.preflight import check_cluster_flags
 
@@ -350,22 +468,35 @@ def run(args: argparse.Namespace) -> None:
     print(f"plan: {' -> '.join(stage for stage, _ in plan)}", file=sys.stderr)
 
     init_path, ok = args.init, False
+    reference = None  # the user's ResNet: --init's, measured by the first stage, or the pretrain stage's
     storage = storage_location(args.storage_path)
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+    seconds = 0.0  # BlockDrop's own training time, against which prune-and-finetune's is set
     try:
         for stage, settings in plan:
             stage_run = run_id
             if len(plan) > 1:
                 stage_run, _ = tracker.job_run(f"{name}/{stage}", f"{name}-{stage}",
                                                common | {"stage": stage} | settings, parent_id=run_id)
-            cfg = StageConfig(preset=preset.name, stage=stage, dataset=args.dataset,
-                              data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
-                              mlflow_uri=uri, mlflow_run_id=stage_run, seed=args.seed, max_bad_images=args.max_bad_images,
-                              execution=args.train_execution, eval_every=args.eval_every,
-                              **({"gamma": 0.0} | settings))
             print(describe(stage, settings, args.num_workers), file=sys.stderr)
             ref = ray.put(init_payload(preset, init_path)) if init_path else None
+            static = None
+            if stage == PRUNE:
+                from blockdrop.baselines import from_order
+                from blockdrop.distributed import order_remotely
+
+                order = order_remotely(preset.name, ref, args.dataset, data_dir, args.gpu)
+                static = from_order(settings["keep"], order).int().tolist()
+            cfg = StageConfig(preset=preset.name, stage=stage, dataset=args.dataset, data_dir=data_dir,
+                              mlflow_uri=uri, mlflow_run_id=stage_run, seed=args.seed, max_bad_images=args.max_bad_images,
+                              execution=args.train_execution, eval_every=args.eval_every, reference=reference,
+                              reference_source=f"--init {Path(init_path).name}" if init_path else "",
+                              reference_file=str(Path(init_path).resolve()) if init_path else "",
+                              static_policy=static, **({"gamma": 0.0} | {k: v for k, v in settings.items() if k != "keep"}))
+            began = time.time()
             checkpoint = run_stage(cfg, ref, args.num_workers, args.gpu, f"{name}-{stage}",
                                    storage, args.max_failures)
+            seconds += time.time() - began
             out = output_folder(args.output, storage, name) / f"{name}-{stage}.pt"
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(checkpoint, out)
@@ -373,14 +504,17 @@ def run(args: argparse.Namespace) -> None:
                 tracker.client.log_artifact(stage_run, str(out), "checkpoint")
                 tracker.finish(stage_run, ok=True)
             init_path = str(out)
+            reference = stage_reference(read_checkpoint(out).meta, out)
         comparison = None
         if plan[-1][0] == "finetune" and not args.no_analysis:
-            print("== analysis: the policy against image-blind baselines at equal FLOPs, policy pictures",
-                  file=sys.stderr)
+            pruned = []
+            if not args.no_prune_baseline:
+                pruned = prune_baseline(preset, args, name, plan, reference, read_checkpoint(init_path).meta, seconds,
+                                        tracker, run_id, common)
+            print("== analysis: the policy against its competitors at equal FLOPs, policy pictures", file=sys.stderr)
             try:
                 comparison = analyse_remotely(preset.name, ray.put(init_payload(preset, init_path)), args.dataset,
-                                              str(Path(args.data_dir).resolve()) if args.data_dir else None,
-                                              uri, run_id, args.gpu)
+                                              data_dir, uri, run_id, args.gpu, pruned)
             except ray.exceptions.RayError as err:  # the model is trained and saved: report, go on
                 print(f"warning: the analysis failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
                       f"run it again with python -m blockdrop.evaluate --compare --report-dir", file=sys.stderr)
@@ -389,11 +523,12 @@ def run(args: argparse.Namespace) -> None:
         if not ok:  # a rerun of a finished job that fails leaves the earlier record as it was
             tracker.finish(run_id, ok=False, restore=resumed)
 
-    report = final_report(Path(init_path), cost_model(preset).full)
+    meta = read_checkpoint(init_path).meta
+    report = final_report(meta, cost_model(preset).full)
     test = load_dataset(preset, "test", args.dataset, args.data_dir)
     # at the last epoch's step: the logged model takes the run's metrics of the step it is logged at
-    final_step = int(read_checkpoint(init_path).meta.get("epoch", 0))
-    tracker.log_metrics(run_id, {f"final_{k}": v for k, v in asdict(report).items()}, step=final_step)
+    final_step = int(meta.get("epoch", 0))
+    tracker.log_metrics(run_id, report_metrics(report), step=final_step)
     example = raw_images(preset, torch.stack([test[i][0] for i in range(2)]).numpy())
     model_params = {"preset": preset.name, "stages": ",".join(stage for stage, _ in plan)}
     if plan[-1][0] == "finetune":

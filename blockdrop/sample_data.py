@@ -4,7 +4,8 @@
   of any size: the shape of a user's own small dataset (say 28x28 grey digits padded to 32x32 RGB).
 - `shapes`: ten kinds of shape (circle, square, triangle, ...) drawn with a per-image difficulty:
   easy images are large, high-contrast and clean; hard ones are small, faint, noisy and cluttered.
-  A second dataset of the same shape as `digits`, and one where image difficulty really varies.
+  A second dataset of the same shape as `digits`, and one where image difficulty really varies
+  (`--per-class` sets its size; file names say `-easy` or `-hard`, at difficulty 0.5).
 - `mixed`: the digits of `digits`, half of them (per class, at random) degraded: pixel noise, an
   occluding bar, low contrast and a shift. Each file name says which (`00042-hard.png`,
   `00043-easy.png`; blockdrop.data.difficulties reads it back), so reports can show the blocks a
@@ -132,16 +133,19 @@ def _draw_shape(draw, kind: str, cx: float, cy: float, r: float, angle: float, c
         raise ValueError(kind)
 
 
-def shapes_images(size: int, per_class: int = 180, seed: int = 0, difficulty_power: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """(N, size, size, 3) uint8 images of SHAPES with a difficulty drawn per image, and labels."""
+def shapes_images(size: int, per_class: int = 180, seed: int = 0, difficulty_power: float = 1.0,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, size, size, 3) uint8 images of SHAPES with a difficulty drawn per image, their labels, and which
+    are hard (difficulty >= 0.5)."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
     scale = 4  # drawn large, then downsampled: smooth edges
-    images, labels = [], []
+    images, labels, hard = [], [], []
     for label in range(len(SHAPES)):
         for _ in range(per_class):
             d = rng.uniform() ** difficulty_power  # 0 easy .. 1 hard
+            hard.append(d >= 0.5)
             # light shapes on darker, tinted backgrounds; contrast falls as difficulty rises
             background = rng.uniform(0, 90, 3)
             tint = rng.uniform(0.3, 1.0, 3)
@@ -160,10 +164,10 @@ def shapes_images(size: int, per_class: int = 180, seed: int = 0, difficulty_pow
             image += rng.normal(0, 30 * d ** 2, image.shape)  # pixel noise grows with difficulty
             images.append(np.clip(image, 0, 255).round().astype(np.uint8))
             labels.append(label)
-    return np.stack(images), np.array(labels, dtype=np.int64)
+    return np.stack(images), np.array(labels, dtype=np.int64), np.array(hard)
 
 
-def write_folder(name: str, root: str | Path, size: int = 32) -> Path:
+def write_folder(name: str, root: str | Path, size: int = 32, per_class: int = 180) -> Path:
     """Write sample set `name` under `root` (train/ and test/ class folders); returns `root`."""
     if name not in SETS:
         raise UserError(f"unknown sample set {name!r}; choose one of: {', '.join(SETS)}")
@@ -178,7 +182,7 @@ def write_folder(name: str, root: str | Path, size: int = 32) -> Path:
         images, labels, hard = mixed_images(size)
         names = [str(d) for d in range(10)]
     else:
-        images, labels = shapes_images(size)
+        images, labels, hard = shapes_images(size, per_class)
         names = list(SHAPES)
     _write(root, images, labels, names, hard)
     return root
@@ -190,10 +194,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("name", choices=SETS, help="which set to write")
     parser.add_argument("root", help="folder to create (train/ and test/ inside)")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    parser.add_argument("--per-class", type=int, default=180,
+                        help="shapes: images per class (default 180; digits and mixed have scikit-learn's 1797)")
     args = parser.parse_args(argv)
     if args.size < 8:
         raise UserError(f"--size must be at least 8, not {args.size}")
-    root = write_folder(args.name, args.root, args.size)
+    if args.per_class < 5:
+        raise UserError(f"--per-class must be at least 5 (a test split per class), not {args.per_class}")
+    root = write_folder(args.name, args.root, args.size, args.per_class)
     count = sum(1 for _ in root.rglob("*.png"))
     print(f"wrote {count} images of {args.name} ({args.size}x{args.size} RGB) under {root}/train and {root}/test")
 

@@ -228,6 +228,7 @@ class Engine:
     def predict(self, label: str, images: torch.Tensor) -> list[dict]:
         """Each image's answer; its blocks are chosen by its own policy and only those are run."""
         from blockdrop.execution import run_sparse
+        from blockdrop.models.resnet import PolicyNet
         from blockdrop.reinforce import greedy
 
         served = self.models[label]
@@ -237,7 +238,8 @@ class Engine:
             logits, flops = served.backbone(images), torch.full((len(images),), float(self.costs.full))
         else:
             actions = greedy(served.policy(images))
-            logits, flops = run_sparse(served.backbone, images, actions), self.costs.per_image(actions)
+            logits = run_sparse(served.backbone, images, actions)
+            flops = self.costs.per_image(actions, with_policy=isinstance(served.policy, PolicyNet))
         confidence, classes = torch.softmax(logits, dim=1).max(1)
         return [{
             "class": int(c), "label": self.classes[int(c)] if int(c) < len(self.classes) else str(int(c)),

@@ -12,6 +12,8 @@ knows about Ray. Each step returns per-image tensors (loss is a scalar) that the
   min(c+1, K) blocks, c advancing every `pace` steps, entropy bonus. No gradient reaches the ResNet,
   so both of its passes (sampled and greedy policy) use sparse execution: dropped blocks are not
   computed.
+- prune: the ResNet finetuned under one static policy (the same K blocks for every image): the
+  prune-and-finetune competitor of blockdrop.prune; the pretrain step with that policy.
 - finetune: policy and ResNet jointly: REINFORCE + cross-entropy of the ResNet run in train mode
   under the sampled policy, by the executor (blockdrop.execution.Executor: sparse by default, each
   block's BatchNorm seeing the images that run it; masked as the original on request); the greedy
@@ -32,7 +34,7 @@ from blockdrop.evaluate import Moments
 from blockdrop.execution import run_sparse
 from blockdrop.models.resnet import FlatResNet
 
-SUPERVISED = ("pretrain", "adapt")  # the ResNet alone, cross-entropy
+SUPERVISED = ("pretrain", "adapt", "prune")  # the ResNet alone, cross-entropy
 
 
 @dataclass
@@ -51,7 +53,8 @@ def survival(num_blocks: int, drop_rate: float, device: torch.device | None = No
 def pretrain_step(executor: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                   keep: torch.Tensor | None = None) -> StepOut:
     """Cross-entropy; with `keep` (per-block survival probabilities) each image also drops blocks at
-    random (stochastic depth), which makes the ResNet robust to the blocks a policy will drop."""
+    random (stochastic depth), which makes the ResNet robust to the blocks a policy will drop. A 0/1
+    `keep` is a static policy (prune)."""
     if keep is not None:
         logits = executor(images, torch.bernoulli(keep.expand(len(images), -1)))
     else:
@@ -170,12 +173,15 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.optim.Optimizer, epoch: int,
                 gamma: float, device: torch.device, drop_rate: float = 0.0, pace: int = 0,
-                entropy: str = "original", on_step=None) -> EpochStats:
+                entropy: str = "original", on_step=None, static: torch.Tensor | None = None) -> EpochStats:
     """One pass over `loader` (this worker's shard) of `stage`. Curriculum: a new block is decided
-    every `pace` optimisation steps (0: every epoch, as the original). `on_step(step, steps, images)`
-    after each optimisation step (progress within long epochs)."""
+    every `pace` optimisation steps (0: every epoch, as the original). Prune: `static` is the 0/1 policy
+    every image runs. `on_step(step, steps, images)` after each optimisation step (progress within long
+    epochs)."""
     stats = EpochStats()
     keep = survival(models.backbone.num_blocks, drop_rate, device) if drop_rate > 0 else None
+    if static is not None:
+        keep = static.to(device=device, dtype=torch.float32)
     if stage == "curriculum":
         models.backbone.eval()  # frozen: BatchNorm statistics stay those of the pretrained ResNet
         models.policy_train.train()

@@ -147,8 +147,10 @@ def validate(args: argparse.Namespace) -> tuple[Preset, str, int]:
     from blockdrop.data import load_dataset
 
     preset = get_preset(args.preset)
+    from blockdrop.models.resnet import PolicyNet
+
     _, policy, _ = load_models(preset, init)
-    if policy is None:
+    if not isinstance(policy, PolicyNet):
         raise UserError(f"--init {args.init} holds no policy: a sweep finetunes a curriculum checkpoint")
     train = load_dataset(preset, "train", args.dataset, args.data_dir)
     return preset, init, len(train)
@@ -186,18 +188,18 @@ def run_trial(config: dict) -> None:
                       weight_decay=0.0, gamma=gamma, drop_rate=0.0, dataset=s["dataset"], data_dir=s["data_dir"],
                       mlflow_uri=s["mlflow_uri"], mlflow_run_id=run_id, policy_lr=s["policy_lr"],
                       max_bad_images=s["max_bad_images"], execution=s.get("execution", "sparse"),
-                      eval_every=s.get("eval_every", 1))
+                      eval_every=s.get("eval_every", 1), reference=s.get("reference"))
     try:
         checkpoint = run_stage(cfg, s["init_ref"], s["workers"], s["gpu"], f"{s['name']}-{key}", s["storage_path"],
                                max_failures=1, callbacks=[TuneReportCallback()])
-        report = final_report(checkpoint, cost_model(preset).full)
+        trained = read_checkpoint(checkpoint)
+        report = final_report(trained.meta, cost_model(preset).full)
         test = load_dataset(preset, "test", s["dataset"], s["data_dir"])
         final = {"test_accuracy": report.accuracy, "flops_per_image": report.flops_mean, "speedup": report.speedup,
                  "blocks_used": report.blocks_mean, "unique_policies": report.unique_policies}
-        final_step = int(read_checkpoint(checkpoint).meta.get("epoch", 0))  # the logged model takes this step's metrics
+        final_step = int(trained.meta.get("epoch", 0))  # the logged model takes this step's metrics
         tracker.log_metrics(run_id, {f"final_{k}": v for k, v in final.items()}, step=final_step)
         if s["analysis"]:  # logged to the trial's run: metrics gain_over_static, baseline_*; policy/ pictures
-            trained = read_checkpoint(checkpoint)
             payload = {"backbone": trained.backbone, "policy": trained.policy}
             analyse_remotely(preset.name, ray.put(payload), s["dataset"], s["data_dir"], s["mlflow_uri"], run_id, s["gpu"])
         example = raw_images(preset, torch.stack([test[i][0] for i in range(2)]).numpy())
@@ -295,7 +297,8 @@ def publish_front(tracker, parent_id: str, points: list[Point], front: list[Poin
     summary = {"trials_finished": len(points), "pareto_points": len(front),
                "best_accuracy": max(p.accuracy for p in points), "lowest_flops_per_image": min(p.flops for p in points),
                "best_speedup": max(p.info["speedup"] for p in points),
-               "full_model_accuracy": reference.accuracy, "full_model_flops_per_image": reference.flops}
+               "reference_accuracy": reference.accuracy, "full_model_accuracy": reference.info["init_resnet_accuracy"],
+               "full_model_flops_per_image": reference.flops}
     tracker.log_metrics(parent_id, summary | gain, step=0)
     import pandas as pd
 
@@ -412,11 +415,13 @@ def run(args: argparse.Namespace) -> None:
     print(f"{'continuing' if resumed else 'started'} sweep {name}: MLflow {tracker.run_url(parent_id)}", file=sys.stderr)
 
     try:  # whatever stops the sweep (an error, Ctrl-C), its parent run does not stay RUNNING
-        backbone, policy, _ = load_models(preset, init)
+        backbone, policy, ckpt = load_models(preset, init)
         test = load_dataset(preset, "test", args.dataset, args.data_dir)
         full = evaluate(backbone, None, make_loader(test, 256, 0), cost_model(preset), torch.device("cpu"), progress=False)
-        reference = Point(full.accuracy, full.full_flops, "full model",
-                          {"accuracy": full.accuracy, "flops": full.full_flops, "speedup": 1.0})
+        # the user's ResNet (the job that made --init measured it); without that record, --init's own ResNet
+        user = ckpt.meta.get("reference") or {"accuracy": full.accuracy, "source": f"--init {Path(args.init).name}"}
+        reference = Point(user["accuracy"], full.full_flops, f"your ResNet ({user['source']})",
+                          user | {"flops": full.full_flops, "speedup": 1.0, "init_resnet_accuracy": full.accuracy})
         init_ref = ray.put({"backbone": backbone.state_dict(), "policy": policy.state_dict()})
         settings = {"preset": preset.name, "name": name, "epochs": epochs, "batch_size": batch, "policy_lr": policy_lr,
                     "analysis": not args.no_analysis,
@@ -425,7 +430,7 @@ def run(args: argparse.Namespace) -> None:
                     "experiment": args.experiment, "parent_id": parent_id, "init_ref": init_ref,
                     "init_label": args.init, "storage_path": storage, "source": tracker.source,
                     "max_bad_images": args.max_bad_images, "execution": args.train_execution,
-                    "eval_every": args.eval_every}
+                    "eval_every": args.eval_every, "reference": {"accuracy": user["accuracy"], "source": user["source"]}}
         # The trial itself only waits on its Train run: it asks for a little memory, no CPU, so the CPUs
         # stay for the Train workers (a trial holding a CPU would deadlock a 2-CPU machine at 2 workers).
         trainable = tune.with_resources(tune.with_parameters(run_trial_with, sweep=settings),
@@ -480,7 +485,8 @@ def run(args: argparse.Namespace) -> None:
         tracker.finish(parent_id, ok=False)
         raise
     print(f"\n{name}: {len(points)} trials finished, {failed} failed; Pareto front "
-          f"(full model: accuracy {reference.accuracy:.3f}, FLOPs {reference.flops:.2E}):")
+          f"(the reference, {reference.label}: accuracy {reference.accuracy:.3f}, FLOPs {reference.flops:.2E}; "
+          f"--init's ResNet, all blocks: {reference.info['init_resnet_accuracy']:.3f}):")
     print(f"{'gamma':>8} {'lr':>8} {'accuracy':>9} {'FLOPs/img':>10} {'speedup':>8} {'blocks':>7} {'policies':>8} "
           f"{'vs static':>9}  run")
     for r in rows:

@@ -276,6 +276,7 @@ class BlockDropModel(mlflow.pyfunc.PythonModel):
         import torch
 
         from blockdrop.execution import run_sparse
+        from blockdrop.models.resnet import PolicyNet
         from blockdrop.reinforce import greedy
 
         images = self.images(model_input)
@@ -285,7 +286,8 @@ class BlockDropModel(mlflow.pyfunc.PythonModel):
                 logits, flops = self.backbone(images), torch.full((len(images),), float(self.costs.full))
             else:
                 actions = greedy(self.policy(images))
-                logits, flops = run_sparse(self.backbone, images, actions), self.costs.per_image(actions)
+                logits = run_sparse(self.backbone, images, actions)
+                flops = self.costs.per_image(actions, with_policy=isinstance(self.policy, PolicyNet))
         return pd.DataFrame({
             "prediction": logits.argmax(1).numpy(),
             "blocks_used": actions.sum(1).int().numpy(),

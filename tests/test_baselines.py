@@ -10,13 +10,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from blockdrop import baselines as B
-from blockdrop.analysis import Comparison, compare
+from blockdrop.analysis import PRUNED, Comparison, Group, Versus, compare
 from blockdrop.checkpoints import save_checkpoint
 from blockdrop.errors import UserError
 from blockdrop.evaluate import Records, Report, tally
 from blockdrop.flops import cost_model
 from blockdrop.pictures import draw_all
 from blockdrop.presets import get_preset
+from blockdrop.stats import paired_difference
 
 from conftest import randomize_batchnorm, run_module
 
@@ -109,25 +110,57 @@ def report(accuracy: float, unique: int = 5, images: int = 360) -> Report:
     return Report(images, accuracy, 6.0, 1.0, 3e6, 1e5, unique, 0.99, 6.8e6, 2.2)
 
 
-@pytest.mark.parametrize("learned, unique, words", [
-    (0.95, 5, "Per-image policies pay here: +3.0 points over the best image-blind policy (greedy static)"),
-    (0.924, 5, "A static policy is as good on this data"),  # 0.4 points: not 2 of 360 images
-    (0.90, 5, "A static policy is better on this data: the best image-blind policy (greedy static) is 2.0 points"),
-    (0.95, 1, "it is a static policy, and beats the best image-blind one (greedy static) by +3.0 points"),
+def versus(learned: np.ndarray, other: np.ndarray) -> Versus:
+    return Versus(float(other.mean()), paired_difference(learned, other), "K=5..6")
+
+
+def outcomes(n: int, right: int, seed: int = 0) -> np.ndarray:
+    scores = np.zeros(n)
+    scores[np.random.default_rng(seed).permutation(n)[:right]] = 1
+    return scores
+
+
+@pytest.mark.parametrize("gain, unique, words", [
+    (+40, 5, "Per-image policies pay here: +4.00 points ["),
+    (+2, 5, "A static policy is as good on this data"),  # 2 of 1000 images: inside the interval
+    (-40, 5, "A static policy is better on this data: greedy static is 4.00 points more accurate"),
+    (+40, 1, "it is a static policy, +4.00 points ["),
 ])
-def test_comparison_verdict_says_plainly_whether_per_image_policies_pay(learned, unique, words):
-    comparison = Comparison(report(learned, unique), {"greedy": 0.92, "firstk": 0.5, "randomk": 0.8, "distributek": 0.9})
-    assert comparison.best_baseline == "greedy"
-    assert comparison.gain == pytest.approx(learned - 0.92)
+def test_comparison_verdict_is_decided_by_the_paired_interval(gain, unique, words):
+    static = outcomes(1000, 900)
+    learned = static.copy()
+    flip = np.flatnonzero(static == (0 if gain > 0 else 1))[:abs(gain)]
+    learned[flip] = 1 - learned[flip]
+    others = {"greedy": versus(learned, static), "firstk": versus(learned, outcomes(1000, 500, 1)),
+              "randomk": versus(learned, outcomes(1000, 800, 2)), "distributek": versus(learned, outcomes(1000, 880, 3))}
+    comparison = Comparison(report(learned.mean(), unique, 1000), others)
+    assert comparison.best_baseline == comparison.best_static == "greedy"
+    assert comparison.gain == pytest.approx(gain / 1000)
     assert words in comparison.verdict()
-    assert comparison.metrics()["gain_over_static"] == pytest.approx(learned - 0.92)
-    assert Comparison.from_json(json.loads(json.dumps(comparison.to_json()))).gain == pytest.approx(comparison.gain)
+    metrics = comparison.metrics()
+    assert metrics["gain_over_static"] == pytest.approx(gain / 1000)
+    assert metrics["gain_over_static_low"] < metrics["gain_over_static"] < metrics["gain_over_static_high"]
+    assert "gain_over_pruning" not in metrics
+    again = Comparison.from_json(json.loads(json.dumps(comparison.to_json())))
+    assert again.gain == pytest.approx(comparison.gain) and again.verdict() == comparison.verdict()
 
 
-def test_a_gain_of_two_images_is_a_tie_on_a_small_test_set_but_not_on_a_large_one():
-    at = {"greedy": 0.92, "firstk": 0.5, "randomk": 0.8, "distributek": 0.9}
-    assert "as good" in Comparison(report(0.925, images=360), at).verdict()
-    assert "pay here" in Comparison(report(0.925, images=10_000), at).verdict()
+def test_prune_and_finetune_is_a_competitor_with_its_own_metrics_and_the_text_shows_the_intervals():
+    learned = outcomes(400, 360)
+    pruned = learned.copy()
+    pruned[np.flatnonzero(learned == 0)[:30]] = 1  # prune-and-finetune gets 30 more images right
+    others = {"greedy": versus(learned, outcomes(400, 300, 1)), PRUNED: versus(learned, pruned)}
+    comparison = Comparison(report(0.9, images=400), others,
+                            groups={"easy": Group(200, 4.0, 0.99), "hard": Group(200, 7.5, 0.81)})
+    assert comparison.best_baseline == PRUNED and comparison.best_static == "greedy"
+    assert "prune and finetune is 7.50 points more accurate" in comparison.verdict()
+    metrics = comparison.metrics()
+    assert metrics["gain_over_pruning"] == pytest.approx(-0.075) and metrics["gain_over_pruning_high"] < 0
+    assert metrics["gain_over_static"] == pytest.approx(0.15)
+    assert metrics["blocks_easy"] == 4.0 and metrics["accuracy_hard"] == 0.81
+    text = comparison.text()
+    assert "prune and finetune" in text and "-7.50 points [" in text and "(K=5..6)" in text
+    assert "easy images 4.00 blocks, 99.0% (200); hard images 7.50 blocks, 81.0% (200)" in text
 
 
 def constant_policy(preset, keep: list[int]):

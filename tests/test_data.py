@@ -171,13 +171,42 @@ def test_sample_folders_are_written_as_train_and_test_class_folders(tmp_path, na
     assert again.returncode == 2 and "is not empty" in again.stderr
 
 
+def test_mixed_set_degrades_half_of_each_class_and_says_which_in_the_file_names(tmp_path):
+    from blockdrop.data import difficulties
+    from blockdrop.sample_data import mixed_images
+
+    images, labels, hard = mixed_images(32)
+    for label in range(10):
+        assert abs(hard[labels == label].mean() - 0.5) < 0.02
+    noise = lambda ims: float(np.mean(np.abs(np.diff(ims.astype(float), axis=2))))
+    assert noise(images[hard]) > 2 * noise(images[~hard])
+    proc = run_module("blockdrop.sample_data", "mixed", str(tmp_path / "mixed"))
+    assert proc.returncode == 0, proc.stderr
+    test = load_dataset(get_preset("R32_C10"), "test", "imagefolder", tmp_path / "mixed")
+    flags = difficulties(test)
+    assert len(flags) == len(test) and 0.45 < flags.mean() < 0.55
+    assert [p.endswith("-hard.png") for p, _ in test.samples] == flags.tolist()
+    # through a Subset (a --limit), the flags of the images it holds, in its order
+    assert difficulties(torch.utils.data.Subset(test, [5, 0, 7])).tolist() == [flags[5], flags[0], flags[7]]
+
+
+def test_difficulties_are_none_where_file_names_do_not_say(tmp_path):
+    from blockdrop.data import difficulties
+
+    assert difficulties(torch.utils.data.TensorDataset(torch.zeros(3, 1))) is None
+    proc = run_module("blockdrop.sample_data", "digits", str(tmp_path / "digits"))
+    assert proc.returncode == 0, proc.stderr
+    assert difficulties(load_dataset(get_preset("R32_C10"), "test", "imagefolder", tmp_path / "digits")) is None
+
+
 def test_shapes_get_harder_with_difficulty():
     """Hard shapes are noisier than easy ones, and the pixels of an easy shape stand out far more from the
     background's (the top 5% of an easy image's brightness is far above its median)."""
     from blockdrop.sample_data import shapes_images
 
-    easy, _ = shapes_images(32, per_class=10, difficulty_power=8)  # difficulty near 0
-    hard, _ = shapes_images(32, per_class=10, difficulty_power=0.1)  # difficulty near 1
+    easy, _, easy_flags = shapes_images(32, per_class=10, difficulty_power=8)  # difficulty near 0
+    hard, _, hard_flags = shapes_images(32, per_class=10, difficulty_power=0.1)  # difficulty near 1
+    assert not easy_flags.any() and hard_flags.all()
     spread = lambda images: float(np.mean([np.percentile(i, 95) - np.median(i) for i in images.mean(3)]))
     noise = lambda images: float(np.mean(np.abs(np.diff(images.astype(float), axis=2))))
     assert spread(easy) > spread(hard) and noise(hard) > noise(easy)

@@ -62,7 +62,7 @@ def test_text_report_has_the_original_lines(tmp_path, cifar10_dir):
     flops = cost_model(get_preset("R110_C10")).fixed + sum(cost_model(get_preset("R110_C10")).backbone.blocks[:20])
     assert lines[3] == f"FLOPs/img: {flops:.2E} +- 0.00E+00"
     assert lines[4] == "Unique Policies: 1"
-    assert lines[5].startswith("Full model: accuracy ") and lines[5].endswith("FLOPs/img 5.06E+08")
+    assert lines[5].startswith("This checkpoint's ResNet, all blocks: accuracy ") and lines[5].endswith("FLOPs/img 5.06E+08")
     assert "(10 images)" in lines[6]
 
 
