@@ -244,7 +244,7 @@ def analyse(preset, backbone: FlatResNet, policy: PolicyNet, dataset: str | None
 
     test = load_dataset(preset, "test", dataset, data_dir, download=False)
     train = load_dataset(preset, "train", dataset, data_dir, download=False, augment=False)
-    costs = cost_model(preset)
+    costs = cost_model(preset, policy)
     curve = pruned_curve(pruned, test, costs, device) if pruned else None
     comparison, learned = compare(backbone.to(device), policy.to(device), test, train, costs, device, pruned=curve)
     write(comparison, folder)

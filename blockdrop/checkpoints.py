@@ -203,15 +203,20 @@ def _mismatch(sd: StateDict, module: nn.Module) -> list[str]:
     return problems
 
 
-def _build(preset: Preset, part: str) -> nn.Module:
-    return preset.build_backbone() if part == "backbone" else preset.build_policy()
+def build_policy(preset: Preset, state: StateDict | None = None) -> nn.Module:
+    """The policy module a state dict is for: the depth policy's carries its keep order (`rank`)."""
+    return preset.build_depth_policy() if state is not None and "rank" in state else preset.build_policy()
+
+
+def _build(preset: Preset, part: str, state: StateDict | None = None) -> nn.Module:
+    return preset.build_backbone() if part == "backbone" else build_policy(preset, state)
 
 
 def load_state(module: nn.Module, sd: StateDict, preset: Preset, part: str, path: str | os.PathLike) -> None:
     """Load `sd` into `module` (the preset's "backbone" or "policy"), or say why it does not fit."""
     problems = _mismatch(sd, module)
     if problems:
-        fits = [p.name for p in PRESETS.values() if p is not preset and not _mismatch(sd, _build(p, part))]
+        fits = [p.name for p in PRESETS.values() if p is not preset and not _mismatch(sd, _build(p, part, sd))]
         hint = f"; it fits preset {', '.join(fits)}" if fits else ""
         raise UserError(
             f"{path}: the {part} does not fit preset {preset.name}: expected "
@@ -246,7 +251,7 @@ def load_models(preset: Preset, checkpoint: str | os.PathLike, backbone_file: st
     load_state(backbone, backbone_sd, preset, "backbone", backbone_src)
     policy = None
     if ckpt.policy is not None:
-        policy = preset.build_policy()
+        policy = build_policy(preset, ckpt.policy)
         load_state(policy, ckpt.policy, preset, "policy", checkpoint)
     elif ckpt.meta.get("config", {}).get("static_policy") is not None:  # a pruned ResNet (train_job --stage prune)
         from blockdrop.prune import StaticPolicy

@@ -9,6 +9,10 @@ from blockdrop.errors import UserError
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder", "digits")
 STAGES = ("pretrain", "adapt", "curriculum", "finetune")
+# The depth policy's stages (blockdrop.depth): nest the ResNet along one block order, train the policy
+# network on the outcome of every depth, finetune the ResNet under its choices.
+DEPTH_STAGES = ("pretrain", "nest", "depth", "finetune")
+POLICIES = ("blocks", "depth")  # BlockDrop's per-block policy (REINFORCE), the depth policy
 # Not a BlockDrop stage: the competitor it must beat, the ResNet finetuned under one image-blind policy (a
 # static set of K blocks, greedy order) for as many steps as BlockDrop's stages train it (blockdrop.prune).
 PRUNE = "prune"

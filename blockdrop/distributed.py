@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from blockdrop.checkpoints import read_checkpoint, save_checkpoint
+from blockdrop.checkpoints import build_policy, read_checkpoint, save_checkpoint
 from blockdrop.errors import UserError
 from blockdrop.data import (MAX_UNREADABLE, allowed_unreadable, default_loader_workers, load_dataset, loader_options,
                             skipped_images)
@@ -66,6 +66,7 @@ class StageConfig:
     reference_source: str = ""
     reference_file: str = ""  # its checkpoint, where prune-and-finetune starts from
     static_policy: list[int] | None = None  # prune: the 0/1 policy every image runs
+    order: list[int] | None = None  # nest: the greedy static order of the user's ResNet (the depth policy's)
     # a progress line within an epoch every this many seconds (ImageNet: an epoch is an hour)
     progress_every_s: float = field(default_factory=lambda: float(os.environ.get("BLOCKDROP_PROGRESS_EVERY_S", "30")))
 
@@ -154,6 +155,55 @@ def reference_of(cfg: StageConfig, backbone, test_loader, costs, device, world: 
             "file": cfg.reference_file}
 
 
+def setup_stage(cfg: StageConfig, preset, init: dict | None, teacher: dict | None, device: torch.device,
+                prepare=lambda module, **_: module) -> tuple[Models, torch.optim.Optimizer, object]:
+    """The models a stage trains (from `init`'s state dicts), wrapped by `prepare` (Ray Train's
+    prepare_model: DDP), with their optimiser and schedule. `teacher`: the user's ResNet (a payload like
+    `init`'s), whose soft labels the depth policy's stages learn from."""
+    backbone = preset.build_backbone()
+    init_policy = (init or {}).get("policy")
+    depth = cfg.stage in ("nest", "depth") or (init_policy is not None and "rank" in init_policy)
+    policy = preset.build_depth_policy() if depth else None if cfg.stage in SUPERVISED else preset.build_policy()
+    if init is not None:
+        backbone.load_state_dict(init["backbone"], strict=False)
+        if policy is not None and init_policy is not None:
+            policy.load_state_dict(init_policy)
+    if cfg.order is not None:  # nest: the keep order of the depth policy, from the user's ResNet
+        costs = cost_model(preset)
+        policy.set_order(cfg.order, costs.backbone.blocks, costs.full)
+    if depth:
+        policy.gamma.fill_(cfg.gamma)
+
+    executor = Executor(backbone, cfg.execution).to(device, memory_format=torch.channels_last)
+    # Sparse execution leaves the blocks no row of this worker keeps out of the step's graph.
+    per_image = cfg.stage in ("finetune", "nest") or cfg.drop_rate > 0 or cfg.static_policy is not None
+    ddp = {"find_unused_parameters": per_image and executor.needs_unused_parameters}
+    if policy is not None:
+        policy.to(device, memory_format=torch.channels_last)
+    frozen = None
+    if teacher is not None and cfg.stage in ("nest", "finetune") and depth:
+        frozen = preset.build_backbone()
+        frozen.load_state_dict(teacher["backbone"])
+        frozen.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+    if cfg.stage in ("curriculum", "depth"):
+        backbone.requires_grad_(False)
+        models = Models(backbone, policy, policy_train=prepare(policy))
+        params = list(policy.parameters())
+    elif cfg.stage in SUPERVISED or depth:  # the ResNet alone (the depth policy's finetune: its choices fixed)
+        if policy is not None:
+            policy.requires_grad_(False)
+        models = Models(backbone, policy, executor_train=prepare(executor, parallel_strategy_kwargs=ddp),
+                        teacher=frozen, rank=policy.rank if depth else None)
+        params = list(backbone.parameters())
+    else:
+        models = Models(backbone, policy, executor_train=prepare(executor, parallel_strategy_kwargs=ddp),
+                        policy_train=prepare(policy))
+        params = [{"params": list(policy.parameters()), "lr": cfg.policy_lr or cfg.lr},
+                  {"params": list(backbone.parameters())}]
+    optimizer = make_optimizer(cfg.stage, params, cfg.lr, cfg.weight_decay, depth)
+    return models, optimizer, make_schedule(cfg.stage, optimizer, cfg.epochs, depth)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The per-worker function of TorchTrainer: ordinary PyTorch plus Ray's report/checkpoint."""
     import ray.train
@@ -171,34 +221,10 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed * 1000 + rank)
 
-    backbone = preset.build_backbone()
-    policy = preset.build_policy() if cfg.stage not in SUPERVISED else None
     init = ray.get(config["init"]) if config.get("init") is not None else None
-    if init is not None:
-        backbone.load_state_dict(init["backbone"], strict=False)
-        if policy is not None and init.get("policy") is not None:
-            policy.load_state_dict(init["policy"])
-
-    executor = Executor(backbone, cfg.execution).to(device, memory_format=torch.channels_last)
-    # Sparse execution leaves the blocks no row of this worker keeps out of the step's graph.
-    with_policy = cfg.stage == "finetune" or cfg.drop_rate > 0 or cfg.static_policy is not None
-    ddp = {"find_unused_parameters": with_policy and executor.needs_unused_parameters}
-    if policy is not None:
-        policy.to(device, memory_format=torch.channels_last)
-    if cfg.stage == "curriculum":
-        backbone.requires_grad_(False)
-        models = Models(backbone, policy, policy_train=ray.train.torch.prepare_model(policy))
-        params = list(policy.parameters())
-    elif cfg.stage in SUPERVISED:
-        models = Models(backbone, None, executor_train=ray.train.torch.prepare_model(executor, parallel_strategy_kwargs=ddp))
-        params = list(backbone.parameters())
-    else:
-        models = Models(backbone, policy, executor_train=ray.train.torch.prepare_model(executor, parallel_strategy_kwargs=ddp),
-                        policy_train=ray.train.torch.prepare_model(policy))
-        params = [{"params": list(policy.parameters()), "lr": cfg.policy_lr or cfg.lr},
-                  {"params": list(backbone.parameters())}]
-    optimizer = make_optimizer(cfg.stage, params, cfg.lr, cfg.weight_decay)
-    schedule = make_schedule(cfg.stage, optimizer, cfg.epochs)
+    teacher = ray.get(config["teacher"]) if config.get("teacher") is not None else None
+    models, optimizer, schedule = setup_stage(cfg, preset, init, teacher, device, ray.train.torch.prepare_model)
+    backbone, policy = models.backbone, models.policy
 
     start = 0
     checkpoint = ray.train.get_checkpoint()
@@ -228,10 +254,11 @@ def train_loop_per_worker(config: dict) -> None:
     loader = DataLoader(train_set, batch_size=per_worker, sampler=sampler,
                         drop_last=len(train_set) >= per_worker * world * 2, **options)
     test_loader = DataLoader(Subset(test_set, range(rank, len(test_set), world)), batch_size=256, **options)
-    costs = cost_model(preset)
+    costs = cost_model(preset, policy)
     static = None if cfg.static_policy is None else torch.tensor(cfg.static_policy, dtype=torch.float32)
     # what the test set is run under: the policy network, the static policy of a pruned ResNet, or every block
-    evaluated = policy if static is None else static_chooser(static)
+    # (nest: the depth policy is not trained yet)
+    evaluated = static_chooser(static) if static is not None else None if cfg.stage == "nest" else policy
     tracker = None
     if rank == 0 and cfg.mlflow_run_id:
         from mlflow.tracking import MlflowClient
@@ -296,10 +323,11 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def run_stage(cfg: StageConfig, init_ref, num_workers: int, use_gpu: bool, name: str,
-              storage_path: str | None, max_failures: int, callbacks: list | None = None) -> Path:
+              storage_path: str | None, max_failures: int, callbacks: list | None = None, teacher_ref=None) -> Path:
     """Fit one stage; returns a local copy of its final model checkpoint.
 
-    `callbacks` are Ray Train callbacks (a Tune trial passes the one that forwards reports to Tune).
+    `callbacks` are Ray Train callbacks (a Tune trial passes the one that forwards reports to Tune);
+    `teacher_ref` the user's ResNet's state dict (the depth policy's stages learn from its soft labels).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.config import LoggingConfig
@@ -307,7 +335,7 @@ def run_stage(cfg: StageConfig, init_ref, num_workers: int, use_gpu: bool, name:
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"stage": asdict(cfg), "init": init_ref},
+        train_loop_config={"stage": asdict(cfg), "init": init_ref, "teacher": teacher_ref},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=RunConfig(
             name=name,
@@ -350,7 +378,7 @@ def _analyse_task(preset_name: str, payload: dict, dataset: str | None, data_dir
     from blockdrop.analysis import analyse
 
     preset = get_preset(preset_name)
-    policy = preset.build_policy()
+    policy = build_policy(preset, payload["policy"])
     policy.load_state_dict(payload["policy"])
     models = [(keep, _backbone(preset, state), torch.tensor(row, dtype=torch.float32)) for keep, state, row in pruned or []]
     with tempfile.TemporaryDirectory() as folder:

@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         args.num_workers = 0 if (args.dataset or preset.dataset) == "digits" else min(4, os.cpu_count() or 1)
     loader = make_loader(dataset, args.batch_size, args.num_workers, args.limit)
     backbone = backbone.to(device)
-    costs = cost_model(preset)
+    costs = cost_model(preset, policy)
     if args.compare and not isinstance(policy, PolicyNet):
         raise UserError(f"--compare needs a policy network; {args.checkpoint} holds "
                         f"{'a pruned ResNet' if policy is not None else 'only a ResNet'}")

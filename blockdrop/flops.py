@@ -104,10 +104,16 @@ class CostModel:
         return self.fixed - (0 if with_policy else self.policy) + policy.to(torch.float64) @ blocks
 
 
-def cost_model(preset: Preset) -> CostModel:
+def cost_model(preset: Preset, policy: torch.nn.Module | None = None) -> CostModel:
+    """The preset's costs with its BlockDrop policy network, or with the depth policy when `policy` is one."""
+    from blockdrop.models.resnet import DepthPolicy
+
     backbone = resnet_cost(preset.backbone, preset.image_size, preset.num_classes)
-    policy = resnet_cost(preset.policy, preset.image_size // preset.policy_pool, preset.num_blocks)
-    return CostModel(backbone, policy.total)
+    if isinstance(policy, DepthPolicy):
+        spec, pool = preset.depth_policy_spec
+        return CostModel(backbone, resnet_cost(spec, preset.image_size // pool, preset.num_blocks + 1).total)
+    return CostModel(backbone, resnet_cost(preset.policy, preset.image_size // preset.policy_pool,
+                                           preset.num_blocks).total)
 
 
 def describe(preset: Preset) -> dict:

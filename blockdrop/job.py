@@ -16,12 +16,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from blockdrop.choices import (DATASETS, ENTROPIES, PRUNE, STAGES, TRAIN_EXECUTIONS,  # noqa: F401
-                               add_unreadable_flag, check_unreadable_share)
+from blockdrop.choices import (DATASETS, DEPTH_STAGES, ENTROPIES, POLICIES, PRUNE, STAGES,  # noqa: F401
+                               TRAIN_EXECUTIONS, add_unreadable_flag, check_unreadable_share)
 from blockdrop.errors import UserError
 from blockdrop.presets import CURRICULUM_PACE, OTHER_DATA_STAGES, PRESET_NAMES, Preset, check_preset_name, get_preset
 
 DEFAULT_PRESET = "R26_DIGITS"
+DEFAULT_POLICY = "blocks"
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     """How training runs (the flags train_job.py and tune_penalty.py share)."""
@@ -112,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "static policy (the greedy K blocks) for as many steps as BlockDrop's stages train the "
                              "ResNet, at the two block counts that bracket the learned policy's FLOPs (two more "
                              "training runs; their time is reported)")
+    parser.add_argument("--policy", choices=POLICIES,
+                        help=f"blocks: BlockDrop's policy, each block of each image decided by its own probability, "
+                             f"trained by REINFORCE (adapt -> curriculum -> finetune); depth: per image, how many "
+                             f"blocks of the greedy order of your ResNet to run, the policy network trained on the "
+                             f"outcome of every depth (nest -> depth -> finetune; blockdrop/depth.py). Default: what "
+                             f"--init holds, else {DEFAULT_POLICY}")
     parser.add_argument("--keep", type=int, metavar="K",
                         help="--stage prune: the blocks the pruned ResNet keeps, chosen by the greedy static order "
                              "on --init's ResNet")
@@ -119,26 +126,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def stage_list(text: str) -> list[str] | None:
-    """`all` (None: decided once --init is known) or stages in training order."""
+    """`all` (None: decided once --init is known) or stages (their order is checked with the policy)."""
     if text == "all":
         return None
     if text == PRUNE:
         return [PRUNE]
     names = [part.strip() for part in text.split(",")]
-    unknown = [n for n in names if n not in STAGES]
+    known = STAGES + tuple(s for s in DEPTH_STAGES if s not in STAGES)
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown stage {', '.join(unknown) or text!r}; use {', '.join(STAGES)}, all, "
+        raise argparse.ArgumentTypeError(f"unknown stage {', '.join(unknown) or text!r}; use {', '.join(known)}, all, "
                                          f"or {PRUNE} (alone)")
-    if sorted(names, key=STAGES.index) != names or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"stages run in the order {' -> '.join(STAGES)}, each once: not {text}")
     return names
 
 
-def plan_stages(preset: Preset, args: argparse.Namespace) -> list[str]:
-    """The stages `--stage all` means: every stage after what --init holds; adapt only for a ResNet
-    pretrained without stochastic depth."""
+def policy_kind(args: argparse.Namespace) -> str:
+    """--policy, else what --init holds (a depth policy's checkpoint continues as one), else the default."""
+    if args.policy is not None:
+        return args.policy
+    if args.init:
+        from blockdrop.checkpoints import read_checkpoint
+
+        policy = read_checkpoint(args.init).policy
+        if policy is not None and "rank" in policy:
+            return "depth"
+    return DEFAULT_POLICY
+
+
+def plan_stages(preset: Preset, args: argparse.Namespace, policy: str) -> list[str]:
+    """The stages `--stage all` means: every stage after what --init holds. BlockDrop's policy: adapt only
+    for a ResNet pretrained without stochastic depth; the depth policy: nest, depth, finetune."""
     if args.stage is not None:
         return args.stage
+    if policy == "depth":
+        if not args.init:
+            return list(DEPTH_STAGES)
+        from blockdrop.checkpoints import read_checkpoint
+
+        stage = read_checkpoint(args.init).meta.get("stage")
+        done = DEPTH_STAGES.index(stage) + 1 if stage in DEPTH_STAGES[1:] else 1
+        return list(DEPTH_STAGES[done:]) or ["finetune"]
     if not args.init:
         pretrain_drop = args.drop_rate if args.drop_rate is not None else preset.stages["pretrain"].drop_rate
         return ["pretrain", "curriculum", "finetune"] if pretrain_drop > 0 else list(STAGES)
@@ -164,10 +191,10 @@ def own_data(preset: Preset, args: argparse.Namespace) -> bool:
 
 
 def resnet_steps(plan: list[tuple[str, dict]], train_size: int) -> int:
-    """The optimisation steps the stages of `plan` train the ResNet for (adapt and finetune; the curriculum
-    freezes it): the length of prune-and-finetune, their competitor."""
+    """The optimisation steps the stages of `plan` train the ResNet for (adapt or nest, and finetune; the
+    curriculum and depth stages freeze it): the length of prune-and-finetune, their competitor."""
     return sum(settings["epochs"] * max(train_size // settings["batch_size"], 1)
-               for stage, settings in plan if stage in ("adapt", "finetune"))
+               for stage, settings in plan if stage in ("adapt", "nest", "finetune"))
 
 
 def default_plan(preset: Preset, args: argparse.Namespace, train_size: int) -> list[tuple[str, dict]]:
@@ -191,13 +218,16 @@ def prune_settings(preset: Preset, args: argparse.Namespace, train_size: int, st
             "weight_decay": d.weight_decay, "drop_rate": 0.0}
 
 
-def stage_settings(preset: Preset, stage: str, args: argparse.Namespace, stages: list[str], train_size: int) -> dict:
+def stage_settings(preset: Preset, stage: str, args: argparse.Namespace, stages: list[str], train_size: int,
+                   depth: bool = False) -> dict:
     """Epochs, batch size, lrs, pace of one stage: flags, else the preset's defaults on its own data,
-    else a fixed number of optimisation steps (OTHER_DATA_STAGES) on other data."""
+    else a fixed number of optimisation steps (OTHER_DATA_STAGES) on other data. `depth`: the stages of
+    the depth policy (its finetune trains the ResNet alone)."""
     if stage == PRUNE:
         return prune_settings(preset, args, train_size) | {"keep": args.keep}
     own = own_data(preset, args) or stage == "pretrain"
-    d = preset.stages[stage] if own else OTHER_DATA_STAGES[stage]
+    key = "finetune_depth" if stage == "finetune" and depth else stage
+    d = preset.stages[key] if own else OTHER_DATA_STAGES[key]
     batch = args.batch_size if args.batch_size is not None else d.batch_size
     steps_per_epoch = max(train_size // batch, 1)
     pace = args.curriculum_pace or (0 if own else CURRICULUM_PACE)
@@ -217,9 +247,11 @@ def stage_settings(preset: Preset, stage: str, args: argparse.Namespace, stages:
     }
     if stage == "curriculum":
         settings |= {"gamma": curriculum_gamma(preset, args), "pace": pace, "entropy": args.entropy}
-    elif stage == "finetune":
+    elif stage == "finetune" and not depth:
         settings |= {"gamma": finetune_gamma(preset, args),
                      "policy_lr": args.policy_lr if args.policy_lr is not None else (d.policy_lr or d.lr)}
+    elif stage in ("depth", "finetune"):  # the gamma the depth policy chooses depths at
+        settings["gamma"] = finetune_gamma(preset, args)
     return settings
 
 
@@ -238,8 +270,12 @@ def describe(stage: str, settings: dict, workers: int) -> str:
     if stage == "curriculum":
         pace = f"every {settings['pace']} steps" if settings["pace"] else "every epoch"
         parts.append(f"gamma {settings['gamma']:g}, a block decided {pace}, {settings['entropy']} entropy")
-    if stage == "finetune":
+    if stage == "finetune" and "policy_lr" in settings:
         parts.append(f"policy lr {settings['policy_lr']:g}, gamma {settings['gamma']:g}")
+    elif stage in ("depth", "finetune"):
+        parts.append(f"depth policy, gamma {settings['gamma']:g}")
+    if stage == "nest":
+        parts.append("every image a random prefix of the greedy order, soft labels of the user's ResNet")
     if stage == PRUNE:
         parts.append(f"{settings['keep']} blocks kept (greedy order of the starting ResNet)")
     return f"== {stage}: {', '.join(parts)}, {workers} workers"
@@ -270,7 +306,15 @@ def validate(args: argparse.Namespace) -> tuple[Preset, list[tuple[str, dict]]]:
     if args.max_failures < 0:
         raise UserError(f"--max-failures must be >= 0, not {args.max_failures}")
     preset = get_preset(args.preset)
-    stages = plan_stages(preset, args)
+    policy = args.policy = policy_kind(args)  # resolved: the run records it
+    stages = plan_stages(preset, args, policy)
+    order = DEPTH_STAGES if policy == "depth" else STAGES
+    if stages != [PRUNE] and (any(s not in order for s in stages) or sorted(stages, key=order.index) != stages
+                              or len(set(stages)) != len(stages)):
+        other = "blocks" if policy == "depth" else "depth"
+        raise UserError(f"the {policy} policy's stages run in the order {' -> '.join(order)}, each once: not "
+                        f"{','.join(stages)}" + (f" (those of --policy {other}?)" if all(
+                            s in (STAGES if other == "blocks" else DEPTH_STAGES) for s in stages) else ""))
     if args.epochs is not None and (min(args.epochs) < 1 or len(args.epochs) not in (1, len(stages))):
         raise UserError(f"--epochs takes one number (>= 1) or one per stage run ({len(stages)}: "
                         f"{', '.join(stages)}), not {','.join(map(str, args.epochs))}")
@@ -284,13 +328,15 @@ def validate(args: argparse.Namespace) -> tuple[Preset, list[tuple[str, dict]]]:
     from blockdrop.checkpoints import load_models, read_checkpoint  # the checks that read files: torch
     from blockdrop.data import load_dataset
 
-    if stages[0] == "finetune" and args.init and read_checkpoint(args.init).policy is None:
-        raise UserError(f"--stage finetune needs a policy: {args.init} has none; pass a curriculum checkpoint")
+    if stages[0] in ("finetune", "depth") and args.init and read_checkpoint(args.init).policy is None:
+        needs = "a curriculum checkpoint" if policy == "blocks" else "a checkpoint of the nest or depth stage"
+        raise UserError(f"--stage {stages[0]} needs a policy: {args.init} has none; pass {needs}")
     if args.init:
         load_models(preset, args.init)  # fits the preset, or a clear error now rather than on a worker
     # the data must be there before workers look for it
     train = load_dataset(preset, "train", args.dataset, args.data_dir)
-    return preset, [(stage, stage_settings(preset, stage, args, stages, len(train))) for stage in stages]
+    return preset, [(stage, stage_settings(preset, stage, args, stages, len(train), policy == "depth"))
+                    for stage in stages]
 
 
 def init_payload(preset: Preset, path: str | None) -> dict | None:
@@ -364,6 +410,19 @@ def stage_reference(meta: dict, path: Path) -> dict | None:
         return {"accuracy": meta["metrics"]["full_accuracy"], "source": f"pretrain stage, {path.name}",
                 "file": str(path.resolve())}
     return None
+
+
+def teacher_payload(preset: Preset, reference: dict | None):
+    """The user's ResNet in Ray's object store, whose soft labels the depth policy's finetune learns from;
+    None (labels only) when its file is not at hand."""
+    import ray
+
+    source = Path((reference or {}).get("file", ""))
+    if not source.is_file():
+        print(f"note: the user's ResNet ({source or 'unknown'}) is not here: finetuning on the labels alone",
+              file=sys.stderr)
+        return None
+    return ray.put(init_payload(preset, str(source)))
 
 
 def prune_baseline(preset: Preset, args: argparse.Namespace, name: str, plan: list[tuple[str, dict]],
@@ -441,7 +500,8 @@ def run(args: argparse.Namespace) -> None:
 
     from blockdrop.checkpoints import read_checkpoint
     from blockdrop.data import load_dataset
-    from blockdrop.distributed import StageConfig, analyse_remotely, final_report, run_stage
+    from blockdrop.baselines import from_order
+    from blockdrop.distributed import StageConfig, analyse_remotely, final_report, order_remotely, run_stage
     from blockdrop.flops import cost_model
 
     start_ray(args.address, args.gpu, args.num_workers, args.storage_path)  # cluster checks first: a refused job leaves no run
@@ -457,7 +517,7 @@ def run(args: argparse.Namespace) -> None:
 
     common = {"preset": preset.name, "num_workers": args.num_workers, "gpu": args.gpu,
               "dataset": args.dataset or preset.dataset, "init": args.init or "",
-              "train_execution": args.train_execution}
+              "train_execution": args.train_execution, "policy": args.policy}
     job_params = common | {"stage": stage_label, "stages": ",".join(stage for stage, _ in plan)}
     if len(plan) == 1:
         job_params |= plan[0][1]
@@ -480,22 +540,23 @@ def run(args: argparse.Namespace) -> None:
                                                common | {"stage": stage} | settings, parent_id=run_id)
             print(describe(stage, settings, args.num_workers), file=sys.stderr)
             ref = ray.put(init_payload(preset, init_path)) if init_path else None
-            static = None
-            if stage == PRUNE:
-                from blockdrop.baselines import from_order
-                from blockdrop.distributed import order_remotely
-
+            static = order = teacher = None
+            if stage in (PRUNE, "nest"):  # the greedy static order of the starting ResNet
                 order = order_remotely(preset.name, ref, args.dataset, data_dir, args.gpu)
+            if stage == PRUNE:
                 static = from_order(settings["keep"], order).int().tolist()
+            if stage == "nest" or (stage == "finetune" and "policy_lr" not in settings):
+                teacher = ref if stage == "nest" else teacher_payload(preset, reference)
             cfg = StageConfig(preset=preset.name, stage=stage, dataset=args.dataset, data_dir=data_dir,
                               mlflow_uri=uri, mlflow_run_id=stage_run, seed=args.seed, max_bad_images=args.max_bad_images,
                               execution=args.train_execution, eval_every=args.eval_every, reference=reference,
                               reference_source=f"--init {Path(init_path).name}" if init_path else "",
                               reference_file=str(Path(init_path).resolve()) if init_path else "",
-                              static_policy=static, **({"gamma": 0.0} | {k: v for k, v in settings.items() if k != "keep"}))
+                              static_policy=static, order=order if stage == "nest" else None,
+                              **({"gamma": 0.0} | {k: v for k, v in settings.items() if k != "keep"}))
             began = time.time()
             checkpoint = run_stage(cfg, ref, args.num_workers, args.gpu, f"{name}-{stage}",
-                                   storage, args.max_failures)
+                                   storage, args.max_failures, teacher_ref=teacher)
             seconds += time.time() - began
             out = output_folder(args.output, storage, name) / f"{name}-{stage}.pt"
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -532,7 +593,7 @@ def run(args: argparse.Namespace) -> None:
     example = raw_images(preset, torch.stack([test[i][0] for i in range(2)]).numpy())
     model_params = {"preset": preset.name, "stages": ",".join(stage for stage, _ in plan)}
     if plan[-1][0] == "finetune":
-        model_params |= {"gamma": plan[-1][1]["gamma"], "lr": plan[-1][1]["lr"], "policy_lr": plan[-1][1]["policy_lr"]}
+        model_params |= {k: plan[-1][1][k] for k in ("gamma", "lr", "policy_lr") if k in plan[-1][1]}
     model_uri = tracker.log_model(run_id, Path(init_path), report.text(), example, step=final_step, params=model_params)
     tracker.finish(run_id, ok=True)
     print(f"\n{preset.name} {' -> '.join(stage for stage, _ in plan)} ({name})")

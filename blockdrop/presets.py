@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from blockdrop.errors import UserError
 
 if TYPE_CHECKING:
-    from blockdrop.models.resnet import FlatResNet, PolicyNet, ResNetSpec
+    from blockdrop.models.resnet import DepthPolicy, FlatResNet, PolicyNet, ResNetSpec
 
 # The original code's normalisation constants.
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -52,23 +52,35 @@ class StageDefaults:
 
 # The paper's schedules where ANCHORS.md gives them; pretraining follows the usual ResNet recipes.
 # adapt: a short stochastic-depth finetuning of a ResNet pretrained without it (blockdrop.stages).
+# The depth policy's stages (blockdrop.depth): nest, depth, and its own finetune ("finetune_depth": the
+# ResNet alone under the policy's choices, SGD). Chosen on the image folders of
+# benchmarks/results/method_ablation.md; the CIFAR and ImageNet figures are scaled from them, untried.
 CIFAR_STAGES = {
     "pretrain": StageDefaults(164, 128, 0.1, 1e-4),
     "adapt": StageDefaults(10, 128, 0.02, 1e-4, drop_rate=0.5),
     "curriculum": StageDefaults(5000, 2048, 1e-3),
     "finetune": StageDefaults(2000, 256, 1e-4),
+    "nest": StageDefaults(30, 128, 0.02, 1e-4),
+    "depth": StageDefaults(10, 256, 1e-3, 1e-4),
+    "finetune_depth": StageDefaults(20, 128, 0.01, 1e-4),
 }
 IMAGENET_STAGES = {
     "pretrain": StageDefaults(90, 256, 0.1, 1e-4),
     "adapt": StageDefaults(3, 256, 0.01, 1e-4, drop_rate=0.5),
     "curriculum": StageDefaults(45, 256, 1e-3),
     "finetune": StageDefaults(10, 320, 1e-4),
+    "nest": StageDefaults(5, 256, 0.01, 1e-4),
+    "depth": StageDefaults(2, 256, 1e-3, 1e-4),
+    "finetune_depth": StageDefaults(4, 256, 0.005, 1e-4),
 }
 DIGITS_STAGES = {
     "pretrain": StageDefaults(30, 64, 0.1, 5e-4, drop_rate=0.5),
     "adapt": StageDefaults(10, 64, 0.02, 5e-4, drop_rate=0.5),
     "curriculum": StageDefaults(30, 128, 1e-3),
     "finetune": StageDefaults(15, 64, 1e-3, policy_lr=3e-4),
+    "nest": StageDefaults(30, 64, 0.02, 5e-4),
+    "depth": StageDefaults(15, 128, 1e-3, 1e-4),
+    "finetune_depth": StageDefaults(15, 64, 0.01, 5e-4),
 }
 # On other data than the preset's own (an image folder of any size) the BlockDrop stages last a
 # fixed number of optimisation steps (converted to epochs from the dataset's size) instead of the
@@ -81,6 +93,9 @@ OTHER_DATA_STAGES = {
     "adapt": StageDefaults(0, 128, 0.02, 5e-4, drop_rate=0.5, steps=120),
     "curriculum": StageDefaults(0, 128, 1e-3),  # 2 x K x CURRICULUM_PACE steps
     "finetune": StageDefaults(0, 128, 1e-3, policy_lr=3e-4, steps=360),
+    "nest": StageDefaults(0, 128, 0.02, 5e-4, steps=480),
+    "depth": StageDefaults(0, 128, 1e-3, 1e-4, steps=300),
+    "finetune_depth": StageDefaults(0, 128, 0.01, 5e-4, steps=360),
 }
 
 
@@ -103,6 +118,11 @@ class Preset:
     # The curriculum's own gamma: the original's cl_training.py ran at its default -1 and only
     # finetuning used -10 / -5 (ANCHORS.md); at -10 a curriculum on a short budget keeps every block.
     curriculum_penalty: float = -1.0
+    # The depth policy's network (blockdrop.depth): by default the BlockDrop policy's. It only has to tell
+    # easy images from hard ones, so the CIFAR presets give it a half-width ResNet-8 on the image pooled
+    # to 16x16: 1.6E+06 FLOPs instead of 2.4E+07, which every image pays (18% of a ResNet-32).
+    depth_policy: ResNetSpec | None = None
+    depth_pool: int | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -122,6 +142,17 @@ class Preset:
 
         return PolicyNet(self.policy, self.num_blocks, input_pool=self.policy_pool)
 
+    @property
+    def depth_policy_spec(self) -> tuple[ResNetSpec, int]:
+        """The depth policy's network and the factor its input is pooled by."""
+        return (self.depth_policy or self.policy), (self.depth_pool or self.policy_pool)
+
+    def build_depth_policy(self) -> DepthPolicy:
+        from blockdrop.models.resnet import DepthPolicy
+
+        spec, pool = self.depth_policy_spec
+        return DepthPolicy(spec, self.num_blocks, input_pool=pool)
+
 
 # The presets' names, in PRESETS' order: what the CLIs list and get_preset checks without building
 # PRESETS (their network specs come with the models, hence torch); _build_presets checks the two agree.
@@ -130,15 +161,16 @@ PRESET_NAMES = ("R32_C10", "R110_C10", "R32_C100", "R110_C100", "R101_ImgNet", "
 
 def _build_presets() -> dict[str, Preset]:
     resnet8 = cifar_resnet((1, 1, 1))
+    lite = {"depth_policy": cifar_resnet((1, 1, 1), (8, 16, 32)), "depth_pool": 2}
     presets = [
         Preset("R32_C10", "CIFAR-10, ResNet-32 (15 blocks), ResNet-8 policy", cifar_resnet((5, 5, 5)), resnet8,
-               10, "cifar10", 32, CIFAR_MEAN, CIFAR_STD),
+               10, "cifar10", 32, CIFAR_MEAN, CIFAR_STD, **lite),
         Preset("R110_C10", "CIFAR-10, ResNet-110 (54 blocks), ResNet-8 policy", cifar_resnet((18, 18, 18)), resnet8,
-               10, "cifar10", 32, CIFAR_MEAN, CIFAR_STD),
+               10, "cifar10", 32, CIFAR_MEAN, CIFAR_STD, **lite),
         Preset("R32_C100", "CIFAR-100, ResNet-32 (15 blocks), ResNet-8 policy", cifar_resnet((5, 5, 5)), resnet8,
-               100, "cifar100", 32, CIFAR_MEAN, CIFAR_STD),
+               100, "cifar100", 32, CIFAR_MEAN, CIFAR_STD, **lite),
         Preset("R110_C100", "CIFAR-100, ResNet-110 (54 blocks), ResNet-8 policy", cifar_resnet((18, 18, 18)), resnet8,
-               100, "cifar100", 32, CIFAR_MEAN, CIFAR_STD),
+               100, "cifar100", 32, CIFAR_MEAN, CIFAR_STD, **lite),
         Preset("R101_ImgNet", "ImageNet, ResNet-101 (33 blocks), ResNet-10 policy on 112x112",
                imagenet_resnet("bottleneck", (3, 4, 23, 3)), imagenet_resnet("basic", (1, 1, 1, 1)),
                1000, "imagenet", 224, IMAGENET_MEAN, IMAGENET_STD, policy_pool=2,

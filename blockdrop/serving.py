@@ -162,6 +162,7 @@ class Served:
     source: ModelSource
     backbone: torch.nn.Module
     policy: torch.nn.Module | None
+    costs: object = None  # its CostModel: the policy network it runs (BlockDrop's, the depth policy's, none)
 
 
 class Engine:
@@ -190,7 +191,8 @@ class Engine:
             backbone, policy, _ = load_models(self.preset, s.checkpoint)
             if policy is None:
                 raise UserError(f"{s.checkpoint} holds a ResNet but no policy network: not a BlockDrop model")
-            self.models[s.label] = Served(s, backbone.eval().to(self.device), policy.eval().to(self.device))
+            self.models[s.label] = Served(s, backbone.eval().to(self.device), policy.eval().to(self.device),
+                                          cost_model(self.preset, policy))
         # A request names a model by its label (the version) or any of its aliases.
         self.names = {alias: label for label, m in self.models.items() for alias in m.source.aliases}
         self.names.update({label: label for label in self.models})
@@ -239,7 +241,7 @@ class Engine:
         else:
             actions = greedy(served.policy(images))
             logits = run_sparse(served.backbone, images, actions)
-            flops = self.costs.per_image(actions, with_policy=isinstance(served.policy, PolicyNet))
+            flops = served.costs.per_image(actions, with_policy=isinstance(served.policy, PolicyNet))
         confidence, classes = torch.softmax(logits, dim=1).max(1)
         return [{
             "class": int(c), "label": self.classes[int(c)] if int(c) < len(self.classes) else str(int(c)),

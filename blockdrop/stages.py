@@ -14,6 +14,11 @@ knows about Ray. Each step returns per-image tensors (loss is a scalar) that the
   computed.
 - prune: the ResNet finetuned under one static policy (the same K blocks for every image): the
   prune-and-finetune competitor of blockdrop.prune; the pretrain step with that policy.
+- nest, depth (the depth policy, blockdrop.depth): nest finetunes the ResNet so that every prefix of
+  one block order works, each image at a random depth, with the user's ResNet's soft labels; depth
+  trains the depth policy's network on the ResNet's probability of the true class at each depth,
+  the ResNet frozen. Their finetune trains the ResNet under the depth policy's choices (the policy
+  fixed), with the same soft labels.
 - finetune: policy and ResNet jointly: REINFORCE + cross-entropy of the ResNet run in train mode
   under the sampled policy, by the executor (blockdrop.execution.Executor: sparse by default, each
   block's BatchNorm seeing the images that run it; masked as the original on request); the greedy
@@ -28,13 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blockdrop import depth as D
 from blockdrop import reinforce as R
 from blockdrop.choices import STAGES  # noqa: F401 (re-exported)
 from blockdrop.evaluate import Moments
 from blockdrop.execution import run_sparse
-from blockdrop.models.resnet import FlatResNet
+from blockdrop.models.resnet import DepthPolicy, FlatResNet
 
-SUPERVISED = ("pretrain", "adapt", "prune")  # the ResNet alone, cross-entropy
+SUPERVISED = ("pretrain", "adapt", "prune", "nest")  # the ResNet alone, cross-entropy (nest: and soft labels)
+DEPTHS_PER_STEP = 16  # depth stage: the depths whose outcome a step measures (all of them when K < 16)
 
 
 @dataclass
@@ -104,17 +111,64 @@ def finetune_step(policy_net: nn.Module, executor: nn.Module, backbone: FlatResN
     return StepOut(loss.detach(), correct, reward, sampled.sum(1))
 
 
-def make_optimizer(stage: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """SGD + momentum for the supervised ResNet, Adam for the policy stages (as the paper).
+def nest_step(executor: nn.Module, images: torch.Tensor, labels: torch.Tensor, rank: torch.Tensor,
+              teacher_logits: torch.Tensor | None) -> StepOut:
+    """Each image runs a random prefix of the keep order (`rank`); cross-entropy and soft labels."""
+    depths = D.sample_depths(len(images), len(rank), device=images.device)
+    logits = executor(images, D.rows(depths, rank))
+    loss = D.distill_loss(logits, labels, teacher_logits)
+    loss.backward()
+    return StepOut(loss.detach(), logits.argmax(1) == labels, blocks=depths.float())
+
+
+def depth_step(policy_train: nn.Module, policy: DepthPolicy, backbone: FlatResNet, images: torch.Tensor,
+               labels: torch.Tensor, generator: torch.Generator | None = None) -> StepOut:
+    """The depth policy learns, per depth, the frozen ResNet's probability of the true class (up to
+    DEPTHS_PER_STEP depths a step, drawn at random); `correct` is the outcome of the depths it chooses."""
+    num_blocks = len(policy.rank)
+    depths = torch.randperm(num_blocks + 1, generator=generator)[:DEPTHS_PER_STEP].sort().values.tolist()
+    with torch.no_grad():
+        logits = [run_sparse(backbone, images, D.rows(torch.full((len(images),), d, device=images.device), policy.rank))
+                  for d in depths]
+        targets = D.correct_prob_targets(logits, labels)
+    scores = policy_train(images, scores=True)
+    loss = F.binary_cross_entropy_with_logits(scores[:, depths], targets)
+    loss.backward()
+    with torch.no_grad():
+        chosen = D.choose(torch.sigmoid(scores.detach()), policy.costs, float(policy.gamma))
+        correct = run_sparse(backbone, images, D.rows(chosen, policy.rank)).argmax(1) == labels
+    return StepOut(loss.detach(), correct, blocks=chosen.float())
+
+
+def depth_finetune_step(policy: DepthPolicy, executor: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                        teacher_logits: torch.Tensor | None) -> StepOut:
+    """The ResNet under the depth policy's choices (the policy fixed, in eval mode); soft labels."""
+    with torch.no_grad():
+        depths = policy.depths(images)
+    logits = executor(images, D.rows(depths, policy.rank))
+    loss = D.distill_loss(logits, labels, teacher_logits)
+    loss.backward()
+    return StepOut(loss.detach(), logits.argmax(1) == labels, blocks=depths.float())
+
+
+def uses_sgd(stage: str, depth: bool = False) -> bool:
+    """The ResNet's own stages train with SGD + momentum and a cosine schedule; BlockDrop's policy stages
+    with Adam (as the paper). The depth policy's finetune trains only the ResNet: SGD."""
+    return stage in SUPERVISED or (depth and stage == "finetune")
+
+
+def make_optimizer(stage: str, params, lr: float, weight_decay: float, depth: bool = False) -> torch.optim.Optimizer:
+    """SGD + momentum for the ResNet alone, Adam for the policy stages (as the paper).
     `params` may be parameter groups with lrs of their own (finetune: policy and ResNet)."""
-    if stage in SUPERVISED:
+    if uses_sgd(stage, depth):
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
-def make_schedule(stage: str, optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """pretrain, adapt: cosine to zero; finetune: lr x0.1 for the last quarter; curriculum: constant."""
-    if stage in SUPERVISED:
+def make_schedule(stage: str, optimizer: torch.optim.Optimizer, epochs: int,
+                  depth: bool = False) -> torch.optim.lr_scheduler.LRScheduler:
+    """The ResNet alone: cosine to zero; finetune: lr x0.1 for the last quarter; curriculum, depth: constant."""
+    if uses_sgd(stage, depth):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     if stage == "finetune":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, [max(int(epochs * 0.75), 1)], gamma=0.1)
@@ -138,6 +192,7 @@ class EpochStats:
         self.correct += int(out.correct.sum())
         if out.reward is not None:
             self.reward.add(out.reward.cpu())
+        if out.blocks is not None:
             self.blocks.add(out.blocks.cpu())
 
     def merge(self, other: EpochStats) -> None:
@@ -151,7 +206,9 @@ class EpochStats:
         n = max(self.images, 1)
         out = {"train_loss": self.loss_sum / n, "train_accuracy": self.correct / n}
         if self.reward.n:
-            out |= {"train_reward": self.reward.mean, "train_blocks_used": self.blocks.mean}
+            out["train_reward"] = self.reward.mean
+        if self.blocks.n:
+            out["train_blocks_used"] = self.blocks.mean
         return out
 
 
@@ -163,6 +220,8 @@ class Models:
     policy: nn.Module | None
     executor_train: nn.Module | None = None  # Executor(backbone), pretrain and finetune
     policy_train: nn.Module | None = None  # the policy net, curriculum and finetune
+    teacher: FlatResNet | None = None  # the user's ResNet, frozen: soft labels (nest, the depth policy's finetune)
+    rank: torch.Tensor | None = None  # nest: the keep order (blockdrop.depth.ranks)
 
 
 def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -182,23 +241,36 @@ def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.o
     keep = survival(models.backbone.num_blocks, drop_rate, device) if drop_rate > 0 else None
     if static is not None:
         keep = static.to(device=device, dtype=torch.float32)
-    if stage == "curriculum":
+    depth = isinstance(models.policy, DepthPolicy)
+    if stage in ("curriculum", "depth"):
         models.backbone.eval()  # frozen: BatchNorm statistics stay those of the pretrained ResNet
         models.policy_train.train()
     else:
         models.backbone.train()
         if models.policy_train is not None:
             models.policy_train.train()
+        if depth:  # its finetune trains the ResNet alone
+            models.policy.eval()
     steps = len(loader)
     for i, (images, labels) in enumerate(loader):
         images, labels = to_device(images, device), labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        if stage in SUPERVISED:
+        teacher = None
+        if models.teacher is not None:
+            with torch.no_grad():
+                teacher = models.teacher(images)
+        if stage == "nest":
+            out = nest_step(models.executor_train, images, labels, models.rank, teacher)
+        elif stage in SUPERVISED:
             out = pretrain_step(models.executor_train, images, labels, keep)
         elif stage == "curriculum":
             index = R.curriculum_index(epoch * steps + i, pace or steps)
             out = curriculum_step(models.policy_train, models.backbone, images, labels, index, gamma,
                                   entropy=entropy)
+        elif stage == "depth":
+            out = depth_step(models.policy_train, models.policy, models.backbone, images, labels)
+        elif depth:
+            out = depth_finetune_step(models.policy, models.executor_train, images, labels, teacher)
         else:
             out = finetune_step(models.policy_train, models.executor_train, models.backbone, images, labels, gamma)
         optimizer.step()

@@ -204,7 +204,7 @@ class BlockDropModel(mlflow.pyfunc.PythonModel):
         self.backbone.eval()
         if self.policy is not None:
             self.policy.eval()
-        self.costs = cost_model(self.preset)
+        self.costs = cost_model(self.preset, self.policy)
         self.transform = eval_transform(self.preset)
 
     @staticmethod

@@ -184,13 +184,60 @@ class PolicyNet(nn.Module):
     The original's value head (`vnet`) is unused by the method and is not built.
     """
 
-    def __init__(self, spec: ResNetSpec, num_blocks: int, input_pool: int = 1):
+    def __init__(self, spec: ResNetSpec, num_blocks: int, input_pool: int = 1, outputs: int | None = None):
         super().__init__()
         self.input_pool = input_pool
         self.features = FlatResNet(spec, num_classes=None)
-        self.logit = nn.Linear(self.features.feature_dim, num_blocks)
+        self.logit = nn.Linear(self.features.feature_dim, outputs or num_blocks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of the outputs."""
         if self.input_pool > 1:
             x = F.avg_pool2d(x, self.input_pool)
-        return torch.sigmoid(self.logit(self.features(x)))
+        return self.logit(self.features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.scores(x))
+
+
+class DepthPolicy(PolicyNet):
+    """The depth policy (blockdrop.depth): a small ResNet that predicts, for d = 0..K, the probability
+    that the ResNet run with the first d blocks of one order classifies the image correctly; each image
+    runs the depth of the largest expected reward at `gamma`.
+
+    Its buffers travel with its weights: `rank` (each block's place in the keep order), `costs` (the
+    FLOPs share of each depth) and `gamma`. `forward` returns the chosen (batch, K) 0/1 policy, so it
+    is run like any policy (greedy decisions of a 0/1 matrix are the matrix).
+    """
+
+    def __init__(self, spec: ResNetSpec, num_blocks: int, input_pool: int = 1):
+        super().__init__(spec, num_blocks, input_pool, outputs=num_blocks + 1)
+        self.register_buffer("rank", torch.arange(num_blocks))
+        self.register_buffer("costs", torch.linspace(0, 1, num_blocks + 1))
+        self.register_buffer("gamma", torch.tensor(-1.0))
+
+    def set_order(self, order, block_flops, full_flops: float) -> DepthPolicy:
+        """The keep order (the greedy static order of the user's ResNet, least useful first) and costs."""
+        from blockdrop.depth import depth_costs, ranks
+
+        self.rank.copy_(ranks(order))
+        self.costs.copy_(depth_costs(order, block_flops, full_flops))
+        return self
+
+    def correct_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, K+1): p(correct | the first d blocks) for d = 0..K."""
+        return torch.sigmoid(self.scores(x))
+
+    def depths(self, x: torch.Tensor, gamma: float | None = None) -> torch.Tensor:
+        from blockdrop.depth import choose
+
+        return choose(self.correct_prob(x), self.costs, float(self.gamma) if gamma is None else gamma)
+
+    def forward(self, x: torch.Tensor, scores: bool = False) -> torch.Tensor:
+        """The chosen (batch, K) 0/1 policy; with `scores`, the logits of p(correct | depth) instead
+        (training calls it so through DDP, whose forward must be the entry point)."""
+        from blockdrop.depth import rows
+
+        if scores:
+            return self.scores(x)
+        return rows(self.depths(x), self.rank)
