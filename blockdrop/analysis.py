@@ -246,7 +246,10 @@ def analyse(preset, backbone: FlatResNet, policy: PolicyNet, dataset: str | None
     train = load_dataset(preset, "train", dataset, data_dir, download=False, augment=False)
     costs = cost_model(preset, policy)
     curve = pruned_curve(pruned, test, costs, device) if pruned else None
-    comparison, learned = compare(backbone.to(device), policy.to(device), test, train, costs, device, pruned=curve)
+    # channels_last, as the workers evaluate: the same layout gives the same logits, to the last image
+    layout = {"memory_format": torch.channels_last}
+    comparison, learned = compare(backbone.to(device, **layout), policy.to(device, **layout), test, train, costs, device,
+                                  pruned=curve)
     write(comparison, folder)
     stages = [stage for stage, _ in preset.backbone.block_index]
     draw_all(learned.records(), test, preset.mean, preset.std, stages, class_names(test), folder)

@@ -181,7 +181,7 @@ def setup_stage(cfg: StageConfig, preset, init: dict | None, teacher: dict | Non
     if policy is not None:
         policy.to(device, memory_format=torch.channels_last)
     frozen = None
-    if teacher is not None and cfg.stage in ("nest", "finetune") and depth:
+    if teacher is not None and (cfg.stage in ("nest", "prune") or (depth and cfg.stage == "finetune")):
         frozen = preset.build_backbone()
         frozen.load_state_dict(teacher["backbone"])
         frozen.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)

@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_workers is None:  # the in-memory digits gain nothing from worker processes
         args.num_workers = 0 if (args.dataset or preset.dataset) == "digits" else min(4, os.cpu_count() or 1)
     loader = make_loader(dataset, args.batch_size, args.num_workers, args.limit)
-    backbone = backbone.to(device)
+    backbone = backbone.to(device, memory_format=torch.channels_last)  # as training evaluates: the same logits
     costs = cost_model(preset, policy)
     if args.compare and not isinstance(policy, PolicyNet):
         raise UserError(f"--compare needs a policy network; {args.checkpoint} holds "

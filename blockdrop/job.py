@@ -22,7 +22,7 @@ from blockdrop.errors import UserError
 from blockdrop.presets import CURRICULUM_PACE, OTHER_DATA_STAGES, PRESET_NAMES, Preset, check_preset_name, get_preset
 
 DEFAULT_PRESET = "R26_DIGITS"
-DEFAULT_POLICY = "blocks"
+DEFAULT_POLICY = "depth"  # benchmarks/results/method_*.md: it reaches the FLOPs BlockDrop's policy cannot
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     """How training runs (the flags train_job.py and tune_penalty.py share)."""
@@ -141,15 +141,21 @@ def stage_list(text: str) -> list[str] | None:
 
 
 def policy_kind(args: argparse.Namespace) -> str:
-    """--policy, else what --init holds (a depth policy's checkpoint continues as one), else the default."""
+    """--policy, else what the stages named belong to, else what --init holds (a depth policy's checkpoint
+    continues as one, a BlockDrop curriculum checkpoint as BlockDrop), else the default."""
     if args.policy is not None:
         return args.policy
+    named = set(args.stage or [])
+    if named & {"adapt", "curriculum"}:
+        return "blocks"
+    if named & {"nest", "depth"}:
+        return "depth"
     if args.init:
         from blockdrop.checkpoints import read_checkpoint
 
         policy = read_checkpoint(args.init).policy
-        if policy is not None and "rank" in policy:
-            return "depth"
+        if policy is not None:
+            return "depth" if "rank" in policy else "blocks"
     return DEFAULT_POLICY
 
 
@@ -468,7 +474,7 @@ def prune_baseline(preset: Preset, args: argparse.Namespace, name: str, plan: li
                           eval_every=settings["epochs"], reference=reference, static_policy=row,
                           **({"gamma": 0.0} | settings))
         checkpoint = run_stage(cfg, start, args.num_workers, args.gpu, run_name, storage_location(args.storage_path),
-                               args.max_failures)
+                               args.max_failures, teacher_ref=start)
         out = output_folder(args.output, storage_location(args.storage_path), name) / f"{run_name}.pt"
         shutil.copyfile(checkpoint, out)
         tracker.client.log_artifact(child, str(out), "checkpoint")
@@ -545,8 +551,8 @@ def run(args: argparse.Namespace) -> None:
                 order = order_remotely(preset.name, ref, args.dataset, data_dir, args.gpu)
             if stage == PRUNE:
                 static = from_order(settings["keep"], order).int().tolist()
-            if stage == "nest" or (stage == "finetune" and "policy_lr" not in settings):
-                teacher = ref if stage == "nest" else teacher_payload(preset, reference)
+            if stage in ("nest", PRUNE) or (stage == "finetune" and "policy_lr" not in settings):
+                teacher = ref if stage in ("nest", PRUNE) else teacher_payload(preset, reference)
             cfg = StageConfig(preset=preset.name, stage=stage, dataset=args.dataset, data_dir=data_dir,
                               mlflow_uri=uri, mlflow_run_id=stage_run, seed=args.seed, max_bad_images=args.max_bad_images,
                               execution=args.train_execution, eval_every=args.eval_every, reference=reference,

@@ -1,10 +1,12 @@
-"""The Quickstart's main job: train BlockDrop on the offline preset, then sweep gamma from its
-curriculum checkpoint, on one embedded Ray and the local MLflow store.
+"""The Quickstart's main job: train the offline preset end to end, then sweep gamma from the
+checkpoint before its finetuning, on one embedded Ray and the local MLflow store.
 
     python -m blockdrop.quickstart [--name NAME] [--penalties -0.2,-2,-20] [--sweep-epochs 10]
 
 Equivalent to `python train_job.py --name NAME` followed by
-`python tune_penalty.py --init checkpoints/NAME-curriculum.pt --penalties ... --name NAME-sweep`.
+`python tune_penalty.py --init checkpoints/NAME-depth.pt --penalties ... --name NAME-sweep` (the depth
+policy's stages: pretrain, nest, depth, finetune; with BlockDrop's own policy the sweep starts from
+NAME-curriculum.pt).
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ def main() -> None:
     parser.add_argument("--sweep-epochs", default="10", help="finetune epochs per sweep trial (default 10)")
     args = parser.parse_args()
     job.run(job.build_parser().parse_args(["--name", args.name]))
-    print(f"\n== sweep of gamma over {args.penalties}, starting from the curriculum checkpoint", flush=True)
-    sweep.run(sweep.parse_args(["--init", f"checkpoints/{args.name}-curriculum.pt", "--penalties", args.penalties,
+    before = "depth" if job.DEFAULT_POLICY == "depth" else "curriculum"  # the stage before finetuning
+    print(f"\n== sweep of gamma over {args.penalties}, starting from the {before} checkpoint", flush=True)
+    sweep.run(sweep.parse_args(["--init", f"checkpoints/{args.name}-{before}.pt", "--penalties", args.penalties,
                                 "--epochs", args.sweep_epochs, "--name", f"{args.name}-sweep"]))
 
 

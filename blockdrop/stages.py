@@ -58,15 +58,16 @@ def survival(num_blocks: int, drop_rate: float, device: torch.device | None = No
 
 
 def pretrain_step(executor: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                  keep: torch.Tensor | None = None) -> StepOut:
+                  keep: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None) -> StepOut:
     """Cross-entropy; with `keep` (per-block survival probabilities) each image also drops blocks at
     random (stochastic depth), which makes the ResNet robust to the blocks a policy will drop. A 0/1
-    `keep` is a static policy (prune)."""
+    `keep` is a static policy (prune), which learns from the user's ResNet's soft labels as well
+    (`teacher_logits`, as the depth policy's stages do: the competitor gets the same recipe)."""
     if keep is not None:
         logits = executor(images, torch.bernoulli(keep.expand(len(images), -1)))
     else:
         logits = executor(images)
-    loss = F.cross_entropy(logits, labels)
+    loss = D.distill_loss(logits, labels, teacher_logits)
     loss.backward()
     return StepOut(loss.detach(), logits.argmax(1) == labels)
 
@@ -262,7 +263,7 @@ def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.o
         if stage == "nest":
             out = nest_step(models.executor_train, images, labels, models.rank, teacher)
         elif stage in SUPERVISED:
-            out = pretrain_step(models.executor_train, images, labels, keep)
+            out = pretrain_step(models.executor_train, images, labels, keep, teacher)
         elif stage == "curriculum":
             index = R.curriculum_index(epoch * steps + i, pace or steps)
             out = curriculum_step(models.policy_train, models.backbone, images, labels, index, gamma,

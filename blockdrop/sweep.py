@@ -185,12 +185,13 @@ def run_trial(config: dict) -> None:
     tracker.client.set_tag(run_id, TRIAL_TAG, key)
     preset = get_preset(s["preset"])
     cfg = StageConfig(preset=preset.name, stage="finetune", epochs=s["epochs"], batch_size=s["batch_size"], lr=lr,
-                      weight_decay=0.0, gamma=gamma, drop_rate=0.0, dataset=s["dataset"], data_dir=s["data_dir"],
+                      weight_decay=s.get("weight_decay", 0.0), gamma=gamma, drop_rate=0.0, dataset=s["dataset"], data_dir=s["data_dir"],
                       mlflow_uri=s["mlflow_uri"], mlflow_run_id=run_id, policy_lr=s["policy_lr"],
                       max_bad_images=s["max_bad_images"], execution=s.get("execution", "sparse"),
                       eval_every=s.get("eval_every", 1), reference=s.get("reference"))
     try:
         checkpoint = run_stage(cfg, s["init_ref"], s["workers"], s["gpu"], f"{s['name']}-{key}", s["storage_path"],
+                               teacher_ref=s.get("teacher_ref"),
                                max_failures=1, callbacks=[TuneReportCallback()])
         trained = read_checkpoint(checkpoint)
         report = final_report(trained.meta, cost_model(preset).full)
@@ -385,7 +386,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
     from ray import tune
 
-    from blockdrop.checkpoints import load_models
+    from blockdrop.checkpoints import load_models, read_checkpoint
     from blockdrop.data import load_dataset
     from blockdrop.evaluate import evaluate, make_loader
     from blockdrop.flops import cost_model
@@ -400,7 +401,9 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"--resume --name {name}: no such sweep (no Tune state at {path}, no MLflow run in "
                         f"experiment {args.experiment!r}); drop --resume to start it")
     own = (args.dataset or preset.dataset) == preset.dataset
-    defaults = preset.stages["finetune"] if own else OTHER_DATA_STAGES["finetune"]
+    depth = "rank" in (read_checkpoint(init).policy or {})  # a depth policy's checkpoint: its own finetune
+    key = "finetune_depth" if depth else "finetune"
+    defaults = preset.stages[key] if own else OTHER_DATA_STAGES[key]
     batch = args.batch_size or defaults.batch_size
     epochs = args.epochs or (defaults.epochs if own else math.ceil(defaults.steps / max(train_size // batch, 1)))
     lrs = args.lrs or [defaults.lr]
@@ -423,6 +426,11 @@ def run(args: argparse.Namespace) -> None:
         reference = Point(user["accuracy"], full.full_flops, f"your ResNet ({user['source']})",
                           user | {"flops": full.full_flops, "speedup": 1.0, "init_resnet_accuracy": full.accuracy})
         init_ref = ray.put({"backbone": backbone.state_dict(), "policy": policy.state_dict()})
+        teacher_ref = None  # the depth policy's finetune learns from the user's ResNet's soft labels
+        if depth:
+            from blockdrop.job import teacher_payload
+
+            teacher_ref = teacher_payload(preset, user)
         settings = {"preset": preset.name, "name": name, "epochs": epochs, "batch_size": batch, "policy_lr": policy_lr,
                     "analysis": not args.no_analysis,
                     "workers": args.workers_per_trial, "gpu": args.gpu, "dataset": args.dataset,
@@ -430,7 +438,8 @@ def run(args: argparse.Namespace) -> None:
                     "experiment": args.experiment, "parent_id": parent_id, "init_ref": init_ref,
                     "init_label": args.init, "storage_path": storage, "source": tracker.source,
                     "max_bad_images": args.max_bad_images, "execution": args.train_execution,
-                    "eval_every": args.eval_every, "reference": {"accuracy": user["accuracy"], "source": user["source"]}}
+                    "eval_every": args.eval_every, "reference": user, "teacher_ref": teacher_ref,
+                    "weight_decay": defaults.weight_decay}
         # The trial itself only waits on its Train run: it asks for a little memory, no CPU, so the CPUs
         # stay for the Train workers (a trial holding a CPU would deadlock a 2-CPU machine at 2 workers).
         trainable = tune.with_resources(tune.with_parameters(run_trial_with, sweep=settings),

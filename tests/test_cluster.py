@@ -258,7 +258,7 @@ def test_rayjobs_name_scripts_flags_and_files_that_exist():
     assert train.gpu and train.num_workers >= 2 and sweep.gpu
     assert all(g < 0 for g in sweep.penalties)
     # the sweep starts from the checkpoint the training job writes
-    assert sweep.init == f"{train.output}/{train.name}-curriculum.pt" and sweep.preset == train.preset
+    assert sweep.init == f"{train.output}/{train.name}-depth.pt" and sweep.preset == train.preset
 
 
 def test_readme_job_commands_parse():
@@ -507,7 +507,8 @@ def test_a_bad_flag_ends_failed_with_the_message_in_the_logs(cluster, tmp_path):
 
 @pytest.fixture(scope="module")
 def train_submission(cluster, shared, mlflow_server):  # noqa: F811
-    proc = cluster.submit(shared, "python", "train_job.py", "--num-workers", "2", "--epochs", "3,3,2",
+    proc = cluster.submit(shared, "python", "train_job.py", "--num-workers", "2", "--epochs", "3,3,2,2",
+                          "--no-prune-baseline",
                           "--name", "two-nodes", "--experiment", "cluster", "--mlflow-uri", mlflow_server,
                           "--storage-path", str(shared / "ray_results"), "--output", str(shared / "checkpoints"))
     submission_id = re.search(r"submitted (raysubmit_\w+)", proc.stderr)
@@ -519,9 +520,9 @@ def test_training_job_runs_on_both_nodes_and_lands_in_mlflow(cluster, train_subm
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"job {submission_id} SUCCEEDED" in proc.stderr
     assert "[finetune] epoch 2/2" in proc.stdout and "Block Usage:" in proc.stdout
-    # three stages x two workers, and every stage's pair spread over the two nodes (one CPU each)
+    # four stages x two workers, and every stage's pair spread over the two nodes (one CPU each)
     nodes = cluster.worker_nodes_of(submission_id)
-    assert len(nodes) == 6 and set(nodes) == set(cluster.alive_nodes())
+    assert len(nodes) == 8 and set(nodes) == set(cluster.alive_nodes())
 
     from mlflow.tracking import MlflowClient
 
@@ -531,7 +532,7 @@ def test_training_job_runs_on_both_nodes_and_lands_in_mlflow(cluster, train_subm
     assert parent.info.status == "FINISHED"
     assert {"final_accuracy", "final_blocks_mean", "final_speedup"} <= set(parent.data.metrics)
     children = {r.data.params["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"pretrain", "curriculum", "finetune"}
+    assert set(children) == {"pretrain", "nest", "depth", "finetune"}
     steps = sorted(m.step for m in client.get_metric_history(children["pretrain"].info.run_id, "test_accuracy"))
     assert steps == [0, 1, 2]
 
@@ -551,9 +552,9 @@ def test_a_sweep_submitted_the_same_way(cluster, train_submission, shared, mlflo
 
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("cluster").experiment_id])
-    curriculum = next(r for r in runs if r.data.tags.get("mlflow.runName") == "two-nodes-curriculum")
+    depth = next(r for r in runs if r.data.tags.get("mlflow.runName") == "two-nodes-depth")
     # the sweep fetches its starting point from MLflow, as it would on a cluster without shared files
-    sweep = cluster.submit(shared, "python", "tune_penalty.py", "--init", f"runs:/{curriculum.info.run_id}/checkpoint",
+    sweep = cluster.submit(shared, "python", "tune_penalty.py", "--init", f"runs:/{depth.info.run_id}/checkpoint",
                            "--penalties", "-1,-10", "--epochs", "2", "--max-concurrent", "2",
                            "--name", "two-nodes-sweep", "--experiment", "cluster-sweeps", "--mlflow-uri", mlflow_server,
                            "--storage-path", str(shared / "ray_results"))

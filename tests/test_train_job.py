@@ -51,7 +51,17 @@ def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     (["--eval-every", "0"], "--eval-every is a number of epochs >= 1, not 0"),
     (["--preset", "R999"], "unknown preset 'R999'"),
     (["--stage", "curriculum"], "pass --init"),
-    (["--epochs", "3,3"], "--epochs takes one number (>= 1) or one per stage run (3: pretrain, curriculum, finetune)"),
+    (["--stage", "nest"], "pass --init"),
+    (["--epochs", "3,3"], "--epochs takes one number (>= 1) or one per stage run (4: pretrain, nest, depth, finetune)"),
+    (["--policy", "blocks", "--epochs", "3,3"], "one per stage run (3: pretrain, curriculum, finetune)"),
+    (["--stage", "finetune,curriculum"], "the blocks policy's stages run in the order pretrain -> adapt -> curriculum "
+                                         "-> finetune"),
+    (["--stage", "adapt,adapt"], "each once"),
+    (["--stage", "nest,curriculum"], "not nest,curriculum"),
+    (["--policy", "depth", "--stage", "adapt"], "(those of --policy blocks?)"),
+    (["--stage", "prune"], "--stage prune and --keep K go together"),
+    (["--keep", "3"], "--stage prune and --keep K go together"),
+    (["--stage", "prune", "--keep", "13"], "--keep must be between 0 and 12"),
     (["--stage", "finetune", "--init", "missing.pt"], "missing.pt does not exist"),
     (["--dataset", "imagefolder", "--data-dir", "nowhere"], "imagefolder data not found"),
 ])
@@ -64,43 +74,48 @@ def test_invalid_input_is_refused_by_validation(tmp_path, monkeypatch, args, mes
         validate(build_parser().parse_args(args))
 
 
-@pytest.mark.parametrize("stage, message", [
-    ("bogus", "unknown stage 'bogus'; use pretrain, adapt, curriculum, finetune or all"),
-    ("finetune,curriculum", "stages run in the order pretrain -> adapt -> curriculum -> finetune"),
-    ("adapt,adapt", "each once"),
-])
-def test_stage_lists_are_checked_by_the_parser(stage, message, capsys):
+def test_unknown_stages_are_refused_by_the_parser(capsys):
     from blockdrop.job import build_parser
 
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["--stage", stage])
-    assert message in capsys.readouterr().err
+        build_parser().parse_args(["--stage", "bogus"])
+    assert ("unknown stage 'bogus'; use pretrain, adapt, curriculum, finetune, nest, depth, all, or prune (alone)"
+            in capsys.readouterr().err)
 
 
 def test_stage_all_runs_what_follows_the_init_checkpoint(tmp_path):
-    """No --init: every stage (adapt only without stochastic depth); a ResNet: adapt onwards, or the
-    curriculum onwards when it was trained with stochastic depth; a policy: finetune."""
+    """The depth policy (the default): pretrain, nest, depth, finetune, minus what --init holds.
+    BlockDrop's: every stage (adapt only without stochastic depth); a ResNet: adapt onwards, or the
+    curriculum onwards when it was trained with stochastic depth; a policy: finetune. The policy follows
+    the stages named and what --init holds."""
     from blockdrop.checkpoints import save_checkpoint
-    from blockdrop.job import build_parser, plan_stages
+    from blockdrop.job import build_parser, plan_stages, policy_kind
     from blockdrop.presets import get_preset
 
     def plan(preset: str, *args: str) -> list[str]:
-        return plan_stages(get_preset(preset), build_parser().parse_args(["--preset", preset, *args]))
+        parsed = build_parser().parse_args(["--preset", preset, *args])
+        return plan_stages(get_preset(preset), parsed, policy_kind(parsed))
 
     r32, digits = get_preset("R32_C10"), get_preset("R26_DIGITS")
-    assert plan("R32_C10") == ["pretrain", "adapt", "curriculum", "finetune"]
-    assert plan("R26_DIGITS") == ["pretrain", "curriculum", "finetune"]  # its pretrain uses stochastic depth
-    assert plan("R32_C10", "--drop-rate", "0.3") == ["pretrain", "curriculum", "finetune"]
+    assert plan("R32_C10") == ["pretrain", "nest", "depth", "finetune"]
+    assert plan("R32_C10", "--policy", "blocks") == ["pretrain", "adapt", "curriculum", "finetune"]
+    assert plan("R26_DIGITS", "--policy", "blocks") == ["pretrain", "curriculum", "finetune"]  # pretrained with SD
+    assert plan("R32_C10", "--policy", "blocks", "--drop-rate", "0.3") == ["pretrain", "curriculum", "finetune"]
     standard = tmp_path / "resnet.pt"
     torch.save({"state_dict": r32.build_backbone().state_dict()}, standard)  # torchvision-style file
-    assert plan("R32_C10", "--init", str(standard)) == ["adapt", "curriculum", "finetune"]
+    assert plan("R32_C10", "--init", str(standard)) == ["nest", "depth", "finetune"]
+    assert plan("R32_C10", "--init", str(standard), "--policy", "blocks") == ["adapt", "curriculum", "finetune"]
     robust = tmp_path / "robust.pt"
     save_checkpoint(robust, digits, digits.build_backbone(), meta={"stage": "pretrain", "config": {"drop_rate": 0.5}})
-    assert plan("R26_DIGITS", "--init", str(robust)) == ["curriculum", "finetune"]
+    assert plan("R26_DIGITS", "--init", str(robust), "--policy", "blocks") == ["curriculum", "finetune"]
     with_policy = tmp_path / "curriculum.pt"
     save_checkpoint(with_policy, digits, digits.build_backbone(), digits.build_policy(), {"stage": "curriculum"})
-    assert plan("R26_DIGITS", "--init", str(with_policy)) == ["finetune"]
+    assert plan("R26_DIGITS", "--init", str(with_policy)) == ["finetune"]  # BlockDrop's policy continues
     assert plan("R26_DIGITS", "--init", str(with_policy), "--stage", "curriculum,finetune") == ["curriculum", "finetune"]
+    for stage, rest in (("nest", ["depth", "finetune"]), ("depth", ["finetune"]), ("finetune", ["finetune"])):
+        path = tmp_path / f"{stage}.pt"
+        save_checkpoint(path, digits, digits.build_backbone(), digits.build_depth_policy(), {"stage": stage})
+        assert plan("R26_DIGITS", "--init", str(path)) == rest
 
 
 def test_stages_on_other_data_last_a_fixed_number_of_steps(tmp_path):
@@ -142,15 +157,19 @@ def test_gpu_flag_on_a_cluster_without_gpus_is_refused(tmp_path):
 
 
 def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
-    # two workers: data parallel, with sparse execution in stochastic-depth pretraining and finetuning
-    # (DDP with blocks some worker's rows all drop); evaluated every 4th epoch and after the last
-    proc = train_job(tmp_path, "--stage", "all", "--num-workers", "2", "--epochs", "12,15,5", "--name", "e2e",
+    # the default: the depth policy's stages, then prune-and-finetune and the comparison; two workers: data
+    # parallel, with sparse execution (DDP with blocks some worker's rows all drop); evaluated every 4th
+    # epoch and after the last
+    proc = train_job(tmp_path, "--stage", "all", "--num-workers", "2", "--epochs", "12,8,5,5", "--name", "e2e",
                      "--eval-every", "4", timeout=900, BLOCKDROP_PROGRESS_EVERY_S="0.2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the checkpoints sit next to the run storage (--storage-path), where a cluster keeps them
     out = tmp_path / "ray" / "e2e" / "checkpoints"
     assert "Block Usage:" in proc.stdout and f"checkpoint: {out / 'e2e-finetune.pt'}" in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["e2e-curriculum.pt", "e2e-finetune.pt", "e2e-pretrain.pt"]
+    names = sorted(p.name for p in out.iterdir())
+    pruned = [n for n in names if n.startswith("e2e-prune-K")]
+    assert [n for n in names if n not in pruned] == ["e2e-depth.pt", "e2e-finetune.pt", "e2e-nest.pt", "e2e-pretrain.pt"]
+    assert len(pruned) in (1, 2)  # the block counts that bracket the learned policy's FLOPs
     # progress within epochs (every 0.2 s here; 30 s by default), from rank 0 only
     assert re.search(r"\[pretrain\] epoch \d+/12  step \d+/\d+  \d+ img/s  epoch ends in \dm\d\ds", proc.stdout), \
         proc.stdout[-3000:]
@@ -159,26 +178,39 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     experiment = client.get_experiment_by_name("blockdrop")
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("blockdrop.job") == "e2e")
-    children = {r.data.params["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"pretrain", "curriculum", "finetune"} and len(runs) == 4  # pretrained with SD: no adapt
-    for stage, evaluated in (("pretrain", [3, 7, 11]), ("curriculum", [3, 7, 11, 14]), ("finetune", [3, 4])):
-        steps = [s for s, _ in history(client, children[stage].info.run_id, "test_accuracy")]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    stages = {r.data.params["stage"]: r for r in children if r.data.params["stage"] != "prune"}
+    assert set(stages) == {"pretrain", "nest", "depth", "finetune"} and len(children) == 4 + len(pruned)
+    assert parent.data.params["policy"] == "depth"
+    for stage, evaluated in (("pretrain", [3, 7, 11]), ("nest", [3, 7]), ("depth", [3, 4]), ("finetune", [3, 4])):
+        steps = [s for s, _ in history(client, stages[stage].info.run_id, "test_accuracy")]
         assert sorted(set(steps)) == evaluated, stage
-        trained = [s for s, _ in history(client, children[stage].info.run_id, "train_seconds")]
+        trained = [s for s, _ in history(client, stages[stage].info.run_id, "train_seconds")]
         assert sorted(set(trained)) == list(range(evaluated[-1] + 1)), stage  # every epoch: where the time goes
-    assert children["finetune"].data.params["train_execution"] == "sparse"
+    assert stages["finetune"].data.params["train_execution"] == "sparse"
     assert "not evaluated: --eval-every 4" in proc.stdout
-    reward = [v for _, v in history(client, children["curriculum"].info.run_id, "train_reward")]
-    assert max(reward[-3:]) > reward[0]  # the policy learns
+    loss = [v for _, v in history(client, stages["depth"].info.run_id, "train_loss")]
+    assert min(loss[-2:]) < loss[0]  # the depth policy learns
     final = parent.data.metrics
     assert final["final_blocks_mean"] < 0.75 * K
     assert final["final_accuracy"] >= final["final_full_accuracy"] - 0.05
     assert final["final_speedup"] > 1.2
-    for key in ("test_accuracy", "blocks_used", "flops_per_image", "speedup", "unique_policies"):
-        assert key in children["finetune"].data.metrics
-    # after finetuning: the policy against image-blind baselines at equal FLOPs, and its pictures
+    # the user's ResNet (here the pretrain stage's) is the reference, measured, carried and reported
+    pretrain_full = [v for _, v in history(client, stages["pretrain"].info.run_id, "full_accuracy")][-1]
+    assert final["final_reference_accuracy"] == pytest.approx(pretrain_full)
+    assert "Your ResNet (pretrain stage, e2e-pretrain.pt), all blocks: accuracy" in proc.stdout
+    for key in ("test_accuracy", "blocks_used", "flops_per_image", "speedup", "unique_policies", "reference_accuracy"):
+        assert key in stages["finetune"].data.metrics
+    # after finetuning: the policy against the image-blind baselines and prune-and-finetune at equal FLOPs,
+    # each with a paired interval, and its pictures
     assert "At the learned policy's FLOPs" in proc.stdout and "greedy static" in proc.stdout
-    assert "gain_over_static" in final and "baseline_greedy_accuracy" in final
+    assert re.search(r"prune and finetune +\d+\.\d+%  [+-]\d+\.\d+ points \[[+-]\d+\.\d+, [+-]\d+\.\d+\]", proc.stdout)
+    assert {"gain_over_static", "gain_over_static_low", "gain_over_pruning", "baseline_prune_finetune_accuracy",
+            "baseline_greedy_accuracy", "prune_baseline_seconds", "blockdrop_seconds"} <= set(final)
+    assert final["gain_over_pruning_low"] <= final["gain_over_pruning"] <= final["gain_over_pruning_high"]
+    for run in children:
+        if run.data.params["stage"] == "prune":  # trained from the user's ResNet under its static policy
+            assert run.data.metrics["blocks_used_std"] == 0 and run.data.metrics["unique_policies"] == 1
     pictures = {a.path for a in client.list_artifacts(parent.info.run_id, "policy")}
     assert pictures == {f"policy/{name}" for name in ("block_usage.png", "blocks_histogram.png", "blocks_per_class.png",
                                                       "top_policies.png", "fewest_most_blocks.png", "baselines.json")}
@@ -210,6 +242,26 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     out = model.predict(images)
     assert len(out) == 64 and out["blocks_used"].max() <= K
     assert (out["prediction"].to_numpy() == test.labels[:64].numpy()).mean() > 0.8
+
+
+def test_blockdrops_own_policy_trains_on_request(tmp_path):
+    """--policy blocks: the paper's per-block policy, pretrain -> curriculum -> finetune (the digits preset
+    pretrains with stochastic depth: no adapt), compared with the image-blind policies."""
+    proc = train_job(tmp_path, "--policy", "blocks", "--epochs", "10,12,4", "--num-workers", "1", "--name", "bd",
+                     "--no-prune-baseline", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "ray" / "bd" / "checkpoints"
+    assert sorted(p.name for p in out.iterdir()) == ["bd-curriculum.pt", "bd-finetune.pt", "bd-pretrain.pt"]
+    assert "plan: pretrain -> curriculum -> finetune" in proc.stderr
+    assert "At the learned policy's FLOPs" in proc.stdout and "prune and finetune" not in proc.stdout
+    client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("blockdrop").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("blockdrop.job") == "bd")
+    assert parent.data.params["policy"] == "blocks"
+    curriculum = next(r for r in runs if r.data.params.get("stage") == "curriculum")
+    reward = [v for _, v in history(client, curriculum.info.run_id, "train_reward")]
+    assert max(reward[-3:]) > reward[0]  # the policy learns
+    assert parent.data.metrics["final_blocks_mean"] < K
 
 
 def test_killed_worker_is_replaced_and_training_resumes_in_the_same_mlflow_run(tmp_path):
