@@ -408,6 +408,39 @@ def analyse_remotely(preset_name: str, payload_ref, dataset: str | None, data_di
     return Comparison.from_json(result)
 
 
+def _versus_pruned_task(preset_name: str, learned: list, pruned: list, dataset: str | None,
+                        data_dir: str | None) -> dict:
+    """Each learned model ((key, payload) each) against prune-and-finetune ((K, state dict, 0/1 row) each)
+    at its FLOPs, image by image on the test set: {key: Versus as a dict}."""
+    from blockdrop.analysis import versus
+    from blockdrop.prune import pruned_curve
+
+    preset = get_preset(preset_name)
+    device, layout = _device(), {"memory_format": torch.channels_last}
+    test = load_dataset(preset, "test", dataset, data_dir, download=False)
+    models = [(keep, _backbone(preset, state), torch.tensor(row, dtype=torch.float32)) for keep, state, row in pruned]
+    curve = pruned_curve(models, test, cost_model(preset), device)
+    out = {}
+    for key, payload in learned:
+        policy = build_policy(preset, payload["policy"])
+        policy.load_state_dict(payload["policy"])
+        costs = cost_model(preset, policy)
+        result = tally(_backbone(preset, payload["backbone"]).to(device, **layout), policy.to(device, **layout),
+                       DataLoader(test, batch_size=256), costs, device, records=True)
+        flops = result.report(costs.full).flops_mean
+        out[key] = asdict(versus(result.records().correct.astype("float64"), curve, flops))
+    return {"versus": out, "curve": [asdict(p) for p in curve.points]}
+
+
+def versus_pruned_remotely(preset_name: str, learned: list, pruned: list, dataset: str | None, data_dir: str | None,
+                           use_gpu: bool) -> dict:
+    """_versus_pruned_task on a Ray worker."""
+    import ray
+
+    task = ray.remote(_versus_pruned_task).options(**_TASK_OPTIONS, num_gpus=1 if use_gpu else 0)
+    return ray.get(task.remote(preset_name, learned, pruned, dataset, data_dir))
+
+
 def _order_task(preset_name: str, payload: dict, dataset: str | None, data_dir: str | None) -> list[int]:
     from blockdrop.analysis import greedy_order_on
 

@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from blockdrop.choices import (DATASETS, DEPTH_STAGES, ENTROPIES, POLICIES, PRUNE, STAGES,  # noqa: F401
@@ -203,11 +203,13 @@ def resnet_steps(plan: list[tuple[str, dict]], train_size: int) -> int:
                for stage, settings in plan if stage in ("adapt", "nest", "finetune"))
 
 
-def default_plan(preset: Preset, args: argparse.Namespace, train_size: int) -> list[tuple[str, dict]]:
-    """BlockDrop's stages after a user's ResNet (adapt, curriculum, finetune) with their default settings."""
-    plain = argparse.Namespace(**{**vars(args), "epochs": None, "batch_size": None, "lr": None})
-    stages = ["adapt", "curriculum", "finetune"]
-    return [(stage, stage_settings(preset, stage, plain, stages, train_size)) for stage in stages]
+def default_plan(preset: Preset, dataset: str | None, train_size: int, policy: str = DEFAULT_POLICY
+                 ) -> list[tuple[str, dict]]:
+    """The stages after a user's ResNet (adapt, curriculum, finetune; or nest, depth, finetune) with their
+    default settings on `dataset`."""
+    plain = build_parser().parse_args(["--preset", preset.name] + (["--dataset", dataset] if dataset else []))
+    stages = list((DEPTH_STAGES if policy == "depth" else STAGES)[1:])
+    return [(stage, stage_settings(preset, stage, plain, stages, train_size, policy == "depth")) for stage in stages]
 
 
 def prune_settings(preset: Preset, args: argparse.Namespace, train_size: int, steps: int | None = None) -> dict:
@@ -218,7 +220,7 @@ def prune_settings(preset: Preset, args: argparse.Namespace, train_size: int, st
     if steps is None and args.epochs is not None:
         epochs = args.epochs[0]
     else:
-        steps = steps or resnet_steps(default_plan(preset, args, train_size), train_size)
+        steps = steps or resnet_steps(default_plan(preset, args.dataset, train_size), train_size)
         epochs = math.ceil(steps / max(train_size // batch, 1))
     return {"epochs": epochs, "batch_size": batch, "lr": args.lr if args.lr is not None else d.lr,
             "weight_decay": d.weight_decay, "drop_rate": 0.0}
@@ -431,12 +433,33 @@ def teacher_payload(preset: Preset, reference: dict | None):
     return ray.put(init_payload(preset, str(source)))
 
 
-def prune_baseline(preset: Preset, args: argparse.Namespace, name: str, plan: list[tuple[str, dict]],
-                   reference: dict | None, finetuned: dict, blockdrop_seconds: float, tracker, parent_id: str,
-                   common: dict) -> list[tuple[int, dict, list[int]]]:
-    """Prune-and-finetune from the user's ResNet at the two block counts that bracket the finetuned
-    policy's FLOPs, for as many steps as `plan` trained the ResNet: (K, ResNet state dict, 0/1 row) each,
-    for the analysis. Its runs are children of the job's MLflow run; its time is logged beside BlockDrop's."""
+@dataclass
+class PruneRuns:
+    """Where and how prune-and-finetune trains (a job's or a sweep's settings), and what its MLflow runs
+    are children of."""
+
+    name: str
+    dataset: str | None
+    data_dir: str | None
+    workers: int
+    gpu: bool
+    storage: str | None
+    output: Path
+    tracker: object
+    parent_id: str
+    params: dict
+    seed: int = 0
+    max_bad_images: float = 0.001
+    execution: str = "sparse"
+    max_failures: int = 3
+
+
+def prune_baseline(preset: Preset, runs: PruneRuns, reference: dict | None, flops: list[float], steps: int,
+                   blockdrop_seconds: float) -> list[tuple[int, dict, list[int]]]:
+    """Prune-and-finetune from the user's ResNet at the block counts that bracket each of `flops` (a learned
+    policy's FLOPs per image), for `steps` optimisation steps (as many as BlockDrop's stages trained the
+    ResNet): (K, ResNet state dict, 0/1 row) each. Its runs are children of `runs.parent_id`; its time is
+    logged there beside BlockDrop's."""
     import ray
 
     from blockdrop.baselines import from_order
@@ -451,37 +474,37 @@ def prune_baseline(preset: Preset, args: argparse.Namespace, name: str, plan: li
         print(f"note: prune-and-finetune left out: the user's ResNet file ({source or 'unknown'}) is not here",
               file=sys.stderr)
         return []
-    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
-    train_size = len(load_dataset(preset, "train", args.dataset, args.data_dir))
+    train_size = len(load_dataset(preset, "train", runs.dataset, runs.data_dir))
     start = ray.put(init_payload(preset, str(source)))
-    order = order_remotely(preset.name, start, args.dataset, data_dir, args.gpu)
-    flops = finetuned["metrics"]["flops_per_image"]
-    plain = argparse.Namespace(**{**vars(args), "epochs": None, "lr": None})
-    settings = prune_settings(preset, plain, train_size, resnet_steps(plan, train_size))
-    keeps = keeps_bracketing(cost_model(preset), order, flops)
+    order = order_remotely(preset.name, start, runs.dataset, runs.data_dir, runs.gpu)
+    plain = argparse.Namespace(dataset=runs.dataset, preset=preset.name, epochs=None, lr=None, batch_size=None)
+    settings = prune_settings(preset, plain, train_size, steps)
+    keeps = sorted({keep for f in flops for keep in keeps_bracketing(cost_model(preset), order, f)})
     print(f"== prune and finetune (the competitor): {reference['source']} finetuned with the greedy "
-          f"{' and '.join(map(str, keeps))} blocks, {settings['epochs']} epochs each (as many steps as BlockDrop's "
+          f"{', '.join(map(str, keeps))} blocks, {settings['epochs']} epochs each (as many steps as BlockDrop's "
           f"stages trained the ResNet)", file=sys.stderr)
     began, pruned = time.time(), []
+    runs.output.mkdir(parents=True, exist_ok=True)
     for keep in keeps:
         row = from_order(keep, order).int().tolist()
-        run_name = f"{name}-prune-K{keep}"
-        child, _ = tracker.job_run(f"{name}/prune-K{keep}", run_name,
-                                   common | {"stage": PRUNE, "keep": keep} | settings, parent_id=parent_id)
-        cfg = StageConfig(preset=preset.name, stage=PRUNE, dataset=args.dataset, data_dir=data_dir,
-                          mlflow_uri=tracker.uri, mlflow_run_id=child, seed=args.seed,
-                          max_bad_images=args.max_bad_images, execution=args.train_execution,
+        run_name = f"{runs.name}-prune-K{keep}"
+        child, _ = runs.tracker.job_run(f"{runs.name}/prune-K{keep}", run_name,
+                                        runs.params | {"stage": PRUNE, "keep": keep} | settings, parent_id=runs.parent_id)
+        cfg = StageConfig(preset=preset.name, stage=PRUNE, dataset=runs.dataset, data_dir=runs.data_dir,
+                          mlflow_uri=runs.tracker.uri, mlflow_run_id=child, seed=runs.seed,
+                          max_bad_images=runs.max_bad_images, execution=runs.execution,
                           eval_every=settings["epochs"], reference=reference, static_policy=row,
                           **({"gamma": 0.0} | settings))
-        checkpoint = run_stage(cfg, start, args.num_workers, args.gpu, run_name, storage_location(args.storage_path),
-                               args.max_failures, teacher_ref=start)
-        out = output_folder(args.output, storage_location(args.storage_path), name) / f"{run_name}.pt"
+        checkpoint = run_stage(cfg, start, runs.workers, runs.gpu, run_name, runs.storage, runs.max_failures,
+                               teacher_ref=start)
+        out = runs.output / f"{run_name}.pt"
         shutil.copyfile(checkpoint, out)
-        tracker.client.log_artifact(child, str(out), "checkpoint")
-        tracker.finish(child, ok=True)
+        runs.tracker.client.log_artifact(child, str(out), "checkpoint")
+        runs.tracker.finish(child, ok=True)
         pruned.append((keep, read_checkpoint(out).backbone, row))
     seconds = time.time() - began
-    tracker.log_metrics(parent_id, {"prune_baseline_seconds": seconds, "blockdrop_seconds": blockdrop_seconds}, step=0)
+    runs.tracker.log_metrics(runs.parent_id, {"prune_baseline_seconds": seconds, "blockdrop_seconds": blockdrop_seconds},
+                             step=0)
     print(f"   prune and finetune: {len(keeps)} runs in {seconds:.0f} s (BlockDrop's stages: {blockdrop_seconds:.0f} s)",
           file=sys.stderr)
     return pruned
@@ -576,8 +599,12 @@ def run(args: argparse.Namespace) -> None:
         if plan[-1][0] == "finetune" and not args.no_analysis:
             pruned = []
             if not args.no_prune_baseline:
-                pruned = prune_baseline(preset, args, name, plan, reference, read_checkpoint(init_path).meta, seconds,
-                                        tracker, run_id, common)
+                runs = PruneRuns(name, args.dataset, data_dir, args.num_workers, args.gpu, storage,
+                                 output_folder(args.output, storage, name), tracker, run_id, common, args.seed,
+                                 args.max_bad_images, args.train_execution, args.max_failures)
+                train_size = len(load_dataset(preset, "train", args.dataset, args.data_dir))
+                flops = read_checkpoint(init_path).meta["metrics"]["flops_per_image"]
+                pruned = prune_baseline(preset, runs, reference, [flops], resnet_steps(plan, train_size), seconds)
             print("== analysis: the policy against its competitors at equal FLOPs, policy pictures", file=sys.stderr)
             try:
                 comparison = analyse_remotely(preset.name, ray.put(init_payload(preset, init_path)), args.dataset,

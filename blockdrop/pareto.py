@@ -35,7 +35,8 @@ def pareto_front(points: Sequence[Point]) -> list[Point]:
 
 
 CURVE_STYLE = {"greedy": ("greedy static", "C2", "s"), "distributek": ("DistributeK", "C4", "^"),
-               "randomk": ("RandomK", "C1", "v"), "firstk": ("FirstK", "C5", "D")}
+               "randomk": ("RandomK", "C1", "v"), "firstk": ("FirstK", "C5", "D"),
+               "prune_finetune": ("prune and finetune, from your ResNet", "C3", "P")}
 
 
 def plot_front(points: Sequence[Point], front: Sequence[Point], path: str | Path,
@@ -57,8 +58,10 @@ def plot_front(points: Sequence[Point], front: Sequence[Point], path: str | Path
     for name, curve in (curves or {}).items():
         label, colour, marker = CURVE_STYLE.get(name, (name, "0.5", "o"))
         ordered = sorted(curve, key=lambda c: c.flops)
-        ax.plot([c.flops for c in ordered], [100 * c.accuracy for c in ordered], linestyle="--", marker=marker,
-                markersize=3, linewidth=1, color=colour, label=f"{label} (image-blind)", zorder=1)
+        trained = name == "prune_finetune"  # trained apart, from the user's ResNet: a solid line
+        ax.plot([c.flops for c in ordered], [100 * c.accuracy for c in ordered], linestyle="-" if trained else "--",
+                marker=marker, markersize=4 if trained else 3, linewidth=1.5 if trained else 1, color=colour,
+                label=f"{label} (image-blind)", zorder=2 if trained else 1)
     statics = [p for p in points if "best_static_accuracy" in p.info]
     for p in statics:
         ax.plot([p.flops, p.flops], [100 * p.info["best_static_accuracy"], 100 * p.accuracy], ":", color="0.3",

@@ -19,6 +19,8 @@ from pathlib import Path
 from blockdrop.errors import UserError
 from blockdrop.job import add_cluster_args, add_training_args, check_training_args, check_unreadable_share
 from blockdrop.pareto import Point, pareto_front, plot_front
+
+PRUNED = "prune_finetune"  # the curve of prune-and-finetune (blockdrop.analysis.PRUNED; analysis imports torch)
 from blockdrop.presets import OTHER_DATA_STAGES, PRESET_NAMES, Preset, check_preset_name, get_preset
 
 # torch, Ray and MLflow are imported where they are used: --help and a bad flag answer without them.
@@ -59,8 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, help="finetune epochs per trial (default: the preset's; on other data "
                                                    "than the preset's own, a fixed number of steps)")
     parser.add_argument("--no-analysis", action="store_true",
-                        help="skip the image-blind baselines (curves on --init's ResNet, and each trial's comparison "
-                             "at equal FLOPs) and the policy pictures")
+                        help="skip the competitors (the image-blind baselines: curves on --init's ResNet and each "
+                             "trial's comparison at equal FLOPs; prune-and-finetune) and the policy pictures")
+    parser.add_argument("--no-prune-baseline", action="store_true",
+                        help="leave out prune-and-finetune: the user's ResNet finetuned under static policies at the "
+                             "block counts that bracket the front's points (a training run each; on the plot and "
+                             "in the table, each front point against it with a paired interval)")
     parser.add_argument("--batch-size", type=int, help="global batch size of each trial")
     parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default 1)")
     parser.add_argument("--max-concurrent", type=int, default=1, help="trials running at once (default 1)")
@@ -278,11 +284,13 @@ def collect_front(tracker, parent_id: str, reference: Point) -> tuple[list[Point
 
 def front_gain(front: list[Point]) -> dict[str, float]:
     """The front's accuracy gain over the best image-blind policy at equal FLOPs (each model against
-    the baselines on its own finetuned ResNet): mean and least over the front."""
-    gains = [p.info["gain_over_static"] for p in front if "gain_over_static" in p.info]
-    if not gains:
-        return {}
-    return {"front_gain_over_static": sum(gains) / len(gains), "front_gain_over_static_min": min(gains)}
+    the baselines on its own finetuned ResNet) and over prune-and-finetune: mean and least over the front."""
+    out = {}
+    for key in ("gain_over_static", "gain_over_pruning"):
+        gains = [p.info[key] for p in front if key in p.info]
+        if gains:
+            out |= {f"front_{key}": sum(gains) / len(gains), f"front_{key}_min": min(gains)}
+    return out
 
 
 def publish_front(tracker, parent_id: str, points: list[Point], front: list[Point], reference: Point,
@@ -303,19 +311,68 @@ def publish_front(tracker, parent_id: str, points: list[Point], front: list[Poin
     tracker.log_metrics(parent_id, summary | gain, step=0)
     import pandas as pd
 
-    columns = ["gamma", "lr", "accuracy", "flops", "speedup", "blocks", "unique_policies", "run_id"]
+    columns = ["gamma", "lr", "accuracy", "flops", "speedup", "blocks", "unique_policies", "gain_over_static",
+               "gain_over_pruning", "gain_over_pruning_low", "gain_over_pruning_high", "run_id"]
     tracker.client.log_table(parent_id, pd.DataFrame([{k: r.get(k) for k in columns} for r in sorted(
         rows, key=lambda r: r["flops"])]), "pareto/front_table.json")
     with tempfile.TemporaryDirectory() as folder:
         plot = plot_front(points, front, Path(folder) / "pareto_front.png", reference=reference, curves=curves)
         tracker.client.log_artifact(parent_id, str(plot), "pareto")
         table = Path(folder) / "pareto_front.json"
-        baselines = {name: [asdict(c) for c in curve] for name, curve in (curves or {}).items()}
+        baselines = {name: [asdict(c) for c in curve] for name, curve in (curves or {}).items() if name != PRUNED}
+        pruned = [asdict(c) for c in (curves or {}).get(PRUNED, [])]
         table.write_text(json.dumps({"reference": reference.info, "front": rows, "trials": [p.info for p in points],
-                                     "baselines_on_init": baselines, **gain}, indent=2))
+                                     "baselines_on_init": baselines, "prune_finetune": pruned, **gain}, indent=2))
         tracker.client.log_artifact(parent_id, str(table), "pareto")
     register(tracker, front, model_name)
     return rows
+
+
+def prune_front(preset: Preset, args: argparse.Namespace, tracker, parent_id: str, name: str, storage: str,
+                front: list[Point], user: dict, settings: dict, train_size: int, depth: bool, seconds: float):
+    """Prune-and-finetune at the block counts that bracket the front's points, each front point against it
+    at its FLOPs (a paired interval, logged to the trial's run as gain_over_pruning*): its curve, or None."""
+    from blockdrop.baselines import CurvePoint
+    from blockdrop.checkpoints import read_checkpoint
+    from blockdrop.distributed import versus_pruned_remotely
+    from blockdrop.job import PruneRuns, default_plan, output_folder, prune_baseline, resnet_steps
+
+    # as many steps as the trials' models were trained: the stage before the policy (defaults), then a trial
+    first = default_plan(preset, args.dataset, train_size, "depth" if depth else "blocks")[0]
+    steps = resnet_steps([first, ("finetune", {"epochs": settings["epochs"], "batch_size": settings["batch_size"]})],
+                         train_size)
+    runs = PruneRuns(name, args.dataset, settings["data_dir"], args.workers_per_trial, args.gpu, storage,
+                     output_folder(None, storage, name), tracker, parent_id, {"preset": preset.name},
+                     max_bad_images=args.max_bad_images, execution=args.train_execution)
+    pruned = prune_baseline(preset, runs, user, [p.flops for p in front], steps, seconds)
+    if not pruned:
+        return None
+    learned = []
+    for p in front:
+        trained = read_checkpoint(tracker.checkpoint(p.info["run_id"]))
+        learned.append((p.info["run_id"], {"backbone": trained.backbone, "policy": trained.policy}))
+    result = versus_pruned_remotely(preset.name, learned, pruned, args.dataset, settings["data_dir"], args.gpu)
+    for p in front:
+        v = result["versus"][p.info["run_id"]]
+        gain = {"gain_over_pruning": v["interval"]["difference"], "gain_over_pruning_low": v["interval"]["low"],
+                "gain_over_pruning_high": v["interval"]["high"]}
+        p.info |= gain | {"pruned_accuracy": v["accuracy"]}
+        tracker.log_metrics(p.info["run_id"], gain | {"baseline_prune_finetune_accuracy": v["accuracy"]}, step=0)
+    return [CurvePoint(**c) for c in result["curve"]]
+
+
+def recommend(front: list[Point]) -> str:
+    """What wins on this data, said plainly: the per-image policy or pruning."""
+    verdicts = [("better" if p.info["gain_over_pruning_low"] > 0 else "worse" if p.info["gain_over_pruning_high"] < 0
+                 else "tie") for p in front if "gain_over_pruning" in p.info]
+    if all(v == "better" for v in verdicts):
+        return "verdict: the per-image policy beats pruning at every point of the front: serve the front's models."
+    if any(v == "worse" for v in verdicts):
+        return ("verdict: at some points pruning is more accurate at the same FLOPs: there, serve the pruned ResNet "
+                "(its checkpoints are NAME-prune-K*.pt; serve_policy.py serves them).")
+    return ("verdict: no point of the front is beaten by pruning, and not every point beats it: on this data a "
+            "per-image policy and pruning are worth the same; the pruned ResNet (NAME-prune-K*.pt) is the simpler "
+            "model to serve where the two tie.")
 
 
 def close_stopped_trials(tracker, parent_id: str) -> None:
@@ -391,6 +448,7 @@ def run(args: argparse.Namespace) -> None:
     from blockdrop.evaluate import evaluate, make_loader
     from blockdrop.flops import cost_model
 
+    began = time.time()
     storage = storage_location(args.storage_path) or str(Path.home() / "ray_results")
     path = f"{storage.rstrip('/')}/{name}"
     tracker = Tracker(uri, args.experiment)
@@ -485,6 +543,11 @@ def run(args: argparse.Namespace) -> None:
         points, front = collect_front(tracker, parent_id, reference)
         if not points:
             raise UserError(f"no trial of sweep {name} finished ({failed} failed); see the errors above")
+        if not args.no_analysis and not args.no_prune_baseline:
+            pruned = prune_front(preset, args, tracker, parent_id, name, storage, front, user, settings,
+                                 train_size, depth, time.time() - began)
+            if pruned:
+                curves = (curves or {}) | {"prune_finetune": pruned}
         model_name = args.model_name or f"blockdrop-{preset.name}"
         rows = publish_front(tracker, parent_id, points, front, reference, model_name, curves)
         view = save_view(tracker, parent_id, name)
@@ -497,15 +560,21 @@ def run(args: argparse.Namespace) -> None:
           f"(the reference, {reference.label}: accuracy {reference.accuracy:.3f}, FLOPs {reference.flops:.2E}; "
           f"--init's ResNet, all blocks: {reference.info['init_resnet_accuracy']:.3f}):")
     print(f"{'gamma':>8} {'lr':>8} {'accuracy':>9} {'FLOPs/img':>10} {'speedup':>8} {'blocks':>7} {'policies':>8} "
-          f"{'vs static':>9}  run")
+          f"{'vs static':>9} {'vs prune and finetune':>27}  run")
     for r in rows:
         gain = f"{100 * r['gain_over_static']:+8.2f}p" if "gain_over_static" in r else f"{'-':>9}"
+        pruned = (f"{100 * r['gain_over_pruning']:+.2f} [{100 * r['gain_over_pruning_low']:+.2f}, "
+                  f"{100 * r['gain_over_pruning_high']:+.2f}]" if "gain_over_pruning" in r else "-")
         print(f"{r['gamma']:>8g} {r['lr']:>8g} {r['accuracy']:>9.3f} {r['flops']:>10.2E} {r['speedup']:>7.2f}x "
-              f"{r['blocks']:>7.2f} {r['unique_policies'] or 0:>8.0f} {gain}  {r['run_id']}")
+              f"{r['blocks']:>7.2f} {r['unique_policies'] or 0:>8.0f} {gain} {pruned:>27}  {r['run_id']}")
     gain = front_gain(front)
-    if gain:
+    if "front_gain_over_static" in gain:
         print(f"vs static: accuracy minus the best image-blind policy's at the same FLOPs, on the model's own ResNet "
               f"(front mean {100 * gain['front_gain_over_static']:+.2f} points)")
+    if "front_gain_over_pruning" in gain:
+        print(f"vs prune and finetune: accuracy minus your ResNet's pruned to the same FLOPs and finetuned as long, "
+              f"per image, 95% interval (front mean {100 * gain['front_gain_over_pruning']:+.2f} points)")
+        print(recommend(front))
     print(f"\nregistered as {model_name} (aliases most_accurate, fastest): models:/{model_name}@most_accurate")
     print(f"MLflow: {tracker.run_url(parent_id)}")
     print(f"the front in MLflow's UI (accuracy vs FLOPs, a point per trial): {view}")

@@ -133,6 +133,13 @@ class Tracker:
             return
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
+    def checkpoint(self, run_id: str) -> Path:
+        """The run's checkpoint artifact (checkpoint/*.pt), downloaded."""
+        names = [f.path for f in self.client.list_artifacts(run_id, "checkpoint") if f.path.endswith((".pt", ".t7"))]
+        if not names:
+            raise UserError(f"run {run_id} has no checkpoint artifact (checkpoint/*.pt)")
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=names[0], tracking_uri=self.uri))
+
     def run_url(self, run_id: str) -> str:
         if self.uri.startswith("http"):
             return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"

@@ -40,8 +40,12 @@ def curriculum_checkpoint(tmp_path_factory) -> Path:
     curriculum = make_optimizer("curriculum", policy.parameters(), 1e-3, 0.0)
     for epoch in range(PRESET.num_blocks):
         train_epoch("curriculum", Models(backbone, policy, policy_train=policy), loader, curriculum, epoch, -5.0, device)
-    path = tmp_path_factory.mktemp("init") / "curriculum.pt"
-    save_checkpoint(path, PRESET, backbone, policy, {"stage": "curriculum"})
+    folder = tmp_path_factory.mktemp("init")
+    user = folder / "user.pt"  # the user's ResNet, where prune-and-finetune starts
+    save_checkpoint(user, PRESET, backbone, None, {"stage": "pretrain"})
+    path = folder / "curriculum.pt"
+    save_checkpoint(path, PRESET, backbone, policy, {"stage": "curriculum", "reference": {
+        "accuracy": 0.5, "source": "the test's ResNet", "file": str(user)}})
     return path
 
 
@@ -64,7 +68,8 @@ def sweep_runs(tmp_path: Path, name: str):
     experiment = client.get_experiment_by_name("blockdrop-sweeps")
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("blockdrop.job") == name)
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                and "blockdrop.trial" in r.data.tags]  # the trials (prune-and-finetune's runs are children too)
     return client, parent, children
 
 
@@ -135,6 +140,18 @@ def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(gri
         assert [p["keep"] for p in curve][0] == 0 and curve[-1]["keep"] == K
     full_greedy = table["baselines_on_init"]["greedy"][-1]
     assert full_greedy["accuracy"] == pytest.approx(table["reference"]["init_resnet_accuracy"])  # K blocks: the full model
+    # the user's ResNet is the reference, as the checkpoint recorded it
+    assert table["reference"]["accuracy"] == 0.5 and table["reference"]["source"] == "the test's ResNet"
+    assert summary["reference_accuracy"] == 0.5
+    # prune-and-finetune from the user's ResNet: a curve, and every front point against it with an interval
+    pruned = table["prune_finetune"]
+    assert pruned and all(0 <= p["keep"] <= K for p in pruned)
+    for row in table["front"]:
+        assert row["gain_over_pruning_low"] <= row["gain_over_pruning"] <= row["gain_over_pruning_high"]
+        trial = client.get_run(row["run_id"]).data.metrics
+        assert trial["gain_over_pruning"] == pytest.approx(row["gain_over_pruning"])
+    assert "vs prune and finetune" in again.stdout and "verdict:" in again.stdout
+    assert summary["prune_baseline_seconds"] > 0
     for c in children:
         m = c.data.metrics
         best_static = max(m[f"baseline_{b}_accuracy"] for b in ("firstk", "randomk", "distributek", "greedy"))
