@@ -326,6 +326,8 @@ def validate(args: argparse.Namespace) -> tuple[Preset, list[tuple[str, dict]]]:
     if args.epochs is not None and (min(args.epochs) < 1 or len(args.epochs) not in (1, len(stages))):
         raise UserError(f"--epochs takes one number (>= 1) or one per stage run ({len(stages)}: "
                         f"{', '.join(stages)}), not {','.join(map(str, args.epochs))}")
+    if stages == [PRUNE]:
+        args.policy = "static"  # what the run records: a pruned ResNet runs one set of blocks for every image
     if (stages == [PRUNE]) != (args.keep is not None):
         raise UserError("--stage prune and --keep K go together: --stage prune --keep 8 --init RESNET")
     if stages == [PRUNE] and not 0 <= args.keep <= preset.num_blocks:

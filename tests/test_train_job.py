@@ -160,7 +160,7 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     # the default: the depth policy's stages, then prune-and-finetune and the comparison; two workers: data
     # parallel, with sparse execution (DDP with blocks some worker's rows all drop); evaluated every 4th
     # epoch and after the last
-    proc = train_job(tmp_path, "--stage", "all", "--num-workers", "2", "--epochs", "12,8,5,5", "--name", "e2e",
+    proc = train_job(tmp_path, "--stage", "all", "--num-workers", "2", "--epochs", "10,6,5,4", "--name", "e2e",
                      "--eval-every", "4", timeout=900, BLOCKDROP_PROGRESS_EVERY_S="0.2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the checkpoints sit next to the run storage (--storage-path), where a cluster keeps them
@@ -171,7 +171,7 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     assert [n for n in names if n not in pruned] == ["e2e-depth.pt", "e2e-finetune.pt", "e2e-nest.pt", "e2e-pretrain.pt"]
     assert len(pruned) in (1, 2)  # the block counts that bracket the learned policy's FLOPs
     # progress within epochs (every 0.2 s here; 30 s by default), from rank 0 only
-    assert re.search(r"\[pretrain\] epoch \d+/12  step \d+/\d+  \d+ img/s  epoch ends in \dm\d\ds", proc.stdout), \
+    assert re.search(r"\[pretrain\] epoch \d+/10  step \d+/\d+  \d+ img/s  epoch ends in \dm\d\ds", proc.stdout), \
         proc.stdout[-3000:]
     assert "max_restarts > 0" not in proc.stderr and "Token authentication is enabled" not in proc.stderr  # noise
     client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -182,7 +182,7 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     stages = {r.data.params["stage"]: r for r in children if r.data.params["stage"] != "prune"}
     assert set(stages) == {"pretrain", "nest", "depth", "finetune"} and len(children) == 4 + len(pruned)
     assert parent.data.params["policy"] == "depth"
-    for stage, evaluated in (("pretrain", [3, 7, 11]), ("nest", [3, 7]), ("depth", [3, 4]), ("finetune", [3, 4])):
+    for stage, evaluated in (("pretrain", [3, 7, 9]), ("nest", [3, 5]), ("depth", [3, 4]), ("finetune", [3])):
         steps = [s for s, _ in history(client, stages[stage].info.run_id, "test_accuracy")]
         assert sorted(set(steps)) == evaluated, stage
         trained = [s for s, _ in history(client, stages[stage].info.run_id, "train_seconds")]
