@@ -529,9 +529,9 @@ def run(args: argparse.Namespace) -> None:
     check_cluster_flags(args, uri)  # MLflow, run storage and Ray answer, before anything starts
     import torch
 
+    from blockdrop.baselines import from_order
     from blockdrop.checkpoints import read_checkpoint
     from blockdrop.data import load_dataset
-    from blockdrop.baselines import from_order
     from blockdrop.distributed import StageConfig, analyse_remotely, final_report, order_remotely, run_stage
     from blockdrop.flops import cost_model
 
@@ -559,7 +559,9 @@ def run(args: argparse.Namespace) -> None:
     print(f"plan: {' -> '.join(stage for stage, _ in plan)}", file=sys.stderr)
 
     init_path, ok = args.init, False
-    reference = None  # the user's ResNet: --init's, measured by the first stage, or the pretrain stage's
+    # the user's ResNet: what --init's checkpoint records, else --init's ResNet (measured by the first stage),
+    # else the pretrain stage's
+    reference = read_checkpoint(args.init).meta.get("reference") if args.init else None
     storage = storage_location(args.storage_path)
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
     seconds = 0.0  # BlockDrop's own training time, against which prune-and-finetune's is set
