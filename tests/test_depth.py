@@ -52,15 +52,22 @@ def test_choose_trades_the_probability_of_being_right_against_flops_by_gamma():
     assert D.choose(two, costs, -3.0).tolist() == [1, 4]
 
 
-def test_distillation_mixes_labels_with_the_users_resnet():
+def test_distillation_mixes_labels_with_the_users_resnet_where_it_is_right():
+    torch.manual_seed(0)
     logits, teacher = torch.randn(8, 10), torch.randn(8, 10)
-    labels = torch.randint(0, 10, (8,))
-    plain = torch.nn.functional.cross_entropy(logits, labels)
-    assert D.distill_loss(logits, labels, None) == pytest.approx(plain.item())
-    assert D.distill_loss(logits, labels, teacher, weight=0) == pytest.approx(plain.item())
+    labels = teacher.argmax(1)  # the user's ResNet is right on every image
+    ce = torch.nn.functional.cross_entropy
+    assert D.distill_loss(logits, labels, None) == pytest.approx(ce(logits, labels).item())
+    assert D.distill_loss(logits, labels, teacher, weight=0) == pytest.approx(ce(logits, labels).item())
     # the KL term is zero when the student answers as the teacher
     assert D.distill_loss(teacher, labels, teacher, weight=1.0).item() == pytest.approx(0.0, abs=1e-6)
-    assert D.distill_loss(logits, labels, teacher).item() > 0.5 * plain.item()
+    kl = torch.nn.functional.kl_div(torch.log_softmax(logits / 2, 1), torch.log_softmax(teacher / 2, 1),
+                                    reduction="none", log_target=True).sum(1) * 4
+    expected = (0.5 * ce(logits, labels, reduction="none") + 0.5 * kl).mean()
+    assert D.distill_loss(logits, labels, teacher).item() == pytest.approx(expected.item(), rel=1e-5)
+    # where it is wrong its soft labels would teach the mistake: those images learn from the labels alone
+    wrong = (labels + 1) % 10
+    assert D.distill_loss(logits, wrong, teacher).item() == pytest.approx(ce(logits, wrong).item(), rel=1e-5)
 
 
 def depth_policy(order=None) -> DepthPolicy:
