@@ -81,6 +81,7 @@ def plot_front(points: Sequence[Point], front: Sequence[Point], path: str | Path
                    label=reference.label or "full model", zorder=5)
     if curves:  # baselines that collapse to chance would squash the interesting range
         ax.set_ylim(bottom=max(ax.get_ylim()[0], 100 * lowest - 10))
+    ax.set_ylim(top=min(ax.get_ylim()[1], 100.5))  # accuracy ends at 100%
     ax.set_xlabel("FLOPs per image (policy network included)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)

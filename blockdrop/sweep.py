@@ -356,12 +356,12 @@ def prune_front(preset: Preset, args: argparse.Namespace, tracker, parent_id: st
         v = result["versus"][p.info["run_id"]]
         gain = {"gain_over_pruning": v["interval"]["difference"], "gain_over_pruning_low": v["interval"]["low"],
                 "gain_over_pruning_high": v["interval"]["high"]}
-        p.info |= gain | {"pruned_accuracy": v["accuracy"]}
+        p.info.update(gain | {"pruned_accuracy": v["accuracy"]})  # Point is frozen, its info a dict
         tracker.log_metrics(p.info["run_id"], gain | {"baseline_prune_finetune_accuracy": v["accuracy"]}, step=0)
     return [CurvePoint(**c) for c in result["curve"]]
 
 
-def recommend(front: list[Point]) -> str:
+def recommend(front: list[Point], name: str) -> str:
     """What wins on this data, said plainly: the per-image policy or pruning."""
     verdicts = [("better" if p.info["gain_over_pruning_low"] > 0 else "worse" if p.info["gain_over_pruning_high"] < 0
                  else "tie") for p in front if "gain_over_pruning" in p.info]
@@ -369,10 +369,10 @@ def recommend(front: list[Point]) -> str:
         return "verdict: the per-image policy beats pruning at every point of the front: serve the front's models."
     if any(v == "worse" for v in verdicts):
         return ("verdict: at some points pruning is more accurate at the same FLOPs: there, serve the pruned ResNet "
-                "(its checkpoints are NAME-prune-K*.pt; serve_policy.py serves them).")
+                f"(its checkpoints are {name}-prune-K*.pt; serve_policy.py serves them).")
     return ("verdict: no point of the front is beaten by pruning, and not every point beats it: on this data a "
-            "per-image policy and pruning are worth the same; the pruned ResNet (NAME-prune-K*.pt) is the simpler "
-            "model to serve where the two tie.")
+            f"per-image policy and pruning are worth the same; the pruned ResNet ({name}-prune-K*.pt) is the "
+            "simpler model to serve where the two tie.")
 
 
 def close_stopped_trials(tracker, parent_id: str) -> None:
@@ -574,7 +574,7 @@ def run(args: argparse.Namespace) -> None:
     if "front_gain_over_pruning" in gain:
         print(f"vs prune and finetune: accuracy minus your ResNet's pruned to the same FLOPs and finetuned as long, "
               f"per image, 95% interval (front mean {100 * gain['front_gain_over_pruning']:+.2f} points)")
-        print(recommend(front))
+        print(recommend(front, name))
     print(f"\nregistered as {model_name} (aliases most_accurate, fastest): models:/{model_name}@most_accurate")
     print(f"MLflow: {tracker.run_url(parent_id)}")
     print(f"the front in MLflow's UI (accuracy vs FLOPs, a point per trial): {view}")
