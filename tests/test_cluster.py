@@ -563,7 +563,8 @@ def test_a_sweep_submitted_the_same_way(cluster, train_submission, shared, mlflo
     submission_id = re.search(r"submitted (raysubmit_\w+)", sweep.stderr).group(1)
     assert set(cluster.worker_nodes_of(submission_id)) == set(cluster.alive_nodes())  # 2 trials, 1 per node
     experiment = client.get_experiment_by_name("cluster-sweeps")
-    trials = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    children = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    trials = [r for r in children if "blockdrop.trial" in r.data.tags]  # the others: prune-and-finetune's runs
     assert sorted(float(r.data.params["gamma"]) for r in trials) == [-10.0, -1.0]
     assert all(r.info.status == "FINISHED" and "final_test_accuracy" in r.data.metrics for r in trials)
     assert client.get_model_version_by_alias("blockdrop-R26_DIGITS", "most_accurate")
