@@ -14,7 +14,7 @@ STAGES = ("pretrain", "adapt", "curriculum", "finetune")
 DEPTH_STAGES = ("pretrain", "nest", "depth", "finetune")
 POLICIES = ("blocks", "depth")  # BlockDrop's per-block policy (REINFORCE), the depth policy
 # Not a BlockDrop stage: the competitor it must beat, the ResNet finetuned under one image-blind policy (a
-# static set of K blocks, greedy order) for as many steps as BlockDrop's stages train it (blockdrop.prune).
+# static set of K blocks, greedy order) for as many steps as the policy's stages train it (blockdrop.prune).
 PRUNE = "prune"
 ENTROPIES = ("original", "bernoulli")  # the curriculum's entropy bonus: see reinforce.entropy_original / entropy
 TRAIN_EXECUTIONS = ("sparse", "masked")  # how finetuning and stochastic depth run the ResNet (execution.Executor)

@@ -14,7 +14,7 @@ BlockDrop's reward (gamma: a misclassified image's) with the cost c_d measured i
 the ResNet's FLOPs the d blocks cost) rather than the square of the share of blocks: a linear cost
 prices a block the same for every image, so blocks go where they buy the most accuracy; the square
 charges an image more for its next block the more it already has, which pushes every image towards
-the same count (benchmarks/results/method_ablation.md).
+the same count.
 
 Pure functions over tensors; blockdrop.stages composes them.
 """

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(image-blind policies, prune-and-finetune) and drawing its policy pictures")
     parser.add_argument("--no-prune-baseline", action="store_true",
                         help="in that comparison, leave out prune-and-finetune: the user's ResNet finetuned under a "
-                             "static policy (the greedy K blocks) for as many steps as BlockDrop's stages train the "
+                             "static policy (the greedy K blocks) for as many steps as the policy's stages train the "
                              "ResNet, at the two block counts that bracket the learned policy's FLOPs (two more "
                              "training runs; their time is reported)")
     parser.add_argument("--policy", choices=POLICIES,
@@ -459,8 +459,8 @@ class PruneRuns:
 def prune_baseline(preset: Preset, runs: PruneRuns, reference: dict | None, flops: list[float], steps: int,
                    blockdrop_seconds: float) -> list[tuple[int, dict, list[int]]]:
     """Prune-and-finetune from the user's ResNet at the block counts that bracket each of `flops` (a learned
-    policy's FLOPs per image), for `steps` optimisation steps (as many as BlockDrop's stages trained the
-    ResNet): (K, ResNet state dict, 0/1 row) each. Its runs are children of `runs.parent_id`; its time is
+    policy's FLOPs per image), for `steps` optimisation steps (as many as the learned policy's stages
+    trained the ResNet): (K, ResNet state dict, 0/1 row) each. Its runs are children of `runs.parent_id`; its time is
     logged there beside BlockDrop's."""
     import ray
 
@@ -483,8 +483,8 @@ def prune_baseline(preset: Preset, runs: PruneRuns, reference: dict | None, flop
     settings = prune_settings(preset, plain, train_size, steps)
     keeps = sorted({keep for f in flops for keep in keeps_bracketing(cost_model(preset), order, f)})
     print(f"== prune and finetune (the competitor): {reference['source']} finetuned with the greedy "
-          f"{', '.join(map(str, keeps))} blocks, {settings['epochs']} epochs each (as many steps as BlockDrop's "
-          f"stages trained the ResNet)", file=sys.stderr)
+          f"{', '.join(map(str, keeps))} blocks, {settings['epochs']} epochs each (as many steps as this "
+          f"job's stages trained the ResNet)", file=sys.stderr)
     began, pruned = time.time(), []
     runs.output.mkdir(parents=True, exist_ok=True)
     for keep in keeps:
@@ -507,7 +507,7 @@ def prune_baseline(preset: Preset, runs: PruneRuns, reference: dict | None, flop
     seconds = time.time() - began
     runs.tracker.log_metrics(runs.parent_id, {"prune_baseline_seconds": seconds, "blockdrop_seconds": blockdrop_seconds},
                              step=0)
-    print(f"   prune and finetune: {len(keeps)} runs in {seconds:.0f} s (BlockDrop's stages: {blockdrop_seconds:.0f} s)",
+    print(f"   prune and finetune: {len(keeps)} runs in {seconds:.0f} s (the policy's stages: {blockdrop_seconds:.0f} s)",
           file=sys.stderr)
     return pruned
 

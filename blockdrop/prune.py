@@ -3,7 +3,7 @@
 Take the ResNet the user brought, choose K blocks by the greedy static order on it (drop, one at a
 time, the block whose removal costs least on a slice of the training images: blockdrop.baselines),
 and finetune the ResNet with every image running those K blocks, for as many optimisation steps as
-BlockDrop's stages train the ResNet. No policy network runs at test time. The training is the
+the learned policy's stages train the ResNet. No policy network runs at test time. The training is the
 `prune` stage of train_job.py (`--stage prune --keep K`); a job that finetunes a policy trains it
 at the block counts that bracket the learned policy's FLOPs, and the comparison reads its accuracy
 there, image by image (blockdrop.analysis).

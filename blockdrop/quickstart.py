@@ -1,7 +1,7 @@
 """The Quickstart's main job: train the offline preset end to end, then sweep gamma from the
 checkpoint before its finetuning, on one embedded Ray and the local MLflow store.
 
-    python -m blockdrop.quickstart [--name NAME] [--penalties -0.2,-2,-20] [--sweep-epochs 10]
+    python -m blockdrop.quickstart [--name NAME] [--penalties -5,-20,-100] [--sweep-epochs 10]
 
 Equivalent to `python train_job.py --name NAME` followed by
 `python tune_penalty.py --init checkpoints/NAME-depth.pt --penalties ... --name NAME-sweep` (the depth
@@ -21,7 +21,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m blockdrop.quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default=f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}")
-    parser.add_argument("--penalties", default="-0.2,-2,-20", help="gammas of the sweep (default -0.2,-2,-20)")
+    parser.add_argument("--penalties", default="-5,-20,-100",
+                        help="gammas of the sweep (default -5,-20,-100: the depth policy gives an image more blocks when "
+                             "its chance of being right rises by more than about 1/(1 - gamma) times the share of "
+                             "the ResNet's FLOPs they add)")
     parser.add_argument("--sweep-epochs", default="10", help="finetune epochs per sweep trial (default 10)")
     args = parser.parse_args()
     job.run(job.build_parser().parse_args(["--name", args.name]))

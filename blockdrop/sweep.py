@@ -1,6 +1,6 @@
 """A gamma x lr sweep on Ray Tune whose Pareto front lands in MLflow (`tune_penalty.py`).
 
-Every trial finetunes the same curriculum checkpoint with its own (gamma, lr) as a Ray Train run
+Every trial finetunes the same checkpoint (the stage before finetuning) with its own (gamma, lr) as a Ray Train run
 of its own (Train V2: a Tune trial launches a TorchTrainer), so a trial can be data-parallel.
 MLflow: one parent run per sweep, one child per trial; the front is computed from the children's
 final metrics, tagged on them, written to the parent as a plot and a table, and its models are
@@ -39,19 +39,22 @@ def float_list(text: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tune_penalty.py",
-        description="Sweep the penalty gamma (and the learning rate) of BlockDrop's finetuning stage on Ray Tune,\n"
-                    "starting every trial from one curriculum checkpoint, and put the accuracy-vs-FLOPs Pareto\n"
+        description="Sweep the penalty gamma (and the learning rate) of the finetuning stage on Ray Tune, starting\n"
+                    "every trial from one checkpoint of the stage before it (depth policy: NAME-depth.pt; BlockDrop's\n"
+                    "policy: NAME-curriculum.pt), and put the accuracy-vs-FLOPs Pareto\n"
                     "front into MLflow: a parent run per sweep, a child run per trial, the front's models registered.",
         epilog="Examples:\n"
-               "  python tune_penalty.py --init checkpoints/JOB-curriculum.pt --penalties -1,-2,-5 --epochs 10\n"
+               "  python tune_penalty.py --init checkpoints/JOB-depth.pt --penalties -5,-20,-100 --epochs 10\n"
                "  python tune_penalty.py --init runs:/<run id>/checkpoint --num-samples 12   # Optuna proposes gammas\n"
                "  python tune_penalty.py ... --name my-sweep --resume                       # after an interruption",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--preset", default="R26_DIGITS", help=f"one of: {', '.join(PRESET_NAMES)} (default R26_DIGITS)")
-    parser.add_argument("--init", required=True, help="curriculum checkpoint: a file, or an MLflow artifact URI "
+    parser.add_argument("--init", required=True, help="the checkpoint before finetuning (JOB-depth.pt or "
+                                                      "JOB-curriculum.pt): a file, or an MLflow artifact URI "
                                                       "(runs:/<id>/checkpoint/<file>)")
-    parser.add_argument("--penalties", type=float_list, help="grid of gammas, negative (e.g. -1,-2,-5,-10)")
+    parser.add_argument("--penalties", type=float_list, help="grid of gammas, negative (e.g. -5,-20,-100 for the depth "
+                                                                 "policy, -1,-2,-5,-10 for BlockDrop's)")
     parser.add_argument("--lrs", type=float_list, help="grid of learning rates (default: the preset's finetune lr)")
     parser.add_argument("--num-samples", type=int, help="instead of a gamma grid: this many trials whose gammas "
                                                         "Optuna's multi-objective sampler proposes in [--gamma-range]")
