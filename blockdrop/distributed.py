@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -496,6 +497,41 @@ HARMLESS_WORKER_LINES = (
 )
 
 
+# Messages Ray's workers log with a traceback that are known to be harmless and say so themselves: the
+# message and the traceback that follows it go. Ray Train V2's controller, on a machine whose CPUs are
+# busy (a 2-core laptop training), logs a page-long GetTimeoutError traceback for each late
+# autoscaling request, though "it's safe to ignore this error" if transient.
+HARMLESS_WORKER_TRACEBACKS = ("Failed to send resource request for train-",)
+_TRACEBACK_LINES = ("Traceback (most recent call last)", "During handling of the above exception",
+                    "The above exception was the direct cause")
+
+
+def harmless_line_filter(needles: tuple[str, ...] = HARMLESS_WORKER_LINES,
+                         tracebacks: tuple[str, ...] = HARMLESS_WORKER_TRACEBACKS):
+    """keep(pid, lines) -> the lines to print: without the lines holding a needle, and without a harmless
+    message's traceback (its lines up to the exception's own line, which is the one not indented). A
+    traceback may arrive over several batches of a process's lines: where each process stands is kept."""
+    skipping: set = set()
+
+    def keep(pid, lines: list[str]) -> list[str]:
+        out = []
+        for line in lines:
+            if pid in skipping:
+                if not line.strip() or line[:1].isspace() or line.startswith(_TRACEBACK_LINES):
+                    continue
+                skipping.discard(pid)
+                if re.match(r"[\w.]*(Error|Exception)\b", line):  # the exception's own line ends it
+                    continue
+            if any(n in line for n in tracebacks):
+                skipping.add(pid)
+                continue
+            if not any(n in line for n in needles):
+                out.append(line)
+        return out
+
+    return keep
+
+
 def drop_harmless_worker_lines(needles: tuple[str, ...] = HARMLESS_WORKER_LINES) -> bool:
     """Filter the worker output Ray forwards to this driver's console: the lines above go (they stay in
     Ray's log files), everything else, errors included, is printed as before. Call after ray.init.
@@ -504,10 +540,11 @@ def drop_harmless_worker_lines(needles: tuple[str, ...] = HARMLESS_WORKER_LINES)
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
         return False
+    keep = harmless_line_filter(needles)
 
     def wrap(handler):
         def filtered(data):
-            lines = [line for line in data.get("lines", []) if not any(n in line for n in needles)]
+            lines = keep(data.get("pid"), data.get("lines", []))
             if lines:
                 handler({**data, "lines": lines})
         filtered.blockdrop_filtered = True

@@ -146,3 +146,25 @@ def test_the_sweeps_progress_callback_is_a_tune_callback_that_pickles_by_name():
     assert isinstance(progress, Callback) and sweep.Progress is type(progress)
     restored = pickle.loads(cloudpickle.dumps(progress))  # Tune keeps a sweep's callbacks in tuner.pkl
     assert type(restored) is sweep.Progress and restored.done == 3
+
+
+def test_harmless_ray_tracebacks_are_dropped_from_the_console_and_everything_else_is_kept():
+    """Ray Train's controller on busy CPUs logs a page-long traceback that says it is safe to ignore; the
+    filter drops it whole, across the batches Ray forwards it in, and keeps every other line of that
+    process and of others, real errors included."""
+    from blockdrop.distributed import harmless_line_filter
+
+    keep = harmless_line_filter()
+    head = ["Failed to send resource request for train-7f2c. If this only happens transiently during network "
+            "partition or CPU being overloaded, it's safe to ignore this error.", "Traceback (most recent call last):",
+            '  File "ray/train/v2/_internal/execution/scaling_policy/autoscaling_coordinator_client.py", line 58',
+            "    ray.get("]
+    tail = ['  File "python/ray/_raylet.pyx", line 3471, in ray._raylet.CoreWorker.get_objects',
+            "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+            "[finetune] epoch 3/15  loss 0.09  test acc 0.983"]
+    assert keep(1, ["[finetune] epoch 2/15  loss 0.1"] + head) == ["[finetune] epoch 2/15  loss 0.1"]
+    assert keep(2, ["ValueError: a real error"]) == ["ValueError: a real error"]  # another process
+    assert keep(1, tail) == ["[finetune] epoch 3/15  loss 0.09  test acc 0.983"]
+    real = ["Traceback (most recent call last):", '  File "stages.py", line 3', "RuntimeError: CUDA out of memory"]
+    assert keep(1, real) == real  # a traceback without the harmless message stays
+    assert keep(1, ["... has constructor arguments in the object store and max_restarts > 0"]) == []
