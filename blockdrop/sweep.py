@@ -544,6 +544,8 @@ def run(args: argparse.Namespace) -> None:
             curves = {name: [CurvePoint(**p) for p in curve] for name, curve in ray.get(curves_ref).items()}
 
         points, front = collect_front(tracker, parent_id, reference)
+        if not points and not failed:  # stopped (Ctrl-C) before a trial reported: Tune counts it neither way
+            raise UserError(f"sweep {name} stopped before any trial finished; continue it with --resume --name {name}")
         if not points:
             raise UserError(f"no trial of sweep {name} finished ({failed} failed); see the errors above")
         if not args.no_analysis and not args.no_prune_baseline:
