@@ -210,8 +210,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    import logging
-
     # Train's per-report INFO lines drown the progress; some come from loggers named after files.
     for name in ("ray.train", ""):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -50,7 +50,7 @@ class StageDefaults:
     steps: int = 0  # on other data (an image folder): the stage's length in optimisation steps
 
 
-# The paper's schedules where ANCHORS.md gives them; pretraining follows the usual ResNet recipes.
+# The paper's schedules where the paper gives them; pretraining follows the usual ResNet recipes.
 # adapt: a short stochastic-depth finetuning of a ResNet pretrained without it (blockdrop.stages).
 # The depth policy's stages (blockdrop.depth): nest, depth, and its own finetune ("finetune_depth": the
 # ResNet alone under the policy's choices, SGD). Chosen on the image folders of
@@ -86,7 +86,7 @@ DIGITS_STAGES = {
 # fixed number of optimisation steps (converted to epochs from the dataset's size) instead of the
 # paper's epoch counts, which assume CIFAR's 50k or ImageNet's 1.28M images; the curriculum decides
 # one more block every CURRICULUM_PACE steps, then trains as long again with all of them decided.
-# Chosen on two 1,440-image folders, digits and shapes (benchmarks/results/standard_backbone.md):
+# Chosen on two 1,440-image folders, digits and shapes (benchmarks/results/standard_backbone_digits.md, _shapes.md):
 # a 32x32 ResNet-32 then runs adapt + curriculum + finetune in minutes on 2 CPU cores.
 CURRICULUM_PACE = 13
 OTHER_DATA_STAGES = {
@@ -116,7 +116,7 @@ class Preset:
     stages: dict = field(default_factory=lambda: CIFAR_STAGES, hash=False)
     penalty: float = -10.0  # default gamma of finetuning (and sweeps)
     # The curriculum's own gamma: the original's cl_training.py ran at its default -1 and only
-    # finetuning used -10 / -5 (ANCHORS.md); at -10 a curriculum on a short budget keeps every block.
+    # finetuning used -10 / -5 (the paper's); at -10 a curriculum on a short budget keeps every block.
     curriculum_penalty: float = -1.0
     # The depth policy's network (blockdrop.depth): by default the BlockDrop policy's. It only has to tell
     # easy images from hard ones, so the CIFAR presets give it a half-width ResNet-8 on the image pooled

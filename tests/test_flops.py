@@ -1,4 +1,4 @@
-"""The cost model against ANCHORS.md and against counting the real conv/linear calls."""
+"""The cost model against the paper's published FLOPs and against counting the real conv/linear calls."""
 from __future__ import annotations
 
 import json
@@ -58,7 +58,7 @@ def test_cifar_block_costs_match_anchors():
 
 
 def test_imagenet_policy_counts_its_last_stage_at_4x4():
-    # ANCHORS.md gives 4.205E+08 for ResNet-10 at 112 px. That figure takes the last stage at 3x3
+    # The paper gives 4.205E+08 for ResNet-10 at 112 px. That figure takes the last stage at 3x3
     # (7 // 2); a stride-2, padding-1 conv on 7x7 gives 4x4 (hence the original's AvgPool2d(4)),
     # which is 4.719E+08. The model follows the network that really runs, checked below.
     costs = cost_model(get_preset("R101_ImgNet"))
