@@ -460,8 +460,8 @@ def prune_baseline(preset: Preset, runs: PruneRuns, reference: dict | None, flop
                    blockdrop_seconds: float) -> list[tuple[int, dict, list[int]]]:
     """Prune-and-finetune from the user's ResNet at the block counts that bracket each of `flops` (a learned
     policy's FLOPs per image), for `steps` optimisation steps (as many as the learned policy's stages
-    trained the ResNet): (K, ResNet state dict, 0/1 row) each. Its runs are children of `runs.parent_id`; its time is
-    logged there beside BlockDrop's."""
+    trained the ResNet): (K, ResNet state dict, 0/1 row) each. Its runs are children of `runs.parent_id`;
+    its time is logged there beside the policy's."""
     import ray
 
     from blockdrop.baselines import from_order
