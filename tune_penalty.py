@@ -1,6 +1,5 @@
-"""Sweep BlockDrop's penalty gamma on Ray Tune; the Pareto front lands in MLflow (see --help)."""
-from blockdrop.errors import run_cli
-from blockdrop.sweep import parse_args, run
+"""Sweep BlockDrop's penalty gamma on Ray Tune into an MLflow Pareto front (see `python tune_penalty.py --help`)."""
+from blockdrop.cli import sweep
 
 if __name__ == "__main__":
-    run_cli(lambda: run(parse_args()))
+    sweep()

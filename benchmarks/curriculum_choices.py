@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from results_table import emit  # noqa: E402
 
 from blockdrop.data import load_dataset  # noqa: E402
-from blockdrop.evaluate import tally  # noqa: E402
+from blockdrop.metrics import tally  # noqa: E402
 from blockdrop.execution import Executor, run_sparse  # noqa: E402
 from blockdrop.flops import cost_model  # noqa: E402
 from blockdrop.presets import CURRICULUM_PACE, get_preset  # noqa: E402

@@ -31,7 +31,7 @@ import torch
 from blockdrop import reinforce as R
 from blockdrop.checkpoints import load_models
 from blockdrop.data import load_dataset
-from blockdrop.evaluate import tally
+from blockdrop.metrics import tally
 from blockdrop.execution import TRAIN_EXECUTIONS, Executor
 from blockdrop.flops import cost_model
 from blockdrop.presets import get_preset

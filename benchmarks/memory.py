@@ -109,10 +109,9 @@ def train_cell(preset_name: str, stage: str, execution: str | None, batch: int, 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from blockdrop.execution import Executor
     from blockdrop.presets import get_preset
-    from blockdrop.stages import (SUPERVISED, Models, curriculum_step, finetune_step, make_optimizer,
-                                  pretrain_step, survival, to_device)
+    from blockdrop.stages import (SUPERVISED, StageConfig, blocks_can_go_unused, curriculum_step, finetune_step,
+                                  pretrain_step, set_modes, setup_stage, survival, to_device)
 
     rss_imports = rss_bytes()
     device = torch.device(device_name)
@@ -126,40 +125,22 @@ def train_cell(preset_name: str, stage: str, execution: str | None, batch: int, 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}",
                                 rank=0, world_size=1)
 
-    def prepare(module, **kwargs):  # ray.train.torch.prepare_model: DDP, with the worker's kwargs
+    def prepare(module, parallel_strategy_kwargs=None):  # ray.train.torch.prepare_model: DDP
         if not ddp:
             return module
-        return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None, **kwargs)
+        return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                       **(parallel_strategy_kwargs or {}))
 
-    # as train_loop_per_worker
-    backbone = preset.build_backbone()
-    policy = preset.build_policy() if stage not in SUPERVISED else None
-    executor = Executor(backbone, execution or "sparse").to(device, memory_format=torch.channels_last)
-    with_policy = stage == "finetune" or d.drop_rate > 0
-    unused = {"find_unused_parameters": with_policy and getattr(executor, "needs_unused_parameters", False)}
-    if policy is not None:
-        policy.to(device, memory_format=torch.channels_last)
-    if stage == "curriculum":
-        backbone.requires_grad_(False)
-        models = Models(backbone, policy, policy_train=prepare(policy))
-        params = list(policy.parameters())
-    elif stage in SUPERVISED:
-        models = Models(backbone, None, executor_train=prepare(executor, **unused))
-        params = list(backbone.parameters())
-    else:
-        models = Models(backbone, policy, executor_train=prepare(executor, **unused), policy_train=prepare(policy))
-        params = [{"params": list(policy.parameters()), "lr": d.policy_lr or d.lr},
-                  {"params": list(backbone.parameters())}]
-    optimizer = make_optimizer(stage, params, d.lr, d.weight_decay)
+    cfg = StageConfig(preset=preset.name, stage=stage, epochs=d.epochs, batch_size=batch, lr=d.lr,
+                      weight_decay=d.weight_decay, gamma=preset.penalty, drop_rate=d.drop_rate, dataset=None,
+                      data_dir=None, policy_lr=d.policy_lr,
+                      execution=execution or "sparse")
+    # as the workers set a stage up (blockdrop.distributed.train_loop_per_worker) and train_epoch starts it
+    models, optimizer, _ = setup_stage(cfg, preset, None, None, device, prepare,
+                                       unused=blocks_can_go_unused(cfg, preset.num_blocks, batch, steps))
+    backbone, policy = models.backbone, models.policy
     keep = survival(backbone.num_blocks, d.drop_rate, device) if d.drop_rate > 0 else None
-    # as train_epoch
-    if stage == "curriculum":
-        models.backbone.eval()
-        models.policy_train.train()
-    else:
-        models.backbone.train()
-        if models.policy_train is not None:
-            models.policy_train.train()
+    set_modes(stage, models)
     shape = (batch, preset.in_channels, preset.image_size, preset.image_size)
     gc.collect()
     if device.type == "cuda":
@@ -237,7 +218,7 @@ def serve_cell(preset_name: str, checkpoint: str, batch: int, steps: int, device
         answers = engine.predict("m", images)
         times.append(time.perf_counter() - began)
         del images, answers
-    served = engine.models["m"]
+    served = engine.models["m"].model
     result = {
         "rss_imports": rss_imports, "baseline": holding, "peak": peak_rss_bytes(), "after": rss_bytes(),
         "params": tensor_bytes(list(served.backbone.parameters()) + list(served.policy.parameters())),

@@ -4,7 +4,7 @@ side by side on one image folder, from one user's ResNet, same seeds and data, p
     scripts/with-venv python benchmarks/method.py --data mixed|digits|shapes [--per-class 500]
         [--seeds 0] [--gammas=-1,-4] [--ablations] [--workdir DIR] [--output FILE] [--quick]
 
-In-process (no Ray: one process, the stages' own code, blockdrop.distributed.setup_stage and
+In-process (no Ray: one process, the stages' own code, blockdrop.stages.setup_stage and
 blockdrop.stages.train_epoch, with train_job.py's settings for an image folder), preset R32_C10:
 
 1. writes the folder (blockdrop.sample_data) and pretrains the user's ResNet-32 on it, without
@@ -41,19 +41,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from results_table import emit  # noqa: E402
 
 from blockdrop import depth as D  # noqa: E402
-from blockdrop.analysis import PRUNED, compare  # noqa: E402
+from blockdrop.analysis import PRUNED, compare, pruned_curve  # noqa: E402
 from blockdrop.baselines import from_order, greedy_order  # noqa: E402
 from blockdrop.checkpoints import build_policy, read_checkpoint, save_checkpoint  # noqa: E402
 from blockdrop.data import load_dataset  # noqa: E402
-from blockdrop.distributed import StageConfig, setup_stage  # noqa: E402
-from blockdrop.evaluate import tally  # noqa: E402
+from blockdrop.metrics import tally  # noqa: E402
 from blockdrop.flops import cost_model  # noqa: E402
-from blockdrop.job import build_parser, prune_settings, resnet_steps, validate  # noqa: E402
+from blockdrop.parsers.train import build_parser  # noqa: E402
+from blockdrop.plans import prune_settings, resnet_steps, validate  # noqa: E402
 from blockdrop.presets import get_preset  # noqa: E402
-from blockdrop.prune import keeps_bracketing, pruned_curve  # noqa: E402
+from blockdrop.prune import keeps_bracketing  # noqa: E402
 from blockdrop.sample_data import write_folder  # noqa: E402
 from blockdrop.stats import paired_difference  # noqa: E402
-from blockdrop.stages import train_epoch  # noqa: E402
+from blockdrop.stages import StageConfig, setup_stage, train_epoch  # noqa: E402
 
 PRESET = get_preset("R32_C10")
 CPU = torch.device("cpu")
@@ -72,7 +72,7 @@ def train(stage: str, settings: dict, data: Path, init: dict | None, teacher: di
     epochs = max(1, round(settings["epochs"] * scale))
     keys = {k: v for k, v in settings.items() if k in StageConfig.__dataclass_fields__}
     cfg = StageConfig(**({"gamma": 0.0} | keys | {"epochs": epochs}), preset=PRESET.name, stage=stage,
-                      dataset="imagefolder", data_dir=str(data), mlflow_uri=None, mlflow_run_id=None, seed=seed,
+                      dataset="imagefolder", data_dir=str(data), seed=seed,
                       order=order, static_policy=static)
     models, optimizer, schedule = setup_stage(cfg, PRESET, init, teacher, CPU)
     train_set = load_dataset(PRESET, "train", "imagefolder", data)
@@ -103,7 +103,7 @@ def plan_for(policy: str, user: Path, data: Path, gamma: float) -> list[tuple[st
     """train_job.py's stages and settings for `--init USER --policy POLICY --penalty GAMMA` on this folder."""
     args = build_parser().parse_args(["--preset", PRESET.name, "--dataset", "imagefolder", "--data-dir", str(data),
                                       "--init", str(user), "--policy", policy, f"--penalty={gamma}"])
-    return validate(args)[1]
+    return validate(args).stages
 
 
 def models_of(state: dict):

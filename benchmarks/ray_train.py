@@ -68,7 +68,7 @@ def plain_run(root: Path, args, threads: int) -> dict:
 
     from blockdrop.checkpoints import save_checkpoint
     from blockdrop.data import load_dataset
-    from blockdrop.evaluate import tally
+    from blockdrop.metrics import tally
     from blockdrop.execution import Executor
     from blockdrop.flops import cost_model
     from blockdrop.presets import get_preset

@@ -16,14 +16,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from blockdrop import baselines as B
-from blockdrop.data import difficulties
-from blockdrop.evaluate import Report, tally
-from blockdrop.stats import CONFIDENCE, PairedDifference, paired_difference
-from blockdrop.flops import CostModel
+from blockdrop.choices import PRUNED
+from blockdrop.data import difficulties, load_dataset
+from blockdrop.flops import CostModel, cost_model
+from blockdrop.metrics import Report, tally
 from blockdrop.models.resnet import FlatResNet, PolicyNet
+from blockdrop.pictures import draw_all
+from blockdrop.prune import static_chooser
+from blockdrop.stats import CONFIDENCE, PairedDifference, paired_difference
 
 HOLDOUT_IMAGES = 500  # training images the greedy static policy is chosen on (at most)
-PRUNED = "prune_finetune"  # the competitor trained apart: the ResNet finetuned under a static policy (blockdrop.prune)
 
 
 def holdout(train_unaugmented: Dataset, limit: int = HOLDOUT_IMAGES) -> Dataset:
@@ -68,6 +70,20 @@ def baseline_curve(name: str, backbone: FlatResNet, loader: DataLoader, costs: C
         points.append(B.CurvePoint(keep, sum(r.accuracy for r in reports) / len(reports),
                                    sum(r.flops_mean for r in reports) / len(reports)))
         scores.append(np.mean([t.records().correct for t in tallies], axis=0))
+    return Curve(points, scores)
+
+
+def pruned_curve(models: list[tuple[int, FlatResNet, torch.Tensor]], test: Dataset, costs: CostModel,
+                 device: torch.device, batch_size: int = 256) -> Curve:
+    """The prune-and-finetune curve on `test`: for each (K, finetuned ResNet, its 0/1 row), the
+    accuracy, FLOPs and each image's outcome."""
+    loader = DataLoader(test, batch_size=batch_size)
+    points, scores = [], []
+    for keep, backbone, row in sorted(models, key=lambda m: m[0]):
+        result = tally(backbone.to(device), static_chooser(row), loader, costs, device, records=True)
+        report = result.report(costs.full)
+        points.append(B.CurvePoint(keep, report.accuracy, report.flops_mean))
+        scores.append(result.records().correct.astype(np.float64))
     return Curve(points, scores)
 
 
@@ -237,11 +253,6 @@ def analyse(preset, backbone: FlatResNet, policy: PolicyNet, dataset: str | None
             device: torch.device, folder: str | Path, pruned: list | None = None) -> Comparison:
     """The comparison with the baselines (baselines.json) and the policy pictures, into `folder`.
     `pruned`: prune-and-finetune models, (K, finetuned ResNet, 0/1 row) each."""
-    from blockdrop.data import load_dataset
-    from blockdrop.flops import cost_model
-    from blockdrop.pictures import draw_all
-    from blockdrop.prune import pruned_curve
-
     test = load_dataset(preset, "test", dataset, data_dir, download=False)
     train = load_dataset(preset, "train", dataset, data_dir, download=False, augment=False)
     costs = cost_model(preset, policy)
@@ -259,8 +270,6 @@ def analyse(preset, backbone: FlatResNet, policy: PolicyNet, dataset: str | None
 def greedy_order_on(preset, backbone: FlatResNet, dataset: str | None, data_dir: str | None,
                     device: torch.device) -> list[int]:
     """The greedy static order of every block of `backbone`, on the holdout slice of the training images."""
-    from blockdrop.data import load_dataset
-
     train = load_dataset(preset, "train", dataset, data_dir, download=False, augment=False)
     return B.greedy_order(backbone.to(device), DataLoader(holdout(train), batch_size=256), device)
 
@@ -268,9 +277,6 @@ def greedy_order_on(preset, backbone: FlatResNet, dataset: str | None, data_dir:
 def curves(preset, backbone: FlatResNet, dataset: str | None, data_dir: str | None, device: torch.device,
            points: int = 12) -> dict[str, list[B.CurvePoint]]:
     """Every baseline over about `points` block counts from 0 to K: the curves a sweep plots."""
-    from blockdrop.data import load_dataset
-    from blockdrop.flops import cost_model
-
     test = load_dataset(preset, "test", dataset, data_dir, download=False)
     backbone = backbone.to(device)
     order = greedy_order_on(preset, backbone, dataset, data_dir, device)

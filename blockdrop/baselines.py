@@ -19,13 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from blockdrop.choices import BASELINES, RANDOM_SEEDS  # noqa: F401 (the names the CLIs offer; re-exported)
 from blockdrop.errors import UserError
-from blockdrop.execution import run_sparse
 from blockdrop.flops import CostModel
 from blockdrop.models.resnet import FlatResNet
-
-BASELINES = ("firstk", "randomk", "distributek", "greedy")
-RANDOM_SEEDS = 5  # RandomK's accuracy is the mean over this many draws
 
 Chooser = Callable[[torch.Tensor], torch.Tensor]  # images -> (batch, K) 0/1 policy
 

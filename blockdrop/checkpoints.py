@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from blockdrop.errors import UserError
-from blockdrop.models.resnet import FlatResNet, PolicyNet
+from blockdrop.models.resnet import FlatResNet
 from blockdrop.presets import PRESETS, Preset
 
 FORMAT = "blockdrop-checkpoint/1"
@@ -51,6 +51,7 @@ class Checkpoint:
     policy: StateDict | None = None
     preset: str | None = None
     meta: dict = field(default_factory=dict)
+    path: str = ""  # the file it was read from
 
 
 def save_checkpoint(path: str | os.PathLike, preset: Preset, backbone: nn.Module,
@@ -141,7 +142,12 @@ def _meta_value(value: object) -> object:
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read any accepted file into the flat layout; a UserError for anything else."""
-    path = Path(path)
+    ckpt = _read(Path(path))
+    ckpt.path = str(path)
+    return ckpt
+
+
+def _read(path: Path) -> Checkpoint:
     obj = _torch_load(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return Checkpoint("blockdrop", obj["backbone"], obj["policy"], obj["preset"], json.loads(obj["meta"]))
@@ -226,15 +232,16 @@ def load_state(module: nn.Module, sd: StateDict, preset: Preset, part: str, path
     module.load_state_dict(sd, strict=False)
 
 
-def load_models(preset: Preset, checkpoint: str | os.PathLike, backbone_file: str | os.PathLike | None = None,
-                ) -> tuple[FlatResNet, nn.Module | None, Checkpoint]:
-    """The preset's backbone and policy with weights from the file(s); the policy is None if absent, a
-    StaticPolicy (blockdrop.prune) for a pruned ResNet.
+def load_models(preset: Preset, checkpoint: str | os.PathLike | Checkpoint,
+                backbone_file: str | os.PathLike | None = None) -> tuple[FlatResNet, nn.Module | None, Checkpoint]:
+    """The preset's backbone and policy with weights from the file(s) (or from a Checkpoint already
+    read); the policy is None if absent, a StaticPolicy (blockdrop.prune) for a pruned ResNet.
 
     `backbone_file` supplies the ResNet when `checkpoint` holds only a policy (an original
     curriculum checkpoint, for instance); it overrides a backbone inside `checkpoint`.
     """
-    ckpt = read_checkpoint(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
+    checkpoint = ckpt.path or checkpoint
     if ckpt.preset is not None and ckpt.preset != preset.name:
         raise UserError(f"{checkpoint} was saved for preset {ckpt.preset}, not {preset.name}; pass --preset {ckpt.preset}")
     backbone_sd, backbone_src = ckpt.backbone, checkpoint

@@ -16,6 +16,10 @@ POLICIES = ("blocks", "depth")  # BlockDrop's per-block policy (REINFORCE), the 
 # Not a BlockDrop stage: the competitor it must beat, the ResNet finetuned under one image-blind policy (a
 # static set of K blocks, greedy order) for as many steps as the policy's stages train it (blockdrop.prune).
 PRUNE = "prune"
+PRUNED = "prune_finetune"  # its name among the competitors a comparison and a sweep's plot show
+# The image-blind policies every learned one is compared with (blockdrop.baselines).
+BASELINES = ("firstk", "randomk", "distributek", "greedy")
+RANDOM_SEEDS = 5  # RandomK's accuracy is the mean over this many draws
 ENTROPIES = ("original", "bernoulli")  # the curriculum's entropy bonus: see reinforce.entropy_original / entropy
 TRAIN_EXECUTIONS = ("sparse", "masked")  # how finetuning and stochastic depth run the ResNet (execution.Executor)
 MAX_UNREADABLE = 0.001  # default share of a folder's images that may be unreadable (--max-bad-images)

@@ -191,20 +191,6 @@ def eval_transform(preset: Preset):
     return _folder_transform(preset, augment=False, imagenet=preset.dataset == "imagenet")
 
 
-def decode_image(data: bytes, in_channels: int):
-    """Encoded image bytes (PNG, JPEG, ...) as a PIL image in the preset's mode; ValueError if Pillow
-    cannot read them."""
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("L" if in_channels == 1 else "RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        raise ValueError("not a PNG, JPEG or other image Pillow reads") from None
-
-
 def difficulties(dataset) -> np.ndarray | None:
     """For an image folder whose file names say each image's difficulty (`00042-hard.png`, as
     `blockdrop.sample_data mixed` writes them): True for the hard images, in the dataset's order.

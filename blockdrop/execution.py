@@ -143,8 +143,8 @@ class Executor(nn.Module):
 
     - `sparse` (default): each block runs on the rows that keep it, so a step costs what the policy
       keeps, and each block's BatchNorm normalises (and tracks statistics of) the images that run
-      it, which are the images it sees at inference. Blocks no row keeps are not in the graph: under
-      DDP wrap with `find_unused_parameters=True` (`needs_unused_parameters`).
+      it, which are the images it sees at inference. Blocks no row keeps are not in the graph: where
+      that can happen, DDP must look for unused parameters (blockdrop.stages.blocks_can_go_unused).
     - `masked`: the original's way, every block on every row, blended by the mask; BatchNorm sees
       the whole batch, including rows that drop the block. Every block stays in the graph.
     """
@@ -155,10 +155,6 @@ class Executor(nn.Module):
             raise ValueError(f"unknown training execution {execution!r}; expected one of {TRAIN_EXECUTIONS}")
         self.backbone = backbone
         self.execution = execution
-
-    @property
-    def needs_unused_parameters(self) -> bool:
-        return self.execution == "sparse"
 
     def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
         if policy is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from blockdrop.evaluate import Records
+from blockdrop.metrics import Records
 
 STRIP = 8  # images per strip
 TOP_POLICIES = 6

@@ -17,6 +17,11 @@ TIMEOUT_S = 5.0  # how long a server gets to answer a check
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
 
 
+def resolve_uri(flag: str | None) -> str:
+    """The MLflow tracking URI: the flag, else $MLFLOW_TRACKING_URI, else ./mlflow.db (MLflow 3's local default)."""
+    return flag or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
 def check_tracking_uri(uri: str, flag: str = "--mlflow-uri", timeout: float = TIMEOUT_S) -> None:
     """An MLflow tracking URI that MLflow can use: a server that answers /health, or a sqlite file that
     can be created; other database URIs are left to MLflow."""

@@ -6,20 +6,17 @@ and finetune the ResNet with every image running those K blocks, for as many opt
 the learned policy's stages train the ResNet. No policy network runs at test time. The training is the
 `prune` stage of train_job.py (`--stage prune --keep K`); a job that finetunes a policy trains it
 at the block counts that bracket the learned policy's FLOPs, and the comparison reads its accuracy
-there, image by image (blockdrop.analysis).
+there, image by image (blockdrop.analysis.pruned_curve).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from blockdrop import baselines as B
 from blockdrop.flops import CostModel
-from blockdrop.models.resnet import FlatResNet
 
 
 class StaticPolicy(nn.Module):
@@ -52,20 +49,3 @@ def keeps_bracketing(costs: CostModel, order: Sequence[int], flops: float) -> li
 def static_flops(costs: CostModel, row: torch.Tensor) -> float:
     """FLOPs per image of the static policy `row`: no policy network to pay for."""
     return float(costs.per_image(row.unsqueeze(0), with_policy=False)[0])
-
-
-def pruned_curve(models: Sequence[tuple[int, FlatResNet, torch.Tensor]], test: Dataset, costs: CostModel,
-                 device: torch.device, batch_size: int = 256):
-    """The prune-and-finetune curve on `test`: for each (K, finetuned ResNet, its 0/1 row), the
-    accuracy, FLOPs and each image's outcome (blockdrop.analysis.Curve)."""
-    from blockdrop.analysis import Curve
-    from blockdrop.evaluate import tally
-
-    loader = DataLoader(test, batch_size=batch_size)
-    points, scores = [], []
-    for keep, backbone, row in sorted(models, key=lambda m: m[0]):
-        result = tally(backbone.to(device), static_chooser(row), loader, costs, device, records=True)
-        report = result.report(costs.full)
-        points.append(B.CurvePoint(keep, report.accuracy, report.flops_mean))
-        scores.append(result.records().correct.astype(np.float64))
-    return Curve(points, scores)

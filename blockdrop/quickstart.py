@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from blockdrop import job, sweep
+from blockdrop.cli import run_sweep, run_train
 from blockdrop.errors import run_cli
+from blockdrop.parsers.train import DEFAULT_POLICY
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m blockdrop.quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default=f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -26,12 +27,12 @@ def main() -> None:
                              "its chance of being right rises by more than about 1/(1 - gamma) times the share of "
                              "the ResNet's FLOPs they add)")
     parser.add_argument("--sweep-epochs", default="10", help="finetune epochs per sweep trial (default 10)")
-    args = parser.parse_args()
-    job.run(job.build_parser().parse_args(["--name", args.name]))
-    before = "depth" if job.DEFAULT_POLICY == "depth" else "curriculum"  # the stage before finetuning
+    args = parser.parse_args(argv)
+    run_train(["--name", args.name])
+    before = "depth" if DEFAULT_POLICY == "depth" else "curriculum"  # the stage before finetuning
     print(f"\n== sweep of gamma over {args.penalties}, starting from the {before} checkpoint", flush=True)
-    sweep.run(sweep.parse_args(["--init", f"checkpoints/{args.name}-{before}.pt", "--penalties", args.penalties,
-                                "--epochs", args.sweep_epochs, "--name", f"{args.name}-sweep"]))
+    run_sweep(["--init", f"checkpoints/{args.name}-{before}.pt", "--penalties", args.penalties,
+               "--epochs", args.sweep_epochs, "--name", f"{args.name}-sweep"])
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import os
 import tempfile
 from collections import defaultdict
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
@@ -19,7 +20,8 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import metrics
 
-from blockdrop.serving import Engine, ModelSource, RequestError, parse_images, routing
+from blockdrop.parsers.serve import build_parser, check_flags
+from blockdrop.serving import Engine, ModelSource, RequestError, load_sources, parse_images, routing
 
 api = FastAPI(title="BlockDrop", description="Per-image block dropping: POST /predict, GET /metadata, GET /healthz")
 
@@ -118,7 +120,7 @@ def build(sources: list[ModelSource], preset: str | None, device: str, max_batch
     else:
         options["num_replicas"] = replicas or 1
     options["max_ongoing_requests"] = 4 * max_batch_size
-    weights = [open(s.checkpoint, "rb").read() for s in sources]
+    weights = [Path(s.checkpoint).read_bytes() for s in sources]
     return BlockDropServer.options(**options).bind(
         [asdict(s) for s in sources], weights, preset, device, max_batch_size, batch_wait_ms, max_images, max_bytes)
 
@@ -128,8 +130,6 @@ def app_builder(args: dict):
     blockdrop.serve_app:app_builder` with `args` = serve_policy.py's flags as keys (model_uris, preset,
     backbone, mlflow_uri, gpu, max_batch_size, batch_wait_ms, max_images, max_body_mb, replicas, autoscale,
     cpus_per_replica)."""
-    from blockdrop.serve_cli import build_parser, validate
-
     argv = [f"--model-uri={uri}" for uri in args.get("model_uris", [])]
     for key in ("preset", "backbone", "mlflow_uri", "max_batch_size", "cpus_per_replica", "batch_wait_ms", "max_images", "max_body_mb",
                 "replicas", "autoscale"):
@@ -138,7 +138,8 @@ def app_builder(args: dict):
     if args.get("gpu"):
         argv.append("--gpu")
     parsed = build_parser().parse_args(argv)
-    sources, engine, autoscale = validate(parsed, check_port=False)  # Serve's proxy owns the port here
+    autoscale = check_flags(parsed)
+    sources, engine = load_sources(parsed)  # Serve's proxy owns the port here: no port check
     return build(sources, engine.preset.name, "cuda" if parsed.gpu else "cpu", parsed.max_batch_size,
                  parsed.batch_wait_ms, parsed.max_images, int(parsed.max_body_mb * (1 << 20)),
                  replicas=parsed.replicas, autoscale=autoscale, cpus=parsed.cpus_per_replica)

@@ -1,22 +1,29 @@
 """Serving BlockDrop: models from MLflow or files, per-image sparse execution, the front behind one endpoint.
 
 `resolve` turns model URIs into local checkpoints plus the figures MLflow recorded with them, before
-anything is deployed; `Engine` is the model side (decode, choose a model, predict), plain PyTorch so
-that it is tested without a server; `BlockDropServer` is the Ray Serve deployment around it.
+anything is deployed; `Engine` is the model side (decode, choose a model, predict through
+blockdrop.inference), plain PyTorch so that it is tested without a server; the Ray Serve deployment
+around it is blockdrop.serve_app's.
 """
 from __future__ import annotations
 
-import base64
-import binascii
+import argparse
 import json
 import math
 import re
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import mlflow
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
+from blockdrop import inference
+from blockdrop.checkpoints import save_checkpoint
 from blockdrop.errors import UserError
+from blockdrop.preflight import resolve_uri
 
 DEFAULT_MODEL = "blockdrop-R26_DIGITS"  # what the Quickstart's sweep registers
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -50,8 +57,6 @@ class RequestError(Exception):
 
 def _checkpoint_of_run(client, run_id: str, uri: str) -> str:
     """The run's checkpoint artifact, downloaded (the weights only: no pickled model code is read)."""
-    import mlflow
-
     names = [f.path for f in client.list_artifacts(run_id, "checkpoint") if f.path.endswith((".pt", ".t7", ".pth"))]
     if not names:
         raise UserError(f"{uri}: run {run_id} has no checkpoint artifact (checkpoint/*.pt); is it a BlockDrop run?")
@@ -82,8 +87,6 @@ def _from_version(client, mv, uri: str) -> ModelSource:
 
 
 def _from_models_uri(client, uri: str) -> list[ModelSource]:
-    from mlflow.exceptions import MlflowException
-
     rest = uri[len("models:/"):]
     try:
         if "@" in rest:
@@ -101,8 +104,6 @@ def _from_models_uri(client, uri: str) -> list[ModelSource]:
 
 
 def _from_runs_uri(client, uri: str) -> ModelSource:
-    from mlflow.exceptions import MlflowException
-
     match = re.fullmatch(r"runs:/([0-9a-f]+)(/.*)?", uri)
     if not match:
         raise UserError(f"{uri}: expected runs:/RUN_ID[/PATH]")
@@ -116,13 +117,8 @@ def _from_runs_uri(client, uri: str) -> ModelSource:
 
 
 def _from_file(path: str) -> ModelSource:
-    from blockdrop.checkpoints import read_checkpoint
-
-    ckpt = read_checkpoint(path)  # a missing or unreadable file is a UserError
-    metrics = ckpt.meta.get("metrics", {}) if isinstance(ckpt.meta, dict) else {}
-    return ModelSource(label=Path(path).stem, name=Path(path).stem, version=None, checkpoint=str(path),
-                       accuracy=metrics.get("test_accuracy"), flops=metrics.get("flops_per_image"),
-                       speedup=metrics.get("speedup"))
+    """A checkpoint file; the figures it records are read with the model (Engine)."""
+    return ModelSource(label=Path(path).stem, name=Path(path).stem, version=None, checkpoint=str(path))
 
 
 def resolve(uris: list[str], tracking_uri: str) -> list[ModelSource]:
@@ -131,10 +127,7 @@ def resolve(uris: list[str], tracking_uri: str) -> list[ModelSource]:
     client = None
     for uri in uris:
         if uri.startswith(("models:/", "runs:/")):
-            if client is None:
-                from mlflow.tracking import MlflowClient
-
-                client = MlflowClient(tracking_uri)
+            client = client or MlflowClient(tracking_uri)
             sources += _from_models_uri(client, uri) if uri.startswith("models:/") else [_from_runs_uri(client, uri)]
         elif "://" in uri or uri.startswith(("models:", "runs:")):
             raise UserError(f"{uri}: unknown model URI; use models:/NAME[@ALIAS|/VERSION], runs:/RUN_ID or a file")
@@ -160,52 +153,39 @@ def class_labels(preset) -> list[str]:
 @dataclass
 class Served:
     source: ModelSource
-    backbone: torch.nn.Module
-    policy: torch.nn.Module | None
-    costs: object = None  # its CostModel: the policy network it runs (BlockDrop's, the depth policy's, none)
+    model: inference.Model
 
 
 class Engine:
     """The served models of one preset; decodes images, picks a model per request, predicts per image."""
 
     def __init__(self, sources: list[ModelSource], preset_name: str | None = None, device: str = "cpu"):
-        from blockdrop.checkpoints import load_models, read_checkpoint
-        from blockdrop.data import eval_transform
-        from blockdrop.flops import cost_model
-        from blockdrop.presets import get_preset
-
         if not sources:
             raise UserError("no model to serve")
-        names = {read_checkpoint(s.checkpoint).preset or preset_name for s in sources}
-        if None in names:
-            raise UserError(f"{sources[0].checkpoint} does not say its preset: pass --preset")
+        self.models: dict[str, Served] = {}
+        for s in sources:  # each file read once, here
+            model = inference.load(s.checkpoint, preset_name, device=device)
+            if model.policy is None:
+                raise UserError(f"{s.checkpoint} holds a ResNet but no policy network: not a BlockDrop model")
+            _record_figures(s, model.checkpoint.meta)
+            self.models[s.label] = Served(s, model)
+        names = {served.model.preset.name for served in self.models.values()}
         if len(names) > 1:
             raise UserError(f"the models are for different presets ({', '.join(sorted(names))}); serve one preset at a time")
-        self.preset = get_preset(names.pop())
-        self.device = torch.device(device)
-        self.costs = cost_model(self.preset)
-        self.transform = eval_transform(self.preset)
+        first = next(iter(self.models.values())).model
+        self.preset, self.costs, self.decoder = first.preset, first.costs, first.decoder
+        self.full_flops = float(first.costs.full)
         self.classes = class_labels(self.preset)
-        self.models: dict[str, Served] = {}
-        for s in sources:
-            backbone, policy, _ = load_models(self.preset, s.checkpoint)
-            if policy is None:
-                raise UserError(f"{s.checkpoint} holds a ResNet but no policy network: not a BlockDrop model")
-            self.models[s.label] = Served(s, backbone.eval().to(self.device), policy.eval().to(self.device),
-                                          cost_model(self.preset, policy))
         # A request names a model by its label (the version) or any of its aliases.
         self.names = {alias: label for label, m in self.models.items() for alias in m.source.aliases}
         self.names.update({label: label for label in self.models})
 
     # -- requests
     def decode(self, data: bytes) -> torch.Tensor:
-        from blockdrop.data import decode_image
-
         try:
-            image = decode_image(data, self.preset.in_channels)
+            return self.decoder(data)
         except ValueError:
             raise RequestError("not an image (PNG, JPEG or another format Pillow reads)") from None
-        return self.transform(image)
 
     def choose(self, model: str | None = None, max_flops: float | None = None) -> str:
         """The label of the model that answers: named, else the most accurate within the budget."""
@@ -215,7 +195,7 @@ class Engine:
             return self.names[model]
 
         def recorded_flops(m: Served) -> float:
-            return m.source.flops if m.source.flops is not None else float(self.costs.full)
+            return m.source.flops if m.source.flops is not None else self.full_flops
 
         candidates = list(self.models.values())
         if max_flops is not None:
@@ -226,36 +206,32 @@ class Engine:
         best = max(candidates, key=lambda m: (m.source.accuracy or 0.0, -recorded_flops(m)))
         return best.source.label
 
-    @torch.inference_mode()
     def predict(self, label: str, images: torch.Tensor) -> list[dict]:
         """Each image's answer; its blocks are chosen by its own policy and only those are run."""
-        from blockdrop.execution import run_sparse
-        from blockdrop.models.resnet import PolicyNet
-        from blockdrop.reinforce import greedy
-
         served = self.models[label]
-        images = images.to(self.device)
-        if served.source.full:
-            actions = torch.ones(len(images), self.preset.num_blocks, device=self.device)
-            logits, flops = served.backbone(images), torch.full((len(images),), float(self.costs.full))
-        else:
-            actions = greedy(served.policy(images))
-            logits = run_sparse(served.backbone, images, actions)
-            flops = served.costs.per_image(actions, with_policy=isinstance(served.policy, PolicyNet))
-        confidence, classes = torch.softmax(logits, dim=1).max(1)
+        out = served.model.predict(images, full=served.source.full)
+        confidence, classes = torch.softmax(out.logits, dim=1).max(1)
+        model = {"name": served.source.name, "version": served.source.version, "label": label}
         return [{
-            "class": int(c), "label": self.classes[int(c)] if int(c) < len(self.classes) else str(int(c)),
-            "probability": float(p), "policy": "".join(str(int(v)) for v in a.tolist()),
-            "blocks_used": int(a.sum()), "flops": float(f), "full_flops": float(self.costs.full),
-            "model": {"name": served.source.name, "version": served.source.version, "label": label},
-        } for c, p, a, f in zip(classes.tolist(), confidence.tolist(), actions.cpu(), flops.cpu().tolist())]
+            "class": c, "label": self.classes[c] if c < len(self.classes) else str(c), "probability": p,
+            "policy": policy, "blocks_used": int(b), "flops": f, "full_flops": self.full_flops, "model": model,
+        } for c, p, policy, b, f in zip(classes.tolist(), confidence.tolist(), out.policy_strings(),
+                                         out.blocks.tolist(), out.flops.tolist())]
 
     def metadata(self) -> dict:
         return {
             "preset": self.preset.name, "classes": self.classes, "num_blocks": self.preset.num_blocks,
-            "full_flops": float(self.costs.full), "default_model": self.choose(),
+            "full_flops": self.full_flops, "default_model": self.choose(),
             "models": [{k: v for k, v in asdict(m.source).items() if k != "checkpoint"} for m in self.models.values()],
         }
+
+
+def _record_figures(source: ModelSource, meta: dict) -> None:
+    """A checkpoint file's own figures for a source that MLflow gave none."""
+    metrics = meta.get("metrics", {}) if isinstance(meta, dict) else {}
+    for name, key in (("accuracy", "test_accuracy"), ("flops", "flops_per_image"), ("speedup", "speedup")):
+        if getattr(source, name) is None and source.run_id is None:
+            setattr(source, name, metrics.get(key))
 
 
 def parse_images(body: bytes, content_type: str, max_images: int) -> tuple[list[bytes], dict]:
@@ -281,8 +257,8 @@ def parse_images(body: bytes, content_type: str, max_images: int) -> tuple[list[
         if not isinstance(item, str):
             raise RequestError(f"images[{i}] is not a base64 string")
         try:
-            images.append(base64.b64decode(item, validate=True))
-        except (binascii.Error, ValueError):
+            images.append(inference.from_base64(item))
+        except ValueError:
             raise RequestError(f"images[{i}] is not valid base64") from None
     fields = {k: payload[k] for k in ("model", "max_flops") if k in payload}
     return images, fields
@@ -299,3 +275,34 @@ def routing(fields: dict) -> tuple[str | None, float | None]:
         if not math.isfinite(budget) or budget <= 0:
             raise RequestError(f"max_flops must be a positive number, not {budget}")
     return model, budget
+
+
+def _with_backbone(sources: list[ModelSource], backbone: str, preset_name: str | None) -> list[ModelSource]:
+    """Each file source joined with the ResNet of `backbone` into one checkpoint of this project's format
+    (in a temporary folder): what a replica loads is then one complete file, like any other model."""
+    folder = Path(tempfile.mkdtemp(prefix="blockdrop-serve-"))
+    for s in sources:
+        model = inference.load(s.checkpoint, preset_name, backbone_file=backbone)
+        if model.policy is None:
+            raise UserError(f"{s.checkpoint} holds no policy network: not a BlockDrop model")
+        s.checkpoint = str(folder / f"{s.label}.pt")
+        meta = model.checkpoint.meta if isinstance(model.checkpoint.meta, dict) else {}
+        save_checkpoint(s.checkpoint, model.preset, model.backbone, model.policy, meta)
+    return sources
+
+
+def load_sources(args: argparse.Namespace) -> tuple[list[ModelSource], Engine]:
+    """The models serve_policy.py's flags name (--model-uri, else the Quickstart's front), resolved and
+    each loaded once: a wrong file or URI fails here, before anything is deployed."""
+    uri = resolve_uri(args.mlflow_uri)
+    if args.model_uris:
+        sources = resolve(args.model_uris, uri)
+    else:
+        try:
+            sources = resolve([f"models:/{DEFAULT_MODEL}"], uri)
+        except UserError:
+            raise UserError(f"no --model-uri and no Quickstart front ({DEFAULT_MODEL}) in {uri}: run "
+                            "`scripts/with-venv python -m blockdrop.quickstart` first, or pass --model-uri") from None
+    if args.backbone:
+        sources = _with_backbone(sources, args.backbone, args.preset)
+    return sources, Engine(sources, args.preset)

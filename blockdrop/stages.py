@@ -26,6 +26,7 @@ knows about Ray. Each step returns per-image tensors (loss is a scalar) that the
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -35,10 +36,12 @@ from torch import nn
 
 from blockdrop import depth as D
 from blockdrop import reinforce as R
-from blockdrop.choices import STAGES  # noqa: F401 (re-exported)
-from blockdrop.evaluate import Moments
-from blockdrop.execution import run_sparse
+from blockdrop.choices import MAX_UNREADABLE, STAGES  # noqa: F401 (STAGES re-exported)
+from blockdrop.execution import Executor, run_sparse
+from blockdrop.flops import cost_model
+from blockdrop.metrics import Moments
 from blockdrop.models.resnet import DepthPolicy, FlatResNet
+from blockdrop.presets import Preset
 
 SUPERVISED = ("pretrain", "adapt", "prune", "nest")  # the ResNet alone, cross-entropy (nest: and soft labels)
 DEPTHS_PER_STEP = 16  # depth stage: the depths whose outcome a step measures (all of them when K < 16)
@@ -231,6 +234,19 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device, non_blocking=True, memory_format=torch.channels_last)
 
 
+def set_modes(stage: str, models: Models) -> None:
+    """Train or eval mode for what a stage trains and what it keeps frozen."""
+    if stage in ("curriculum", "depth"):
+        models.backbone.eval()  # frozen: BatchNorm statistics stay those of the pretrained ResNet
+        models.policy_train.train()
+        return
+    models.backbone.train()
+    if models.policy_train is not None:
+        models.policy_train.train()
+    if isinstance(models.policy, DepthPolicy):  # its finetune trains the ResNet alone
+        models.policy.eval()
+
+
 def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.optim.Optimizer, epoch: int,
                 gamma: float, device: torch.device, drop_rate: float = 0.0, pace: int = 0,
                 entropy: str = "original", on_step=None, static: torch.Tensor | None = None) -> EpochStats:
@@ -243,15 +259,7 @@ def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.o
     if static is not None:
         keep = static.to(device=device, dtype=torch.float32)
     depth = isinstance(models.policy, DepthPolicy)
-    if stage in ("curriculum", "depth"):
-        models.backbone.eval()  # frozen: BatchNorm statistics stay those of the pretrained ResNet
-        models.policy_train.train()
-    else:
-        models.backbone.train()
-        if models.policy_train is not None:
-            models.policy_train.train()
-        if depth:  # its finetune trains the ResNet alone
-            models.policy.eval()
+    set_modes(stage, models)
     steps = len(loader)
     for i, (images, labels) in enumerate(loader):
         images, labels = to_device(images, device), labels.to(device, non_blocking=True)
@@ -279,3 +287,109 @@ def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.o
         if on_step is not None:
             on_step(i + 1, steps, len(labels))
     return stats
+
+
+@dataclass
+class StageConfig:
+    """Everything one stage run needs (blockdrop.distributed's workers get it): plain data so Ray can ship it."""
+
+    preset: str
+    stage: str
+    epochs: int
+    batch_size: int  # global: split over the workers
+    lr: float
+    weight_decay: float
+    gamma: float
+    drop_rate: float
+    dataset: str | None
+    data_dir: str | None
+    seed: int = 0
+    loader_workers: int | None = None  # DataLoader worker processes (None: blockdrop.data.default_loader_workers)
+    policy_lr: float | None = None  # finetune: the policy's own lr (default: lr)
+    entropy: str = "original"  # curriculum: one of reinforce.ENTROPIES
+    pace: int = 0  # curriculum: optimisation steps per newly decided block (0: one epoch)
+    max_bad_images: float = MAX_UNREADABLE  # share of an image folder that may be unreadable
+    execution: str = "sparse"  # finetune, stochastic depth: blockdrop.execution.TRAIN_EXECUTIONS
+    eval_every: int = 1  # evaluate on the test set every this many epochs, and after the last
+    # The user's ResNet, what every figure is measured against: {"accuracy", "source"}. None: the stage's
+    # --init ResNet is that reference, evaluated in full before the first epoch (`reference_source` names it).
+    reference: dict | None = None
+    reference_source: str = ""
+    reference_file: str = ""  # its checkpoint, where prune-and-finetune starts from
+    static_policy: list[int] | None = None  # prune: the 0/1 policy every image runs
+    order: list[int] | None = None  # nest: the greedy static order of the user's ResNet (the depth policy's)
+    # a progress line within an epoch every this many seconds (ImageNet: an epoch is an hour)
+    progress_every_s: float = field(default_factory=lambda: float(os.environ.get("BLOCKDROP_PROGRESS_EVERY_S", "30")))
+
+
+# DDP looks for unused parameters (an extra graph traversal a step) only where a worker's batch can run
+# without some block: sparse execution leaves such a block out of the step's graph, and DDP without the
+# search would then fail. Under stochastic depth alone that chance is negligible at usual batch sizes;
+# below this chance over the whole stage the search is off (if it happened, the worker group would
+# restart from its last checkpoint, as after any failure).
+UNUSED_BLOCK_CHANCE = 1e-6
+
+
+def blocks_can_go_unused(cfg: StageConfig, num_blocks: int, smallest_batch: int, steps: int) -> bool:
+    """Can some worker's batch of this stage run without one of the ResNet's blocks (sparse execution)?
+    A learned or sampled per-image policy can; a static policy can when it drops a block; stochastic
+    depth can, with a chance that `steps` steps of `smallest_batch` images make negligible or not."""
+    if cfg.execution != "sparse":
+        return False
+    if cfg.static_policy is not None:
+        return not all(cfg.static_policy)
+    if cfg.stage in ("finetune", "nest"):
+        return True
+    if cfg.drop_rate > 0:
+        dropped_by_all = (1 - survival(num_blocks, cfg.drop_rate)).double() ** smallest_batch
+        return float(dropped_by_all.sum()) * steps > UNUSED_BLOCK_CHANCE
+    return False
+
+
+def setup_stage(cfg: StageConfig, preset: Preset, init: dict | None, teacher: dict | None, device: torch.device,
+                prepare=lambda module, **_: module, unused: bool = False
+                ) -> tuple[Models, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The models a stage trains (from `init`'s state dicts), wrapped by `prepare` (Ray Train's
+    prepare_model: DDP; `unused`: with the search for unused parameters, blocks_can_go_unused), with
+    their optimiser and schedule. `teacher`: the user's ResNet (a payload like `init`'s), whose soft
+    labels the depth policy's stages learn from."""
+    backbone = preset.build_backbone()
+    init_policy = (init or {}).get("policy")
+    depth = cfg.stage in ("nest", "depth") or (init_policy is not None and "rank" in init_policy)
+    policy = preset.build_depth_policy() if depth else None if cfg.stage in SUPERVISED else preset.build_policy()
+    if init is not None:
+        backbone.load_state_dict(init["backbone"], strict=False)
+        if policy is not None and init_policy is not None:
+            policy.load_state_dict(init_policy)
+    if cfg.order is not None:  # nest: the keep order of the depth policy, from the user's ResNet
+        costs = cost_model(preset)
+        policy.set_order(cfg.order, costs.backbone.blocks, costs.full)
+    if depth:
+        policy.gamma.fill_(cfg.gamma)
+
+    executor = Executor(backbone, cfg.execution).to(device, memory_format=torch.channels_last)
+    ddp = {"find_unused_parameters": unused}
+    if policy is not None:
+        policy.to(device, memory_format=torch.channels_last)
+    frozen = None
+    if teacher is not None and (cfg.stage in ("nest", "prune") or (depth and cfg.stage == "finetune")):
+        frozen = preset.build_backbone()
+        frozen.load_state_dict(teacher["backbone"])
+        frozen.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+    if cfg.stage in ("curriculum", "depth"):
+        backbone.requires_grad_(False)
+        models = Models(backbone, policy, policy_train=prepare(policy))
+        params = list(policy.parameters())
+    elif cfg.stage in SUPERVISED or depth:  # the ResNet alone (the depth policy's finetune: its choices fixed)
+        if policy is not None:
+            policy.requires_grad_(False)
+        models = Models(backbone, policy, executor_train=prepare(executor, parallel_strategy_kwargs=ddp),
+                        teacher=frozen, rank=policy.rank if depth else None)
+        params = list(backbone.parameters())
+    else:
+        models = Models(backbone, policy, executor_train=prepare(executor, parallel_strategy_kwargs=ddp),
+                        policy_train=prepare(policy))
+        params = [{"params": list(policy.parameters()), "lr": cfg.policy_lr or cfg.lr},
+                  {"params": list(backbone.parameters())}]
+    optimizer = make_optimizer(cfg.stage, params, cfg.lr, cfg.weight_decay, depth)
+    return models, optimizer, make_schedule(cfg.stage, optimizer, cfg.epochs, depth)

@@ -3,15 +3,20 @@
 Tracking URI: `--mlflow-uri`, else MLFLOW_TRACKING_URI, else a sqlite file `mlflow.db` in the
 working directory (MLflow 3's local default; `mlflow ui --backend-store-uri sqlite:///mlflow.db`).
 A job's run carries the tag `blockdrop.job=<job name>`; starting the same job again continues that
-run instead of opening a second one.
+run instead of opening a second one. Jobs and sweeps reach MLflow only through `Tracker`.
 """
 from __future__ import annotations
 
+import getpass
 import logging
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
+from dataclasses import asdict
+from importlib.metadata import version
 from pathlib import Path
 
 # Before mlflow is imported: keep its INFO chatter and telemetry out of users' consoles.
@@ -23,25 +28,26 @@ for _key, _value in {"MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_DISABLE_TELEMETR
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.models import infer_signature  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.types.schema import Schema, TensorSpec  # noqa: E402
+from ray.train import UserCallback  # noqa: E402
 
+from blockdrop.checkpoints import Checkpoint  # noqa: E402
+from blockdrop.console import DropMessages  # noqa: E402
 from blockdrop.errors import UserError  # noqa: E402
+from blockdrop.flops import cost_model  # noqa: E402
+from blockdrop.metrics import Report, final_report  # noqa: E402
+from blockdrop.mlflow_views import save_sweep_view, view_location  # noqa: E402
+from blockdrop.preflight import resolve_uri  # noqa: E402, F401 (where a tracking URI comes from)
+from blockdrop.pyfunc import BlockDropModel  # noqa: E402
 
 JOB_TAG = "blockdrop.job"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
-
-class _DropMessages(logging.Filter):
-    def __init__(self, *needles: str):
-        super().__init__()
-        self.needles = needles
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(n in record.getMessage() for n in self.needles)
-
-
 # The model class is ours and travels as code: MLflow's generic cloudpickle caution is noise here.
-logging.getLogger("mlflow.pyfunc").addFilter(_DropMessages("Passing a Python object as `python_model`"))
+logging.getLogger("mlflow.pyfunc").addFilter(DropMessages("Passing a Python object as `python_model`"))
 
 
 def metric_batch(metrics: dict[str, float], step: int) -> list[mlflow.entities.Metric]:
@@ -52,9 +58,6 @@ def metric_batch(metrics: dict[str, float], step: int) -> list[mlflow.entities.M
 def source_tags(entry: str) -> dict[str, str]:
     """MLflow's own source tags (shown as Source, User and Version in the UI): the CLI, the user, and
     the git commit of this code when it runs from a checkout."""
-    import getpass
-    import subprocess
-
     tags = {"mlflow.source.name": entry, "mlflow.source.type": "LOCAL"}
     try:
         tags["mlflow.user"] = getpass.getuser()
@@ -70,13 +73,14 @@ def source_tags(entry: str) -> dict[str, str]:
     return tags
 
 
-def resolve_uri(flag: str | None) -> str:
-    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
-    return uri
+def download(artifact_uri: str, tracking_uri: str) -> Path:
+    """An MLflow artifact (runs:/<id>/checkpoint, models:/..., s3://...) as a local file or folder."""
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=tracking_uri))
 
 
 class Tracker:
-    """One experiment on one tracking server; runs are addressed by id so workers can log too."""
+    """One experiment on one tracking server. Runs are addressed by id, so that a Ray Train callback or a
+    Tune trial in another process can log to a run this one made."""
 
     def __init__(self, uri: str, experiment: str, source: str | None = None):
         self.uri = uri
@@ -152,9 +156,6 @@ class Tracker:
         `example`: raw images (uint8, N x H x W x C), the model's input example and signature. The
         run's metrics at `step` (log the final figures there first) become the logged model's own
         metrics; `params` (gamma, lr, preset, ...) its parameters."""
-        from mlflow.models import infer_signature
-        from mlflow.types.schema import Schema, TensorSpec
-
         self.client.log_artifact(run_id, str(checkpoint), "checkpoint")
         self.client.log_text(run_id, report_text, "evaluation.txt")
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
@@ -178,126 +179,93 @@ class Tracker:
             )
         return info.model_uri
 
+    def publish(self, run_id: str, checkpoint: Path, trained: Checkpoint, preset, example: np.ndarray,
+                params: dict) -> tuple[Report, str]:
+        """A trained model on its run, as a job and a sweep trial both leave it: the final figures of its
+        checkpoint (`trained`, as read from `checkpoint`) as final_* metrics at its last epoch's step, then
+        the checkpoint, the report and the pyfunc model (which takes that step's metrics). Returns the
+        report and the model's URI."""
+        report = final_report(trained.meta, cost_model(preset).full)
+        step = int(trained.meta.get("epoch", 0))
+        self.log_metrics(run_id, report_metrics(report), step=step)
+        return report, self.log_model(run_id, checkpoint, report.text(), example, step=step, params=params)
 
-def raw_images(preset, tensors) -> np.ndarray:
-    """What a client has: uint8 images (N, H, W, C) in 0..255, from the evaluation transform's output
-    (normalised N, C, H, W tensors); the model's input example."""
-    mean = np.asarray(preset.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(preset.std, dtype=np.float32)[:, None, None]
-    pixels = (np.asarray(tensors, dtype=np.float32) * std + mean) * 255.0
-    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    # -- what jobs and sweeps read and write besides metrics
+    def logged_steps(self, run_id: str, metric: str) -> list[int]:
+        return [m.step for m in self.client.get_metric_history(run_id, metric)]
+
+    def log_artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), folder)
+
+    def log_files(self, run_id: str, files: dict[str, bytes], folder: str) -> None:
+        """Files made elsewhere (a Ray task's pictures: {name: bytes}) as the run's artifacts in `folder`."""
+        with tempfile.TemporaryDirectory() as local:
+            for name, data in files.items():
+                (Path(local) / name).write_bytes(data)
+            self.client.log_artifacts(run_id, local, folder)
+
+    def log_table(self, run_id: str, table: pd.DataFrame, path: str) -> None:
+        self.client.log_table(run_id, table, path)
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(run_id, key, value)
+
+    def children(self, parent_id: str) -> list:
+        """The runs under `parent_id` (a sweep's trials and prune-and-finetune runs)."""
+        return self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+    def close_running_children(self, parent_id: str) -> None:
+        """Child runs left RUNNING by a stopped sweep (their process was ended before it could say so): KILLED."""
+        for run in self.children(parent_id):
+            if run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, "KILLED")
+
+    def register(self, model_name: str, run_id: str, tags: dict, description: str) -> str:
+        """A new version of registered model `model_name` (created when missing) from the run's logged
+        model; its version number."""
+        try:
+            self.client.get_registered_model(model_name)
+        except MlflowException:
+            self.client.create_registered_model(model_name, description="BlockDrop models on the accuracy-vs-FLOPs front")
+        run = self.client.get_run(run_id)
+        model = next((m for m in (run.outputs.model_outputs or [])), None)
+        source = f"models:/{model.model_id}" if model is not None else f"runs:/{run_id}/model"
+        # model_id: a tracking server refuses a models:/ source without it (a local store does not)
+        mv = self.client.create_model_version(model_name, source=source, run_id=run_id,
+                                              model_id=model.model_id if model is not None else None,
+                                              tags={k: str(v) for k, v in tags.items()}, description=description)
+        return mv.version
+
+    def set_alias(self, model_name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(model_name, alias, version)
+
+    def save_view(self, parent_id: str, name: str) -> str:
+        """The experiment's saved view of a sweep (a scatter of its trials); where to open it."""
+        metrics = sorted({key for run in self.children(parent_id) for key in run.data.metrics})
+        key = save_sweep_view(self.client, self.experiment_id, parent_id, name, metrics)
+        return view_location(self.uri, self.experiment_id, key)
+
+    def epoch_logger(self, run_id: str) -> EpochLogger:
+        """The Ray Train callback that logs a stage's epochs to `run_id`."""
+        return EpochLogger(self.uri, run_id)
+
+
+class EpochLogger(UserCallback):
+    """Each epoch's metrics into the stage's MLflow run, at the epoch's step, once Ray Train has the
+    epoch's checkpoint (a Ray Train callback: it runs where Train's controller runs, not on the workers)."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        row = metrics[0]  # every worker reports the same figures, merged over all of them
+        MlflowClient(self.uri).log_batch(self.run_id, metrics=metric_batch(row, int(row["epoch"])))
+
+
+def report_metrics(report: Report) -> dict[str, float]:
+    """A final report as MLflow metrics (final_*): its numbers, the reference's where there is one."""
+    return {f"final_{k}": v for k, v in asdict(report).items() if isinstance(v, (int, float))}
 
 
 def _version(package: str) -> str:
-    from importlib.metadata import version
-
     return version(package).split("+")[0]
-
-
-class BlockDropModel(mlflow.pyfunc.PythonModel):
-    """An MLflow model: raw images in (uint8, N x H x W x C, 0..255, as decoded from PNG/JPEG; or
-    a 1-D object array of encoded images: bytes or base64 strings), the preset's evaluation transform
-    applied here; per image out: class, blocks used, FLOPs, policy."""
-
-    def load_context(self, context) -> None:
-        from blockdrop.checkpoints import load_models, read_checkpoint
-        from blockdrop.data import eval_transform
-        from blockdrop.flops import cost_model
-        from blockdrop.presets import get_preset
-
-        path = context.artifacts["checkpoint"]
-        self.preset = get_preset(read_checkpoint(path).preset)
-        self.backbone, self.policy, _ = load_models(self.preset, path)
-        self.backbone.eval()
-        if self.policy is not None:
-            self.policy.eval()
-        self.costs = cost_model(self.preset, self.policy)
-        self.transform = eval_transform(self.preset)
-
-    @staticmethod
-    def output_example(n: int) -> pd.DataFrame:
-        return pd.DataFrame({"prediction": np.zeros(n, dtype=np.int64), "blocks_used": np.zeros(n, dtype=np.int32),
-                             "flops": np.zeros(n, dtype=np.float32), "policy": ["0"] * n})
-
-    def images(self, model_input) -> "torch.Tensor":
-        """Raw images to the network's input, or a ValueError that says what was expected. A 1-D object
-        array holds one image per item: PNG/JPEG bytes, base64 strings of them, or pixel arrays (MLflow's
-        signature check lets such ragged input through)."""
-        import torch
-
-        if isinstance(model_input, pd.DataFrame) and model_input.shape[1] == 1:
-            model_input = model_input.iloc[:, 0].to_numpy()
-        if isinstance(model_input, (list, tuple)) or (isinstance(model_input, np.ndarray) and model_input.dtype == object):
-            return torch.stack([self._one(item, i) for i, item in enumerate(model_input)])
-        return torch.stack([self._pixels(a) for a in self._check(np.asarray(model_input))])
-
-    def _want(self) -> str:
-        c = self.preset.in_channels
-        return (f"uint8 images of shape (N, H, W, {c}) with pixel values 0..255 (the preset's size is "
-                f"{self.preset.image_size}x{self.preset.image_size}; other sizes are resized), or a 1-D object "
-                "array of PNG/JPEG bytes or base64 strings")
-
-    def _one(self, item, i: int):
-        import base64
-        import binascii
-
-        from blockdrop.data import decode_image
-
-        if isinstance(item, np.ndarray) and item.dtype != object:
-            return self._pixels(self._check(item[None])[0])
-        if isinstance(item, str):
-            try:
-                item = base64.b64decode(item, validate=True)
-            except (binascii.Error, ValueError):
-                raise ValueError(f"image {i} is a string but not base64; expected {self._want()}") from None
-        if not isinstance(item, (bytes, bytearray)):
-            raise ValueError(f"image {i} is a {type(item).__name__}; expected {self._want()}")
-        try:
-            image = decode_image(bytes(item), self.preset.in_channels)
-        except ValueError as err:
-            raise ValueError(f"image {i}: {err}") from None
-        return self.transform(image)
-
-    def _pixels(self, array: np.ndarray):
-        from PIL import Image
-
-        c = self.preset.in_channels
-        return self.transform(Image.fromarray(array[..., 0] if c == 1 else array, "L" if c == 1 else "RGB"))
-
-    def _check(self, array: np.ndarray) -> np.ndarray:
-        c, want = self.preset.in_channels, self._want()
-        if array.dtype != np.uint8:
-            raise ValueError(f"expected {want}, got dtype {array.dtype}; send raw pixels, not normalised values")
-        if array.size and int(array.max()) <= 2:
-            # MLflow's scoring server casts JSON numbers to the signature's uint8: values scaled to 0..1 or
-            # normalised arrive as 0, 1 and 2, and would be classified as a black image without a word
-            raise ValueError(f"expected {want}: every pixel value here is 0, 1 or 2, which is what values scaled "
-                             "to 0..1 or normalised become; send the pixels as decoded from the image file")
-        if array.ndim == 3 and c == 1:
-            array = array[..., None]
-        if array.ndim != 4 or array.shape[-1] != c or min(array.shape[1:3], default=0) < 1:
-            raise ValueError(f"expected {want}, got shape {array.shape}")
-        return array
-
-    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
-        import torch
-
-        from blockdrop.execution import run_sparse
-        from blockdrop.models.resnet import PolicyNet
-        from blockdrop.reinforce import greedy
-
-        images = self.images(model_input)
-        with torch.inference_mode():
-            if self.policy is None:
-                actions = torch.ones(len(images), self.preset.num_blocks)
-                logits, flops = self.backbone(images), torch.full((len(images),), float(self.costs.full))
-            else:
-                actions = greedy(self.policy(images))
-                logits = run_sparse(self.backbone, images, actions)
-                flops = self.costs.per_image(actions, with_policy=isinstance(self.policy, PolicyNet))
-        return pd.DataFrame({
-            "prediction": logits.argmax(1).numpy(),
-            "blocks_used": actions.sum(1).int().numpy(),
-            "flops": flops.float().numpy(),
-            "policy": ["".join(str(int(v)) for v in row) for row in actions.tolist()],
-        })

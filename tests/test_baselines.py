@@ -13,7 +13,7 @@ from blockdrop import baselines as B
 from blockdrop.analysis import PRUNED, Comparison, Group, Versus, compare
 from blockdrop.checkpoints import save_checkpoint
 from blockdrop.errors import UserError
-from blockdrop.evaluate import Records, Report, tally
+from blockdrop.metrics import Records, Report, tally
 from blockdrop.flops import cost_model
 from blockdrop.pictures import draw_all
 from blockdrop.presets import get_preset

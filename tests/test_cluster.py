@@ -30,6 +30,11 @@ KUBERAY = CLUSTER / "kuberay"
 WORKDIR = "/home/ray/blockdrop"  # the image's WORKDIR (checked below)
 
 
+def documentation() -> list[Path]:
+    """README.md and the reference pages it links to (docs/*.md)."""
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
 def load(path: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
@@ -190,7 +195,7 @@ def test_serve_config_and_rayservice_deploy_the_same_application_with_valid_flag
     from ray.serve.schema import ServeDeploySchema
 
     from blockdrop import serve_app
-    from blockdrop.serve_cli import build_parser
+    from blockdrop.parsers.serve import build_parser
 
     config = load(CLUSTER / "serve" / "serve-config.yaml")[0]
     service = load(KUBERAY / "rayservice.yaml")[0]
@@ -231,11 +236,11 @@ def parse_entrypoint(command: str):
     """Parse a job's arguments with the script's real parser, as the job will."""
     script, args = entrypoint_args(command)
     if script == "train_job.py":
-        from blockdrop.job import build_parser
+        from blockdrop.parsers.train import build_parser
 
         return script, build_parser().parse_args(args)
     assert script == "tune_penalty.py", script
-    from blockdrop.sweep import parse_args
+    from blockdrop.parsers.sweep import parse_args
 
     return script, parse_args(args)
 
@@ -262,10 +267,10 @@ def test_rayjobs_name_scripts_flags_and_files_that_exist():
 
 
 def test_readme_job_commands_parse():
-    readme = (REPO / "README.md").read_text()
-    commands = re.findall(r"^\s*(?:\w+=\S+ )*(?:ray job submit|python cluster/submit\.py)[^\n]*?-- (python (?:train_job|tune_penalty)"
-                          r"\.py[^\n]*)$", readme, flags=re.M)
-    assert len(commands) >= 2, "README shows job submission for training and sweeps"
+    commands = [command for page in documentation()
+                for command in re.findall(r"^\s*(?:\w+=\S+ )*(?:ray job submit|python cluster/submit\.py)[^\n]*?-- "
+                                          r"(python (?:train_job|tune_penalty)\.py[^\n]*)$", page.read_text(), flags=re.M)]
+    assert len(commands) >= 2, "README and docs/ show job submission for training and sweeps"
     for command in commands:
         parse_entrypoint(command.rstrip("\\").strip())
 
@@ -314,10 +319,11 @@ def test_no_secret_in_the_repository():
                 if re.search(r"TOKEN|SECRET|PASSWORD|KEY_ID|BACKEND_STORE", env["name"]):
                     assert "secretKeyRef" in env.get("valueFrom", {}), f"{path.name}: {env['name']} is not from a Secret"
         assert doc["kind"] != "Secret", f"{path.name} holds a Secret"
-    for path in [*CLUSTER.rglob("*"), REPO / "Dockerfile", REPO / "README.md"]:
+    pages = documentation()
+    for path in [*CLUSTER.rglob("*"), REPO / "Dockerfile", *pages]:
         if path.is_file() and path.suffix != ".pyc":
             text = path.read_text()
-            if path.name != "README.md":  # the README quotes MLflow run ids
+            if path not in pages:  # the README and docs/ quote MLflow run ids
                 assert not re.search(r"\b[0-9a-f]{32,}\b", text), f"{path} holds what looks like a token"
             assert not re.search(r"RAY_AUTH_TOKEN=[^\s$\"'.<]", text), f"{path} sets a token value"
 

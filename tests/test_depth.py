@@ -9,12 +9,11 @@ import torch
 from blockdrop import baselines as B
 from blockdrop import depth as D
 from blockdrop.checkpoints import load_models, save_checkpoint
-from blockdrop.distributed import StageConfig, setup_stage
 from blockdrop.flops import cost_model, resnet_cost
 from blockdrop.models.resnet import DepthPolicy, PolicyNet
 from blockdrop.presets import cifar_resnet, get_preset
 from blockdrop.prune import StaticPolicy, keeps_bracketing, static_flops
-from blockdrop.stages import depth_finetune_step, depth_step, nest_step
+from blockdrop.stages import StageConfig, depth_finetune_step, depth_step, nest_step, setup_stage
 
 from conftest import randomize_batchnorm, run_module
 
@@ -121,7 +120,7 @@ def test_a_depth_policy_checkpoint_loads_with_its_order_and_gamma(tmp_path):
 
 def stage(name: str, **extra) -> StageConfig:
     return StageConfig(preset="R26_DIGITS", stage=name, epochs=1, batch_size=16, lr=0.01, weight_decay=0.0,
-                       gamma=-2.0, drop_rate=0.0, dataset=None, data_dir=None, mlflow_uri=None, mlflow_run_id=None,
+                       gamma=-2.0, drop_rate=0.0, dataset=None, data_dir=None,
                        **extra)
 
 

@@ -9,8 +9,9 @@ import torch
 
 from blockdrop.checkpoints import save_checkpoint
 from blockdrop.data import load_dataset
-from blockdrop.evaluate import evaluate, make_loader
+from blockdrop.evaluate import make_loader
 from blockdrop.flops import cost_model
+from blockdrop.metrics import evaluate
 from blockdrop.presets import get_preset
 
 from conftest import randomize_batchnorm, run_module
@@ -135,7 +136,7 @@ def test_without_checkpoint_the_untrained_preset_is_evaluated_end_to_end():
 
 
 def test_tallies_of_shards_merge_into_the_tally_of_the_whole_set():
-    from blockdrop.evaluate import Tally, tally
+    from blockdrop.metrics import Tally, tally
 
     preset = get_preset("R26_DIGITS")
     torch.manual_seed(1)

@@ -149,7 +149,7 @@ def library_answers(front, version: int):
 
     from blockdrop.checkpoints import load_models
     from blockdrop.data import load_dataset
-    from blockdrop.evaluate import tally
+    from blockdrop.metrics import tally
     from blockdrop.flops import cost_model
     from blockdrop.presets import get_preset
 
@@ -342,8 +342,13 @@ def test_a_port_in_use_is_refused_before_anything_is_deployed(front, tmp_path):
 def test_original_blockdrop_files_are_served_with_preset_and_backbone(tmp_path):
     """An original finetuned file (agent + resnet) needs --preset; a curriculum file (agent only) also
     the pretrained ResNet (--backbone). Served answers equal the library's on the joined weights."""
-    from blockdrop.serve_cli import build_parser, validate
+    from blockdrop.parsers.serve import build_parser, check_flags
+    from blockdrop.serving import load_sources
     from test_checkpoints import drop_bn_counters, original_agent
+
+    def validate(args):
+        check_flags(args)
+        return load_sources(args)
 
     preset, backbone, policy = decisive_models(1, 0.0)
     finetuned, curriculum, resnet = tmp_path / "ckpt_E_10_A_0.9.t7", tmp_path / "ckpt_cl.t7", tmp_path / "R26.t7"
@@ -354,7 +359,7 @@ def test_original_blockdrop_files_are_served_with_preset_and_backbone(tmp_path):
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
 
     def engine(*argv):
-        return validate(build_parser().parse_args([*argv, "--mlflow-uri", empty]), check_port=False)[1]
+        return validate(build_parser().parse_args([*argv, "--mlflow-uri", empty]))[1]
 
     from blockdrop.execution import run_sparse
     from blockdrop.reinforce import greedy
@@ -377,7 +382,7 @@ def test_original_blockdrop_files_are_served_with_preset_and_backbone(tmp_path):
         engine("--model-uri", str(curriculum), "--preset", PRESET)
     with pytest.raises(Exception, match="--backbone applies to checkpoint files"):
         validate(build_parser().parse_args(["--model-uri", "models:/x", "--backbone", str(resnet),
-                                            "--mlflow-uri", empty]), check_port=False)
+                                            "--mlflow-uri", empty]))
 
 
 def test_mlflow_models_serve_takes_raw_pixels_and_answers_like_evaluate(front, tmp_path):

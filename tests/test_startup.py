@@ -116,12 +116,14 @@ def test_a_missing_checkpoint_is_still_refused_before_ray_and_mlflow(tmp_path):
 
 
 def test_the_parsers_and_the_library_share_one_definition_of_their_choices():
-    from blockdrop import choices, data, execution, job, reinforce, stages
+    from blockdrop import baselines, choices, data, execution, reinforce, stages
+    from blockdrop.parsers import common, evaluate, train
 
-    assert job.DATASETS is data.DATASETS is choices.DATASETS
-    assert job.ENTROPIES is reinforce.ENTROPIES and job.STAGES is stages.STAGES
-    assert job.TRAIN_EXECUTIONS is execution.TRAIN_EXECUTIONS
-    assert job.add_unreadable_flag is data.add_unreadable_flag and job.check_unreadable_share is data.check_unreadable_share
+    assert common.DATASETS is data.DATASETS is choices.DATASETS
+    assert train.ENTROPIES is reinforce.ENTROPIES and train.STAGES is stages.STAGES
+    assert common.TRAIN_EXECUTIONS is execution.TRAIN_EXECUTIONS
+    assert evaluate.BASELINES is baselines.BASELINES and evaluate.RANDOM_SEEDS is baselines.RANDOM_SEEDS
+    assert common.add_unreadable_flag is data.add_unreadable_flag and train.check_unreadable_share is data.check_unreadable_share
 
 def test_presets_are_made_once_and_shared():
     import blockdrop
@@ -141,7 +143,7 @@ def test_the_sweeps_progress_callback_is_a_tune_callback_that_pickles_by_name():
 
     from blockdrop import sweep
 
-    progress = sweep.progress_class()()
+    progress = sweep.Progress()
     progress.done = 3
     assert isinstance(progress, Callback) and sweep.Progress is type(progress)
     restored = pickle.loads(cloudpickle.dumps(progress))  # Tune keeps a sweep's callbacks in tuner.pkl
@@ -152,7 +154,7 @@ def test_harmless_ray_tracebacks_are_dropped_from_the_console_and_everything_els
     """Ray Train's controller on busy CPUs logs a page-long traceback that says it is safe to ignore; the
     filter drops it whole, across the batches Ray forwards it in, and keeps every other line of that
     process and of others, real errors included."""
-    from blockdrop.distributed import harmless_line_filter
+    from blockdrop.console import harmless_line_filter
 
     keep = harmless_line_filter()
     head = ["Failed to send resource request for train-7f2c. If this only happens transiently during network "

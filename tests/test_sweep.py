@@ -164,7 +164,7 @@ def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(gri
     import mlflow.pyfunc
     import numpy as np
 
-    from blockdrop.tracking import raw_images
+    from blockdrop.pyfunc import raw_images
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     test = load_dataset(PRESET, "test")
@@ -216,7 +216,8 @@ def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(gri
 ])
 def test_invalid_sweeps_fail_fast(tmp_path, curriculum_checkpoint, monkeypatch, args, message):
     from blockdrop.errors import UserError
-    from blockdrop.sweep import parse_args, validate
+    from blockdrop.parsers.sweep import parse_args
+    from blockdrop.plans import plan_sweep as validate
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=message):
@@ -225,7 +226,8 @@ def test_invalid_sweeps_fail_fast(tmp_path, curriculum_checkpoint, monkeypatch, 
 
 def test_checkpoint_without_policy_or_for_another_preset_is_refused(tmp_path):
     from blockdrop.errors import UserError
-    from blockdrop.sweep import parse_args, validate
+    from blockdrop.parsers.sweep import parse_args
+    from blockdrop.plans import plan_sweep as validate
 
     resnet_only = tmp_path / "resnet.pt"
     save_checkpoint(resnet_only, PRESET, PRESET.build_backbone())
@@ -242,7 +244,7 @@ def test_checkpoint_without_policy_or_for_another_preset_is_refused(tmp_path):
 
 def test_init_from_an_mlflow_run_artifact(tmp_path, monkeypatch):
     from blockdrop.errors import UserError
-    from blockdrop.sweep import resolve_init
+    from blockdrop.plans import resolve_init
     from blockdrop.tracking import Tracker
 
     monkeypatch.chdir(tmp_path)

@@ -67,7 +67,8 @@ def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
 ])
 def test_invalid_input_is_refused_by_validation(tmp_path, monkeypatch, args, message):
     from blockdrop.errors import UserError
-    from blockdrop.job import build_parser, validate
+    from blockdrop.parsers.train import build_parser
+    from blockdrop.plans import validate
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=re.escape(message)):
@@ -75,7 +76,7 @@ def test_invalid_input_is_refused_by_validation(tmp_path, monkeypatch, args, mes
 
 
 def test_unknown_stages_are_refused_by_the_parser(capsys):
-    from blockdrop.job import build_parser
+    from blockdrop.parsers.train import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--stage", "bogus"])
@@ -89,12 +90,15 @@ def test_stage_all_runs_what_follows_the_init_checkpoint(tmp_path):
     curriculum onwards when it was trained with stochastic depth; a policy: finetune. The policy follows
     the stages named and what --init holds."""
     from blockdrop.checkpoints import save_checkpoint
-    from blockdrop.job import build_parser, plan_stages, policy_kind
+    from blockdrop.checkpoints import read_checkpoint
+    from blockdrop.parsers.train import build_parser
+    from blockdrop.plans import plan_stages, policy_kind
     from blockdrop.presets import get_preset
 
     def plan(preset: str, *args: str) -> list[str]:
         parsed = build_parser().parse_args(["--preset", preset, *args])
-        return plan_stages(get_preset(preset), parsed, policy_kind(parsed))
+        init = read_checkpoint(parsed.init) if parsed.init else None
+        return plan_stages(get_preset(preset), parsed, policy_kind(parsed, init), init)
 
     r32, digits = get_preset("R32_C10"), get_preset("R26_DIGITS")
     assert plan("R32_C10") == ["pretrain", "nest", "depth", "finetune"]
@@ -121,7 +125,8 @@ def test_stage_all_runs_what_follows_the_init_checkpoint(tmp_path):
 def test_stages_on_other_data_last_a_fixed_number_of_steps(tmp_path):
     """On an image folder the policy stages are sized in optimisation steps, whatever the folder's size;
     flags still win."""
-    from blockdrop.job import build_parser, stage_settings
+    from blockdrop.parsers.train import build_parser
+    from blockdrop.plans import stage_settings
     from blockdrop.presets import CURRICULUM_PACE, OTHER_DATA_STAGES, get_preset
 
     r32 = get_preset("R32_C10")
@@ -235,7 +240,7 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model(f"runs:/{parent.info.run_id}/model")
-    from blockdrop.tracking import raw_images
+    from blockdrop.pyfunc import raw_images
 
     test = load_dataset(get_preset("R26_DIGITS"), "test")
     images = raw_images(get_preset("R26_DIGITS"), np.stack([test[i][0].numpy() for i in range(64)]))  # 0..255 pixels
@@ -323,7 +328,7 @@ def test_logs_to_a_real_mlflow_server(tmp_path, mlflow_server):  # noqa: F811
 
 
 def test_checkpoints_go_where_the_run_storage_is_unless_told(tmp_path):
-    from blockdrop.job import output_folder
+    from blockdrop.ray_session import output_folder
 
     assert output_folder(None, str(tmp_path / "shared"), "job1") == tmp_path / "shared" / "job1" / "checkpoints"
     assert output_folder(str(tmp_path / "mine"), str(tmp_path / "shared"), "job1") == tmp_path / "mine"

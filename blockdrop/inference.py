@@ -1,0 +1,144 @@
+"""Running a trained model: load it once, then per image its blocks, their cost and its class.
+
+The project's one inference path: evaluation (blockdrop.metrics.tally, which training's test passes
+use too), the MLflow model (blockdrop.pyfunc) and the server (blockdrop.serving) all call `predict`,
+and all turn a client's raw images into the network's input with one `Decoder`.
+
+    model = load("checkpoints/JOB-finetune.pt")
+    out = model.predict(model.decoder(open("digit.png", "rb").read())[None])
+    out.classes, out.policies, out.blocks, out.flops
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from blockdrop.checkpoints import Checkpoint, load_models, read_checkpoint
+from blockdrop.data import eval_transform
+from blockdrop.errors import UserError
+from blockdrop.execution import run_sparse
+from blockdrop.flops import CostModel, cost_model
+from blockdrop.models.resnet import FlatResNet, PolicyNet
+from blockdrop.presets import Preset, get_preset
+from blockdrop.reinforce import force_undecided, greedy
+
+# What decides an image's blocks: a policy network (its greedy decisions; its FLOPs are paid), a
+# function from images to 0/1 rows (an image-blind baseline, a pruned ResNet's StaticPolicy: nothing
+# to pay for), or None (every block: the full ResNet).
+Policy = nn.Module | Callable[[torch.Tensor], torch.Tensor] | None
+
+
+@dataclass
+class Prediction:
+    """Per image: the logits, the 0/1 blocks it ran and their FLOPs (the policy network's included)."""
+
+    logits: torch.Tensor  # (N, classes)
+    policies: torch.Tensor  # (N, K) 0/1
+    flops: torch.Tensor  # (N,)
+
+    @property
+    def classes(self) -> torch.Tensor:
+        return self.logits.argmax(1)
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        return self.policies.sum(1)
+
+    def policy_strings(self) -> list[str]:
+        """Each image's policy as the string of its blocks' 0/1 ("110100..."): what answers show."""
+        return ["".join(str(int(v)) for v in row) for row in self.policies.tolist()]
+
+
+@torch.inference_mode()
+def predict(backbone: FlatResNet, policy: Policy, images: torch.Tensor, costs: CostModel,
+            decided: torch.Tensor | None = None) -> Prediction:
+    """Choose each image's blocks with `policy` and run only those (sparse execution). `decided` (a
+    K-vector of 0/1) forces the other blocks on, as the curriculum stage evaluates."""
+    if policy is None:
+        policies = torch.ones(len(images), backbone.num_blocks, device=images.device)
+        return Prediction(backbone(images), policies,
+                          torch.full((len(images),), float(costs.full), dtype=torch.float64, device=images.device))
+    learned = isinstance(policy, PolicyNet)
+    policies = greedy(policy(images)) if learned else policy(images)
+    if decided is not None:
+        policies = force_undecided(policies, decided.to(images.device))
+    return Prediction(run_sparse(backbone, images, policies), policies, costs.per_image(policies, with_policy=learned))
+
+
+def from_base64(text: str) -> bytes:
+    """The bytes of a base64 string; a ValueError if it is not one."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not valid base64") from None
+
+
+def decode_image(data: bytes, in_channels: int) -> Image.Image:
+    """Encoded image bytes (PNG, JPEG, ...) as a PIL image in the preset's mode; a ValueError if Pillow
+    cannot read them."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("L" if in_channels == 1 else "RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise ValueError("not a PNG, JPEG or other image Pillow reads") from None
+
+
+class Decoder:
+    """A client's image as the network's input: encoded bytes (PNG, JPEG, ...) or uint8 pixels (H, W, C)
+    in 0..255, through the preset's evaluation transform (resize, crop, normalise)."""
+
+    def __init__(self, preset: Preset):
+        self.channels = preset.in_channels
+        self.transform = eval_transform(preset)
+
+    def __call__(self, image: bytes | np.ndarray) -> torch.Tensor:
+        if isinstance(image, (bytes, bytearray)):
+            return self.transform(decode_image(bytes(image), self.channels))
+        pixels = image[..., 0] if self.channels == 1 and image.ndim == 3 else image
+        return self.transform(Image.fromarray(pixels, "L" if self.channels == 1 else "RGB"))
+
+
+@dataclass
+class Model:
+    """A trained model ready to answer: the preset, its ResNet and policy in eval mode on `device`, the
+    cost model of that policy, its decoder, and the checkpoint it came from (metadata: figures, reference)."""
+
+    preset: Preset
+    backbone: FlatResNet
+    policy: nn.Module | None
+    costs: CostModel
+    decoder: Decoder
+    checkpoint: Checkpoint
+    device: torch.device
+
+    def predict(self, images: torch.Tensor, full: bool = False) -> Prediction:
+        """Each image under its own policy (`full`: every block, no policy network)."""
+        return predict(self.backbone, None if full else self.policy, images.to(self.device),
+                       cost_model(self.preset) if full else self.costs)
+
+
+def load(path: str | os.PathLike, preset: str | None = None, backbone_file: str | os.PathLike | None = None,
+         device: str | torch.device = "cpu") -> Model:
+    """The model of a checkpoint file, read once. `preset`: the preset the file is for (a UserError if
+    it records another), needed where it records none; `backbone_file` supplies the ResNet of a file
+    that holds only a policy."""
+    ckpt = read_checkpoint(path)
+    name = preset or ckpt.preset
+    if name is None:
+        raise UserError(f"{path} does not say its preset: pass --preset")
+    found = get_preset(name)
+    backbone, policy, ckpt = load_models(found, ckpt, backbone_file)
+    device = torch.device(device)
+    backbone.eval().to(device)
+    if policy is not None:
+        policy.eval().to(device)
+    return Model(found, backbone, policy, cost_model(found, policy), Decoder(found), ckpt, device)

@@ -1,0 +1,35 @@
+"""The flags train_job.py and tune_penalty.py share: how training runs, and where data, Ray and MLflow are."""
+from __future__ import annotations
+
+import argparse
+
+from blockdrop.choices import DATASETS, TRAIN_EXECUTIONS, add_unreadable_flag
+from blockdrop.errors import UserError
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """How training runs (the flags train_job.py and tune_penalty.py share)."""
+    parser.add_argument("--train-execution", choices=TRAIN_EXECUTIONS, default="sparse",
+                        help="finetuning and stochastic depth: sparse (default) runs each block on the images whose "
+                             "policy keeps it, so a step costs what the policy keeps and each block's BatchNorm "
+                             "sees the images it runs on; masked runs every block on every image and blends, as "
+                             "the original code (benchmarks/results/finetune_cpu.md compares them)")
+    parser.add_argument("--eval-every", type=int, default=1, metavar="N",
+                        help="evaluate on the test set every N epochs and after the last (default 1); on ImageNet "
+                             "an evaluation is 50k images, and on CIFAR's curriculum a third of an epoch's time")
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    if args.eval_every < 1:
+        raise UserError(f"--eval-every is a number of epochs >= 1, not {args.eval_every}")
+
+
+def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    """Where data, Ray and MLflow are: the flags train_job.py and tune_penalty.py share."""
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--dataset", choices=DATASETS, help="default: the preset's dataset")
+    parser.add_argument("--data-dir", help="dataset folder; on a cluster, shared storage every node sees")
+    add_unreadable_flag(parser)
+    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--storage-path", help="Ray run storage (default ~/ray_results; shared storage on a cluster)")

@@ -1,0 +1,61 @@
+"""`python -m blockdrop.evaluate`'s flags and the checks they allow before anything is loaded."""
+from __future__ import annotations
+
+import argparse
+
+from blockdrop.choices import BASELINES, DATASETS, RANDOM_SEEDS, add_unreadable_flag, check_unreadable_share
+from blockdrop.errors import UserError
+from blockdrop.presets import PRESET_NAMES, check_preset_name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m blockdrop.evaluate",
+        description="Evaluate a BlockDrop checkpoint: the greedy policy (s >= 0.5) with sparse execution, "
+                    "reported as in the paper. A checkpoint without a policy evaluates the full ResNet.",
+        epilog="Checkpoints: this project's files, original BlockDrop files (agent/resnet), or pretrained "
+               "ResNets in torchvision layout.",
+    )
+    parser.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESET_NAMES)}")
+    parser.add_argument("--checkpoint", help="checkpoint file to evaluate; without it, the preset's untrained "
+                                             "initialisation (a smoke test of data, policy and sparse execution)")
+    parser.add_argument("--backbone", help="pretrained ResNet file, for a checkpoint that holds only a policy")
+    parser.add_argument("--dataset", choices=DATASETS, help="default: the preset's dataset")
+    parser.add_argument("--data-dir", help="dataset folder (CIFAR: downloaded here when missing; default ./data)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N test images")
+    parser.add_argument("--num-workers", type=int, help="data loader processes (default: 0 for in-memory sets, "
+                                                        "else up to 4)")
+    add_unreadable_flag(parser)
+    parser.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--no-download", action="store_true", help="never download a missing dataset")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    parser.add_argument("--baseline", choices=BASELINES,
+                        help="evaluate an image-blind policy on the checkpoint's ResNet instead of its policy network: "
+                             "firstk (the first K blocks), randomk (K random blocks per image, "
+                             f"{RANDOM_SEEDS} draws), distributek (K spread over the stages), greedy (drop the "
+                             "least useful block, on a slice of the training images, until K are left)")
+    parser.add_argument("--keep", type=int, help="K, the blocks an image-blind --baseline keeps")
+    parser.add_argument("--compare", action="store_true",
+                        help="also evaluate every --baseline at the policy's FLOPs: does the per-image policy beat "
+                             "the image-blind ones?")
+    parser.add_argument("--pruned", type=lambda text: [p for p in text.split(",") if p], metavar="FILE[,FILE]",
+                        help="with --compare: prune-and-finetune checkpoints (train_job.py --stage prune; a job "
+                             "writes them as NAME-prune-K*.pt) to compare with too, at equal FLOPs")
+    parser.add_argument("--report-dir", help="write the policy pictures (blocks per image, per class, frequent "
+                                             "policies with sample images, ...) and report.json into this folder")
+    return parser
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Every check of the flags alone (no file read, no torch): a bad one answers at once."""
+    check_preset_name(args.preset)
+    if (args.baseline is None) != (args.keep is None):
+        raise UserError("--baseline and --keep go together: --baseline greedy --keep 8")
+    check_unreadable_share(args.max_bad_images)
+    if args.baseline and args.compare:
+        raise UserError("--compare compares the checkpoint's own policy with the baselines; leave out --baseline")
+    if args.pruned and not args.compare:
+        raise UserError("--pruned lists competitors of --compare: add --compare")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {args.batch_size}")
