@@ -111,14 +111,20 @@ def run_trial(config: dict, sweep: SweepSettings) -> None:
             tracker.log_metrics(run_id, comparison.metrics(), step=0)
         test = load_dataset(preset, "test", s.dataset, s.data_dir)
         report, _ = tracker.publish(run_id, checkpoint, trained, preset, input_example(preset, test),
-                                    {"preset": preset.name, "gamma": gamma, "lr": lr, "policy_lr": s.policy_lr or lr})
+                                    {"preset": preset.name, "gamma": gamma, "lr": lr, "policy_lr": s.policy_lr or lr},
+                                    final=lambda r: {f"final_{k}": v for k, v in trial_result(r).items()})
         tracker.finish(run_id, ok=True)
     except BaseException:
         tracker.finish(run_id, ok=False)
         raise
-    # the same keys as the per-epoch reports: what the search optimises
-    tune.report({"test_accuracy": report.accuracy, "flops_per_image": report.flops_mean, "speedup": report.speedup,
-                 "blocks_used": report.blocks_mean, "unique_policies": report.unique_policies})
+    tune.report(trial_result(report))
+
+
+def trial_result(report) -> dict[str, float]:
+    """A trial's result, what the search optimises: the same keys as the per-epoch reports (its run
+    keeps them as final_*)."""
+    return {"test_accuracy": report.accuracy, "flops_per_image": report.flops_mean, "speedup": report.speedup,
+            "blocks_used": report.blocks_mean, "unique_policies": report.unique_policies}
 
 
 class Progress(Callback):

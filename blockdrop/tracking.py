@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
@@ -180,14 +181,14 @@ class Tracker:
         return info.model_uri
 
     def publish(self, run_id: str, checkpoint: Path, trained: Checkpoint, preset, example: np.ndarray,
-                params: dict) -> tuple[Report, str]:
+                params: dict, final: Callable[[Report], dict[str, float]] | None = None) -> tuple[Report, str]:
         """A trained model on its run, as a job and a sweep trial both leave it: the final figures of its
-        checkpoint (`trained`, as read from `checkpoint`) as final_* metrics at its last epoch's step, then
-        the checkpoint, the report and the pyfunc model (which takes that step's metrics). Returns the
-        report and the model's URI."""
+        checkpoint (`trained`, as read from `checkpoint`) as metrics at its last epoch's step (`final` of
+        its report; default report_metrics), then the checkpoint, the report and the pyfunc model (which
+        takes that step's metrics). Returns the report and the model's URI."""
         report = final_report(trained.meta, cost_model(preset).full)
         step = int(trained.meta.get("epoch", 0))
-        self.log_metrics(run_id, report_metrics(report), step=step)
+        self.log_metrics(run_id, (final or report_metrics)(report), step=step)
         return report, self.log_model(run_id, checkpoint, report.text(), example, step=step, params=params)
 
     # -- what jobs and sweeps read and write besides metrics

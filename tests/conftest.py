@@ -16,6 +16,13 @@ torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment of a command a test runs as a user would: no Ray address or MLflow tracking URI
+    inherited from the test run's own, this checkout on PYTHONPATH, output unbuffered; plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    return {**env, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **extra}
+
+
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     """`python -m module args` as a user runs it, from the current directory."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

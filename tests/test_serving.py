@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, _free_port
+from conftest import REPO, _free_port, clean_env
 
 PRESET = "R26_DIGITS"
 MODEL = "serve-test-front"
@@ -86,11 +86,6 @@ def front(mlflow_server, tmp_path_factory):
 
 def serve_cmd(*args: str) -> list[str]:
     return [sys.executable, str(REPO / "serve_policy.py"), *args]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return {**env, "PYTHONPATH": str(REPO), **extra}
 
 
 def http(method: str, url: str, body: bytes | None = None, content_type: str | None = None) -> tuple[int, dict]:

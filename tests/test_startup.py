@@ -7,14 +7,13 @@ blockdrop.choices, shared with the library.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, clean_env
 
 HEAVY = ("torch", "torchvision", "ray", "mlflow")
 
@@ -44,9 +43,7 @@ print(json.dumps({{"code": code, "out": out.getvalue(), "err": err.getvalue(), "
 def start(tmp_path, target: str, *args: str) -> dict:
     if ":" not in target:
         target = str(REPO / target)
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run([sys.executable, "-c", DRIVER, target, *args], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-c", DRIVER, target, *args], cwd=tmp_path, env=clean_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -19,7 +19,7 @@ from blockdrop.execution import Executor
 from blockdrop.presets import get_preset
 from blockdrop.stages import Models, make_optimizer, train_epoch
 
-from conftest import REPO
+from conftest import REPO, clean_env
 
 PRESET = get_preset("R26_DIGITS")
 K = PRESET.num_blocks
@@ -54,13 +54,6 @@ def sweep_cmd(tmp_path: Path, init: Path, *args: str) -> list[str]:
             "--epochs", "2", *args]
 
 
-def env() -> dict:
-    e = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    e.pop("MLFLOW_TRACKING_URI", None)
-    e.pop("RAY_ADDRESS", None)
-    return e
-
-
 def sweep_runs(tmp_path: Path, name: str):
     from mlflow.tracking import MlflowClient
 
@@ -79,7 +72,7 @@ def grid_sweep(tmp_path_factory, curriculum_checkpoint):
     without rerunning that trial. Returns its folder (mlflow.db), the finished trial and the resumed run."""
     tmp_path = tmp_path_factory.mktemp("grid")
     cmd = sweep_cmd(tmp_path, curriculum_checkpoint, "--penalties", "-0.5,-5,-20", "--name", "grid")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     deadline = time.time() + 600
     for line in proc.stdout:
@@ -93,7 +86,7 @@ def grid_sweep(tmp_path_factory, curriculum_checkpoint):
     finished = [c for c in before if c.info.status == "FINISHED"]
     assert len(finished) == 1
 
-    again = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
+    again = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     return tmp_path, finished[0], again
 
@@ -238,7 +231,7 @@ def test_checkpoint_without_policy_or_for_another_preset_is_refused(tmp_path):
     with pytest.raises(UserError, match="saved for preset R32_C10"):
         validate(parse_args(["--init", str(other), "--penalties", "-1"]))
     proc = subprocess.run([sys.executable, str(REPO / "tune_penalty.py"), "--init", str(other), "--penalties", "-1"],
-                          env=env(), capture_output=True, text=True, timeout=120)
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "saved for preset R32_C10" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -301,7 +294,7 @@ def test_the_sweep_opens_on_its_front_in_mlflow_ui(grid_sweep, tmp_path):
 
 def test_resume_of_a_sweep_that_never_existed_is_refused(tmp_path, curriculum_checkpoint):
     proc = subprocess.run(sweep_cmd(tmp_path, curriculum_checkpoint, "--penalties", "-1", "--name", "never-existed",
-                                    "--resume"), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=180)
+                                    "--resume"), cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2 and "--resume --name never-existed: no such sweep" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 
@@ -310,7 +303,7 @@ def test_ctrl_c_during_a_sweep_leaves_no_run_running(tmp_path, curriculum_checkp
     """SIGINT to the sweep's process group (Ctrl-C in a terminal) while a trial trains: the sweep stops
     with a line saying how to resume, the parent run is FAILED and no trial run stays RUNNING."""
     cmd = sweep_cmd(tmp_path, curriculum_checkpoint, "--penalties", "-1,-5", "--name", "stopped", "--no-analysis")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     lines, deadline = [], time.time() + 300
     for line in proc.stdout:

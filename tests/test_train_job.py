@@ -12,21 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, mlflow_server  # noqa: F401  (fixture)
+from conftest import REPO, clean_env, mlflow_server  # noqa: F401  (fixture)
 
 K = 12  # blocks of R26_DIGITS
 
 
-def job_env(tmp_path: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
 def train_job(tmp_path: Path, *args: str, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "train_job.py"), "--storage-path", str(tmp_path / "ray"),
-                           *args], cwd=tmp_path, env={**job_env(tmp_path), **env}, capture_output=True, text=True,
+                           *args], cwd=tmp_path, env=clean_env(**env), capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -222,7 +215,7 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     # the same job again with a storage path that cannot be created: refused before anything starts,
     # and its finished run stays as it was
     again = subprocess.run([sys.executable, str(REPO / "train_job.py"), "--name", "e2e", "--storage-path", "/proc/x"],
-                           cwd=tmp_path, env=job_env(tmp_path), capture_output=True, text=True, timeout=120)
+                           cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "--storage-path /proc/x cannot be created" in again.stderr, again.stderr[-2000:]
     after = client.get_run(parent.info.run_id).info
     assert (after.status, after.end_time) == ("FINISHED", parent.info.end_time)
@@ -272,7 +265,7 @@ def test_blockdrops_own_policy_trains_on_request(tmp_path):
 def test_killed_worker_is_replaced_and_training_resumes_in_the_same_mlflow_run(tmp_path):
     args = [sys.executable, str(REPO / "train_job.py"), "--stage", "pretrain", "--epochs", "6", "--name", "chaos",
             "--num-workers", "2", "--storage-path", str(tmp_path / "ray")]
-    proc = subprocess.Popen(args, cwd=tmp_path, env=job_env(tmp_path), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(args, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines, killed = [], None
     deadline = time.time() + 600

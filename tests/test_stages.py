@@ -1,0 +1,97 @@
+"""BlockDrop's two REINFORCE steps, each on its own: what they train, what they leave alone, and the loss
+they minimise, on a small preset with non-trivial BatchNorm statistics."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blockdrop import reinforce as R
+from blockdrop.execution import Executor, run_sparse
+from blockdrop.presets import get_preset
+from blockdrop.stages import curriculum_step, finetune_step
+
+from conftest import randomize_batchnorm
+
+PRESET = get_preset("R26_DIGITS")
+K = PRESET.num_blocks
+
+
+def models(seed: int = 0):
+    torch.manual_seed(seed)
+    backbone = randomize_batchnorm(PRESET.build_backbone(), seed)
+    policy = PRESET.build_policy()
+    with torch.no_grad():  # keep-probabilities spread over (0, 1): sampled and greedy policies differ
+        policy.logit.bias.copy_(torch.linspace(-1.5, 1.5, K))
+    images = torch.randn(24, PRESET.in_channels, PRESET.image_size, PRESET.image_size)
+    labels = torch.randint(PRESET.num_classes, (24,))
+    return backbone, policy, images, labels
+
+
+def test_curriculum_step_trains_the_decided_blocks_of_the_policy_alone():
+    backbone, policy, images, labels = models()
+    backbone.requires_grad_(False)
+    before = copy.deepcopy(backbone.state_dict())
+    index = 3  # the last four blocks are decided
+    out = curriculum_step(policy, backbone, images, labels, index, gamma=-1.0, beta=0.0)
+    rows = policy.logit.weight.grad.abs().sum(1)
+    assert torch.all(rows[:K - index - 1] == 0), "undecided blocks get no REINFORCE gradient"
+    assert torch.all(rows[K - index - 1:] > 0), "decided blocks do"
+    assert all(p.grad is None for p in backbone.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items()), "frozen: BatchNorm statistics too"
+    assert torch.all(out.blocks >= K - index - 1), "undecided blocks are forced on"
+    assert torch.equal(out.correct, out.reward > -1.0)
+
+
+def test_curriculum_step_minimises_self_critical_reinforce_minus_the_original_entropy_bonus():
+    backbone, policy, images, labels = models(1)
+    index, gamma, beta = 5, -2.0, 0.1
+    torch.manual_seed(7)
+    out = curriculum_step(policy, backbone, images, labels, index, gamma, beta=beta)
+    with torch.no_grad():  # by hand, from the same draw
+        torch.manual_seed(7)
+        probs = policy(images)
+        bounded, mask = R.bound(probs), R.curriculum_mask(K, index)
+        sampled = R.force_undecided(R.sample(bounded), mask)
+        greedy = R.force_undecided(R.greedy(probs), mask)
+
+        def reward(policy_rows):
+            return R.reward(run_sparse(backbone, images, policy_rows).argmax(1) == labels, policy_rows, gamma)
+
+        advantage = reward(sampled) - reward(greedy)
+        logp = R.log_prob(bounded, sampled) * mask
+        expected = -(logp.sum(1) * advantage).mean() - beta * R.entropy_original(bounded)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.equal(out.reward, reward(sampled)) and torch.equal(out.blocks, sampled.sum(1))
+
+
+def test_finetune_step_trains_both_networks_on_the_sampled_policy_with_a_greedy_baseline_in_eval_mode():
+    backbone, policy, images, labels = models(2)
+    untouched = copy.deepcopy(backbone)
+    executor = Executor(backbone, "sparse")
+    backbone.train()
+    gamma = -5.0
+    torch.manual_seed(11)
+    out = finetune_step(policy, executor, backbone, images, labels, gamma)
+    assert backbone.training, "the ResNet is back in train mode"
+    assert policy.logit.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone.parameters())
+
+    torch.manual_seed(11)  # by hand, from the same draw
+    probs = policy(images)
+    bounded = R.bound(probs)
+    sampled, greedy = R.sample(bounded), R.greedy(probs)
+    with torch.no_grad():
+        untouched.eval()
+        baseline = R.reward(run_sparse(untouched, images, greedy).argmax(1) == labels, greedy, gamma)
+    untouched.train()
+    logits = run_sparse(untouched, images, sampled)  # train mode: updates BatchNorm statistics, as the step did
+    reward = R.reward(logits.argmax(1) == labels, sampled, gamma)
+    expected = R.reinforce_loss(bounded, sampled, reward - baseline) + F.cross_entropy(logits, labels)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.equal(out.correct, logits.argmax(1) == labels) and torch.equal(out.blocks, sampled.sum(1))
+    # the greedy baseline ran in eval mode: BatchNorm statistics moved once, by the train-mode pass alone
+    for (name, mine), theirs in zip(backbone.named_buffers(), untouched.buffers()):
+        assert torch.allclose(mine, theirs), name
