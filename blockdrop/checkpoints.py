@@ -29,6 +29,7 @@ from torch import nn
 from blockdrop.errors import UserError
 from blockdrop.models.resnet import FlatResNet
 from blockdrop.presets import PRESETS, Preset
+from blockdrop.prune import StaticPolicy
 
 FORMAT = "blockdrop-checkpoint/1"
 StateDict = dict[str, torch.Tensor]
@@ -261,7 +262,5 @@ def load_models(preset: Preset, checkpoint: str | os.PathLike | Checkpoint,
         policy = build_policy(preset, ckpt.policy)
         load_state(policy, ckpt.policy, preset, "policy", checkpoint)
     elif ckpt.meta.get("config", {}).get("static_policy") is not None:  # a pruned ResNet (train_job --stage prune)
-        from blockdrop.prune import StaticPolicy
-
         policy = StaticPolicy(torch.tensor(ckpt.meta["config"]["static_policy"], dtype=torch.float32))
     return backbone, policy, ckpt

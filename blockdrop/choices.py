@@ -7,6 +7,12 @@ import argparse
 
 from blockdrop.errors import UserError
 
+# The presets' names, in blockdrop.presets.PRESETS' order (which checks that the two agree).
+PRESET_NAMES = ("R32_C10", "R110_C10", "R32_C100", "R110_C100", "R101_ImgNet", "R26_DIGITS")
+# On other data than a preset's own, the curriculum decides one more block every this many optimisation
+# steps (blockdrop.presets.OTHER_DATA_STAGES).
+CURRICULUM_PACE = 13
+
 DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder", "digits")
 STAGES = ("pretrain", "adapt", "curriculum", "finetune")
 # The depth policy's stages (blockdrop.depth): nest the ResNet along one block order, train the policy
@@ -23,6 +29,12 @@ RANDOM_SEEDS = 5  # RandomK's accuracy is the mean over this many draws
 ENTROPIES = ("original", "bernoulli")  # the curriculum's entropy bonus: see reinforce.entropy_original / entropy
 TRAIN_EXECUTIONS = ("sparse", "masked")  # how finetuning and stochastic depth run the ResNet (execution.Executor)
 MAX_UNREADABLE = 0.001  # default share of a folder's images that may be unreadable (--max-bad-images)
+
+
+def check_preset_name(name: str) -> None:
+    """A UserError listing the known presets unless `name` is one."""
+    if name not in PRESET_NAMES:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESET_NAMES)}")
 
 
 def add_unreadable_flag(parser: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from blockdrop import preflight
 from blockdrop.errors import run_cli
 from blockdrop.parsers import evaluate as evaluate_flags
+from blockdrop.parsers import quickstart as quickstart_flags
 from blockdrop.parsers import serve as serve_flags
 from blockdrop.parsers import sweep as sweep_flags
 from blockdrop.parsers import train as train_flags
@@ -68,6 +69,16 @@ def run_evaluate(argv: list[str] | None = None) -> None:
     work.run(args)
 
 
+def run_quickstart(argv: list[str] | None = None) -> None:
+    """python -m blockdrop.quickstart ARGV: the main job, then a sweep from its checkpoint before finetuning."""
+    args = quickstart_flags.build_parser().parse_args(argv)
+    run_train(["--name", args.name])
+    before = "depth" if train_flags.DEFAULT_POLICY == "depth" else "curriculum"  # the stage before finetuning
+    print(f"\n== sweep of gamma over {args.penalties}, starting from the {before} checkpoint", flush=True)
+    run_sweep(["--init", f"checkpoints/{args.name}-{before}.pt", "--penalties", args.penalties,
+               "--epochs", args.sweep_epochs, "--name", f"{args.name}-sweep"])
+
+
 def train() -> None:
     run_cli(run_train)
 
@@ -97,6 +108,4 @@ def sample_data() -> None:
 
 
 def quickstart() -> None:
-    from blockdrop.quickstart import main
-
-    run_cli(main)
+    run_cli(run_quickstart)

@@ -43,24 +43,15 @@ class PruneRuns:
     max_failures: int = 3
 
 
-def user_resnet_file(reference: dict | None) -> Path | None:
-    """The file of the user's ResNet a reference names, where it is at hand here."""
-    source = Path((reference or {}).get("file", ""))
-    return source if (reference or {}).get("file") and source.is_file() else None
-
-
 def prune_baseline(preset: Preset, runs: PruneRuns, payloads: Payloads, reference: dict | None, flops: list[float],
                    steps: int, policy_seconds: float) -> list[tuple[int, dict, list[int]]]:
     """Prune-and-finetune from the user's ResNet at the block counts that bracket each of `flops` (a learned
     policy's FLOPs per image), for `steps` optimisation steps (as many as the learned policy's stages
     trained the ResNet): (K, ResNet state dict, 0/1 row) each. Its runs are children of `runs.parent_id`;
     its time is logged there beside the policy's (`policy_seconds`)."""
-    source = user_resnet_file(reference)
-    if source is None:
-        print(f"note: prune-and-finetune left out: the user's ResNet file ({(reference or {}).get('file') or 'unknown'})"
-              " is not here", file=sys.stderr)
+    start = payloads.user_resnet(reference, "prune-and-finetune left out")
+    if start is None:
         return []
-    start = payloads.of_file(source)
     order = order_remotely(preset.name, start, runs.dataset, runs.data_dir, runs.gpu)
     plain = argparse.Namespace(dataset=runs.dataset, preset=preset.name, epochs=None, lr=None, batch_size=None)
     settings = prune_settings(preset, plain, runs.train_size, steps)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import multiprocessing
 import socket
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
+from torchvision import datasets
+from torchvision import transforms as T
 
 from blockdrop.choices import DATASETS, MAX_UNREADABLE, add_unreadable_flag, check_unreadable_share  # noqa: F401 (re-exported)
 from blockdrop.errors import UserError
@@ -25,13 +28,7 @@ DEFAULT_DATA_DIR = Path("data")
 DOWNLOAD_TIMEOUT_S = 30.0
 
 
-# torchvision is imported where it is used: it costs seconds at start-up, and a CLI that fails on a bad
-# flag should not pay for it.
-
-
 def _normalize(preset: Preset):
-    from torchvision import transforms as T
-
     return T.Normalize(preset.mean, preset.std)
 
 
@@ -53,14 +50,10 @@ CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 @functools.cache
 def cifar_class(name: str) -> type:
-    from torchvision import datasets
-
     return _presence_only({"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name])
 
 
 def _cifar(preset: Preset, name: str, root: Path, train: bool, download: bool, augment: bool) -> Dataset:
-    from torchvision import transforms as T
-
     cls = cifar_class(name)
     if preset.image_size != 32 or preset.in_channels != 3:
         raise UserError(f"{name} has 32x32 RGB images; preset {preset.name} expects "
@@ -93,8 +86,6 @@ def _cifar(preset: Preset, name: str, root: Path, train: bool, download: bool, a
 
 
 def _folder_transform(preset: Preset, augment: bool, imagenet: bool):
-    from torchvision import transforms as T
-
     size = preset.image_size
     gray = [T.Grayscale(preset.in_channels)] if preset.in_channels == 1 else []
     if imagenet and augment:
@@ -116,8 +107,6 @@ def _image_folder(preset: Preset, name: str, root: Path, train: bool, augment: b
     if folder is None or not folder.is_dir():
         want = f"{root}/train/ and {root}/val/" if name == "imagenet" else f"{root}/ (class subfolders)"
         raise UserError(f"{name} data not found: expected class folders under {want}; pass --data-dir")
-    from torchvision import datasets
-
     try:
         ds = SkipUnreadable(datasets.ImageFolder(str(folder), transform=_folder_transform(preset, augment,
                                                                                           name == "imagenet")), folder)
@@ -143,8 +132,6 @@ class SkipUnreadable(Dataset):
     `check_unreadable`."""
 
     def __init__(self, folder, root: Path):
-        import multiprocessing
-
         self.folder, self.root = folder, root
         self.samples, self.classes, self.targets = folder.samples, folder.classes, folder.targets
         self._count = multiprocessing.Value("i", 0)  # inherited by forked DataLoader workers
@@ -232,9 +219,8 @@ class Digits(Dataset):
     """scikit-learn's 1797 bundled 8x8 handwritten digits; a fixed stratified 80/20 split."""
 
     def __init__(self, preset: Preset, train: bool, augment: bool):
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # only this set needs scikit-learn (a second to import)
         from sklearn.model_selection import train_test_split
-        from torchvision import transforms as T
 
         if preset.image_size != 8 or preset.in_channels != 1:
             raise UserError(f"digits are 8x8 grayscale; preset {preset.name} expects "
@@ -265,17 +251,10 @@ PREFETCH_FACTOR = 2  # batches in flight per worker (torch's default): more boug
 
 def default_loader_workers(dataset: str, device_type: str, cpus: int) -> int:
     """DataLoader worker processes for one training process that has `cpus` cores to itself (its
-    node's cores over the training processes on that node), measured in
-    benchmarks/results/input_pipeline_cpu.md:
-
-    - feeding a GPU: every core but the training process's own, at most MAX_LOADER_WORKERS. One
-      worker decodes and augments ~300 ImageNet-sized JPEGs/s (500x375, RandomResizedCrop to 224;
-      ~260 on a busy machine); a ResNet-101 trains at ~600 images/s on an A100 in TF32 and several
-      times that in mixed precision on an H100, so a GPU needs 2 to 11 of them.
-    - on the CPU: none. One core trains R101 on ~2 images/s and decodes ~300, so in-process
-      loading costs the step under 1%, and worker processes would take cores from the model.
-    - digits: none; it is a tensor in memory.
-    """
+    node's cores over the training processes on that node): feeding a GPU, every core but the training
+    process's own, at most MAX_LOADER_WORKERS (a GPU outruns one decoding worker several times over);
+    on the CPU none (the model, not decoding, is the bottleneck, and workers would take its cores);
+    digits none (a tensor in memory). The figures behind it: benchmarks/results/input_pipeline_cpu.md."""
     if dataset == "digits" or device_type != "cuda":
         return 0
     return max(1, min(cpus - 1, MAX_LOADER_WORKERS))

@@ -332,6 +332,15 @@ class Payloads:
             self.put(path, backbone, policy)
         return self._refs[key]
 
+    def user_resnet(self, reference: dict | None, missing: str):
+        """The ResNet the user started from (the file a reference names), or None with a note that says
+        what goes without it (`missing`) when the file is not at hand here."""
+        source = (reference or {}).get("file")
+        if not source or not Path(source).is_file():
+            print(f"note: the user's ResNet ({source or 'unknown'}) is not here: {missing}", file=sys.stderr)
+            return None
+        return self.of_file(source)
+
 
 # ---------------------------------------------------------------- evaluation on a Ray worker
 # Not on the driver: on a cluster that is the head node. "DEFAULT": outside the caller's placement group

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from blockdrop.errors import run_cli
-from blockdrop.models.resnet import ResNetSpec
+from blockdrop.models.resnet import DepthPolicy, ResNetSpec
 from blockdrop.presets import PRESETS, Preset, get_preset
 
 
@@ -106,8 +106,6 @@ class CostModel:
 
 def cost_model(preset: Preset, policy: torch.nn.Module | None = None) -> CostModel:
     """The preset's costs with its BlockDrop policy network, or with the depth policy when `policy` is one."""
-    from blockdrop.models.resnet import DepthPolicy
-
     backbone = resnet_cost(preset.backbone, preset.image_size, preset.num_classes)
     if isinstance(policy, DepthPolicy):
         spec, pool = preset.depth_policy_spec

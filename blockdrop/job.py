@@ -18,7 +18,7 @@ from blockdrop.analysis import Comparison
 from blockdrop.baselines import from_order
 from blockdrop.checkpoints import Checkpoint, read_checkpoint
 from blockdrop.choices import PRUNE
-from blockdrop.competitors import PruneRuns, prune_baseline, user_resnet_file
+from blockdrop.competitors import PruneRuns, prune_baseline
 from blockdrop.data import load_dataset
 from blockdrop.distributed import Payloads, analyse_remotely, order_remotely, run_stage
 from blockdrop.errors import UserError
@@ -39,17 +39,6 @@ def stage_reference(meta: dict, path: Path) -> dict | None:
         return {"accuracy": meta["metrics"]["full_accuracy"], "source": f"pretrain stage, {path.name}",
                 "file": str(path.resolve())}
     return None
-
-
-def teacher(payloads: Payloads, reference: dict | None):
-    """The user's ResNet in Ray's object store, whose soft labels the depth policy's finetune learns from;
-    None (labels only) when its file is not at hand."""
-    source = user_resnet_file(reference)
-    if source is None:
-        print(f"note: the user's ResNet ({(reference or {}).get('file') or 'unknown'}) is not here: finetuning on "
-              "the labels alone", file=sys.stderr)
-        return None
-    return payloads.of_file(source)
 
 
 @dataclass
@@ -103,7 +92,7 @@ class Job:
         if stage in ("nest", PRUNE):
             taught = start_ref
         elif stage == "finetune" and "policy_lr" not in settings:  # the depth policy's finetune
-            taught = teacher(self.payloads, self.reference)
+            taught = self.payloads.user_resnet(self.reference, "finetuning on the labels alone")
         cfg = StageConfig(preset=preset.name, stage=stage, dataset=args.dataset, data_dir=self.data_dir,
                           seed=args.seed, max_bad_images=args.max_bad_images, execution=args.train_execution,
                           eval_every=args.eval_every, reference=self.reference,

@@ -1,19 +1,13 @@
 """Named configurations: backbone, policy network, dataset and input pipeline of each setting.
 
-Imported without torch (the CLIs' --help and flag errors answer without it): the models come in when
-a preset's networks are built, and PRESETS itself is made on first use (module __getattr__), since
-its network specs live with the models. PRESET_NAMES names the presets without building them.
+Their names (blockdrop.choices.PRESET_NAMES) are what the CLIs list and check without torch.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from blockdrop.errors import UserError
-
-if TYPE_CHECKING:
-    from blockdrop.models.resnet import DepthPolicy, FlatResNet, PolicyNet, ResNetSpec
+from blockdrop.choices import CURRICULUM_PACE, PRESET_NAMES, check_preset_name  # noqa: F401 (re-exported)
+from blockdrop.models.resnet import DepthPolicy, FlatResNet, PolicyNet, ResNetSpec
 
 # The original code's normalisation constants.
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -26,14 +20,10 @@ DIGITS_STD = (0.3760,)
 
 
 def cifar_resnet(layers: tuple[int, ...], widths: tuple[int, ...] = (16, 32, 64), in_channels: int = 3) -> ResNetSpec:
-    from blockdrop.models.resnet import ResNetSpec
-
     return ResNetSpec("basic", layers, widths, stem="cifar", shortcut="pad", in_channels=in_channels)
 
 
 def imagenet_resnet(block: str, layers: tuple[int, ...]) -> ResNetSpec:
-    from blockdrop.models.resnet import ResNetSpec
-
     return ResNetSpec(block, layers, (64, 128, 256, 512), stem="imagenet", shortcut="conv")
 
 
@@ -88,7 +78,6 @@ DIGITS_STAGES = {
 # one more block every CURRICULUM_PACE steps, then trains as long again with all of them decided.
 # Chosen on two 1,440-image folders, digits and shapes (benchmarks/results/standard_backbone_digits.md, _shapes.md):
 # a 32x32 ResNet-32 then runs adapt + curriculum + finetune in minutes on 2 CPU cores.
-CURRICULUM_PACE = 13
 OTHER_DATA_STAGES = {
     "adapt": StageDefaults(0, 128, 0.02, 5e-4, drop_rate=0.5, steps=120),
     "curriculum": StageDefaults(0, 128, 1e-3),  # 2 x K x CURRICULUM_PACE steps
@@ -133,13 +122,9 @@ class Preset:
         return self.backbone.in_channels
 
     def build_backbone(self) -> FlatResNet:
-        from blockdrop.models.resnet import FlatResNet
-
         return FlatResNet(self.backbone, self.num_classes)
 
     def build_policy(self) -> PolicyNet:
-        from blockdrop.models.resnet import PolicyNet
-
         return PolicyNet(self.policy, self.num_blocks, input_pool=self.policy_pool)
 
     @property
@@ -148,15 +133,8 @@ class Preset:
         return (self.depth_policy or self.policy), (self.depth_pool or self.policy_pool)
 
     def build_depth_policy(self) -> DepthPolicy:
-        from blockdrop.models.resnet import DepthPolicy
-
         spec, pool = self.depth_policy_spec
         return DepthPolicy(spec, self.num_blocks, input_pool=pool)
-
-
-# The presets' names, in PRESETS' order: what the CLIs list and get_preset checks without building
-# PRESETS (their network specs come with the models, hence torch); _build_presets checks the two agree.
-PRESET_NAMES = ("R32_C10", "R110_C10", "R32_C100", "R110_C100", "R101_ImgNet", "R26_DIGITS")
 
 
 def _build_presets() -> dict[str, Preset]:
@@ -187,32 +165,10 @@ def _build_presets() -> dict[str, Preset]:
     return {p.name: p for p in presets}
 
 
-PRESETS: dict[str, Preset]  # made on first use: see __getattr__
-_made = threading.Lock()
-
-
-def _presets() -> dict[str, Preset]:
-    if "PRESETS" not in globals():
-        with _made:  # made once: each preset stays one object (checkpoints compares them by identity)
-            if "PRESETS" not in globals():
-                globals()["PRESETS"] = _build_presets()
-    return globals()["PRESETS"]
-
-
-def __getattr__(name: str):
-    """`PRESETS` (name -> Preset), made on first use: it imports the models (torch)."""
-    if name == "PRESETS":
-        return _presets()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def check_preset_name(name: str) -> None:
-    """A UserError listing the known presets unless `name` is one (without torch)."""
-    if name not in PRESET_NAMES:
-        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESET_NAMES)}")
+PRESETS: dict[str, Preset] = _build_presets()
 
 
 def get_preset(name: str) -> Preset:
     """The preset called `name`; a UserError listing the known ones otherwise."""
     check_preset_name(name)
-    return _presets()[name]
+    return PRESETS[name]

@@ -11,7 +11,7 @@ import time
 import ray
 from ray import serve
 
-from blockdrop.console import quiet_ray, quiet_serve
+from blockdrop.console import drop_harmless_worker_lines, quiet_ray, quiet_serve
 from blockdrop.errors import UserError
 from blockdrop.parsers.serve import check_flags
 from blockdrop.serve_app import build
@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> None:
     quiet_serve()
     # no address: a Ray of its own ("local"), never whichever cluster happens to run on this machine
     ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=False)
+    drop_harmless_worker_lines()
     if args.gpu and ray.cluster_resources().get("GPU", 0) < 1:
         raise UserError("--gpu was given but the Ray cluster has no GPU")
     serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"log_level": "WARNING"})

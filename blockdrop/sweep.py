@@ -34,7 +34,6 @@ from blockdrop.competitors import PruneRuns, prune_baseline
 from blockdrop.data import load_dataset
 from blockdrop.distributed import Payloads, analyse_remotely, curves_remotely, run_stage, versus_pruned_remotely
 from blockdrop.errors import UserError
-from blockdrop.job import teacher
 from blockdrop.metrics import evaluate
 from blockdrop.flops import cost_model
 from blockdrop.pareto import Point, pareto_front, plot_front
@@ -372,7 +371,8 @@ def settings_of(args: argparse.Namespace, plan: SweepPlan, name: str, uri: str, 
         experiment=args.experiment, parent_id=parent_id, source=tracker.source,
         init_ref=payloads.put(plan.init, plan.backbone, plan.policy), init_label=args.init, storage_path=storage,
         max_bad_images=args.max_bad_images, execution=args.train_execution, eval_every=args.eval_every,
-        reference=user, teacher_ref=teacher(payloads, user) if plan.depth else None)
+        reference=user,
+        teacher_ref=payloads.user_resnet(user, "finetuning on the labels alone") if plan.depth else None)
 
 
 def run(args: argparse.Namespace, plan: SweepPlan) -> None:

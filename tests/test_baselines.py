@@ -198,6 +198,7 @@ def digits_checkpoint(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_evaluate_cli_reports_a_baseline_like_any_policy(tmp_path):
     ckpt = digits_checkpoint(tmp_path)
     costs = cost_model(DIGITS)
@@ -221,6 +222,7 @@ def test_evaluate_cli_reports_a_baseline_like_any_policy(tmp_path):
     (["--baseline", "firstk", "--keep", "40"], "--keep must be between 0 and 12"),
     (["--baseline", "firstk", "--keep", "3", "--compare"], "leave out --baseline"),
 ])
+@pytest.mark.slow
 def test_evaluate_cli_refuses_bad_baseline_flags(tmp_path, args, message):
     proc = run_module("blockdrop.evaluate", "--preset", "R26_DIGITS", "--checkpoint", str(digits_checkpoint(tmp_path)),
                       *args)
@@ -231,6 +233,7 @@ PICTURES = ["block_usage.png", "blocks_histogram.png", "blocks_per_class.png", "
             "fewest_most_blocks.png"]
 
 
+@pytest.mark.slow
 def test_evaluate_cli_writes_pictures_report_and_comparison(tmp_path):
     out = tmp_path / "report"
     proc = run_module("blockdrop.evaluate", "--preset", "R26_DIGITS", "--checkpoint", str(digits_checkpoint(tmp_path)),

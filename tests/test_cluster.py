@@ -281,6 +281,7 @@ def mlflow_server_options() -> set[str]:
     return set(re.findall(r"--[a-z][a-z-]+", out))
 
 
+@pytest.mark.slow
 def test_mlflow_server_configs_use_real_options_and_allow_the_jobs_uri():
     from mlflow.server.security_utils import is_allowed_host_header
 
@@ -328,6 +329,7 @@ def test_no_secret_in_the_repository():
             assert not re.search(r"RAY_AUTH_TOKEN=[^\s$\"'.<]", text), f"{path} sets a token value"
 
 
+@pytest.mark.slow
 def test_mlflow_server_script_refuses_missing_settings_and_checks_hosts(mlflow_server, mlflow_server_root):  # noqa: F811
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     proc = subprocess.run(["bash", str(CLUSTER / "mlflow" / "serve.sh")], env=env, capture_output=True, text=True,
@@ -357,6 +359,7 @@ def test_mlflow_server_script_refuses_missing_settings_and_checks_hosts(mlflow_s
     assert list((mlflow_server_root / "artifacts").rglob("note.txt"))
 
 
+@pytest.mark.slow
 def test_submit_refuses_bad_usage_and_unreachable_clusters(tmp_path):
     script = [sys.executable, str(CLUSTER / "submit.py")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -496,6 +499,7 @@ def shared(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("shared")
 
 
+@pytest.mark.slow
 def test_a_bad_flag_ends_failed_with_the_message_in_the_logs(cluster, tmp_path):
     proc = cluster.submit(tmp_path, "python", "train_job.py", "--penalty", "2", timeout=300)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -521,6 +525,7 @@ def train_submission(cluster, shared, mlflow_server):  # noqa: F811
     return proc, submission_id.group(1) if submission_id else None
 
 
+@pytest.mark.slow
 def test_training_job_runs_on_both_nodes_and_lands_in_mlflow(cluster, train_submission, mlflow_server):  # noqa: F811
     proc, submission_id = train_submission
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -551,6 +556,7 @@ def test_training_job_runs_on_both_nodes_and_lands_in_mlflow(cluster, train_subm
     assert len(out) == 4 and {"prediction", "blocks_used"} <= set(out.columns)
 
 
+@pytest.mark.slow
 def test_a_sweep_submitted_the_same_way(cluster, train_submission, shared, mlflow_server):  # noqa: F811
     proc, _ = train_submission
     assert proc.returncode == 0, "the training job failed; see the test above"
@@ -576,6 +582,7 @@ def test_a_sweep_submitted_the_same_way(cluster, train_submission, shared, mlflo
     assert client.get_model_version_by_alias("blockdrop-R26_DIGITS", "most_accurate")
 
 
+@pytest.mark.slow
 def test_everything_started_is_stopped(cluster):
     assert cluster.processes(), "the cluster's processes are visible while it runs"
     cluster.stop()

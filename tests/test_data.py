@@ -143,18 +143,21 @@ def cifar_archive_server(tmp_path, monkeypatch):
     server.shutdown()
 
 
+@pytest.mark.slow
 def test_missing_cifar_is_downloaded_and_extracted(tmp_path, cifar_archive_server):
     root = tmp_path / "fresh"
     test = load_dataset(get_preset("R32_C10"), "test", "cifar10", root)
     assert len(test) == 30 and (root / "cifar-10-batches-py" / "data_batch_5").is_file()
 
 
+@pytest.mark.slow
 def test_failed_download_says_how_to_provide_the_data(tmp_path, cifar_archive_server, monkeypatch):
     monkeypatch.setattr(cifar_archive_server, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     with pytest.raises(UserError, match="could not be downloaded.*copy cifar-10-python.tar.gz"):
         load_dataset(get_preset("R32_C10"), "test", "cifar10", tmp_path / "fresh")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["digits", "shapes"])
 def test_sample_folders_are_written_as_train_and_test_class_folders(tmp_path, name):
     """The offline sample sets load as an image folder of 32x32 RGB images, 10 classes, 80/20."""
@@ -171,6 +174,7 @@ def test_sample_folders_are_written_as_train_and_test_class_folders(tmp_path, na
     assert again.returncode == 2 and "is not empty" in again.stderr
 
 
+@pytest.mark.slow
 def test_mixed_set_degrades_half_of_each_class_and_says_which_in_the_file_names(tmp_path):
     from blockdrop.data import difficulties
     from blockdrop.sample_data import mixed_images
@@ -192,6 +196,7 @@ def test_mixed_set_degrades_half_of_each_class_and_says_which_in_the_file_names(
     assert difficulties(torch.utils.data.Subset(test, [5, 0, 7])).tolist() == [flags[5], flags[0], flags[7]]
 
 
+@pytest.mark.slow
 def test_difficulties_are_none_where_file_names_do_not_say(tmp_path):
     from blockdrop.data import difficulties
 

@@ -173,6 +173,7 @@ def test_keeps_bracketing_the_flops_of_a_learned_policy():
     assert keeps_bracketing(costs, order, 1e12) == [11, 12]
 
 
+@pytest.mark.slow
 def test_a_pruned_checkpoint_runs_its_blocks_and_pays_for_no_policy_network(tmp_path):
     torch.manual_seed(0)
     row = B.from_order(5, list(range(12)))

@@ -34,6 +34,7 @@ def first_n_policy_file(path, n: int) -> None:
                 "epoch": 2000, "reward": 0.5, "acc": 0.93}, path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [0, 20, 54])
 def test_policy_keeping_first_n_blocks_reports_n_blocks_and_their_analytic_flops(tmp_path, cifar10_dir, n):
     ckpt = tmp_path / "first_n.t7"
@@ -52,6 +53,7 @@ def test_policy_keeping_first_n_blocks_reports_n_blocks_and_their_analytic_flops
         assert report["accuracy"] == report["full_accuracy"]
 
 
+@pytest.mark.slow
 def test_text_report_has_the_original_lines(tmp_path, cifar10_dir):
     ckpt = tmp_path / "first_20.t7"
     first_n_policy_file(ckpt, 20)
@@ -67,6 +69,7 @@ def test_text_report_has_the_original_lines(tmp_path, cifar10_dir):
     assert "(10 images)" in lines[6]
 
 
+@pytest.mark.slow
 def test_checkpoint_without_policy_evaluates_the_full_model(tmp_path):
     preset = get_preset("R26_DIGITS")
     ckpt = tmp_path / "resnet.pt"
@@ -105,6 +108,7 @@ def test_library_report_matches_per_image_policies_and_accuracy():
     (["--preset", "R26_DIGITS", "--checkpoint", "notes.txt", "--device", "cuda:64"], "--device cuda:64"),
     (["--preset", "R26_DIGITS", "--checkpoint", "notes.txt", "--device", "tpu"], "is not a device"),
 ])
+@pytest.mark.slow
 def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
@@ -113,6 +117,7 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, monkeypatch
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_missing_dataset_is_a_clear_error(tmp_path):
     ckpt = tmp_path / "r32.pt"
     save_checkpoint(ckpt, get_preset("R32_C10"), get_preset("R32_C10").build_backbone())
@@ -120,12 +125,14 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     assert proc.returncode == 2 and "cifar10 not found in" in proc.stderr
 
 
+@pytest.mark.slow
 def test_help_explains_the_options():
     out = cli("--help").stdout
     for flag in ("--preset", "--checkpoint", "--backbone", "--dataset", "--data-dir", "--batch-size", "--json"):
         assert flag in out
 
 
+@pytest.mark.slow
 def test_without_checkpoint_the_untrained_preset_is_evaluated_end_to_end():
     proc = cli("--preset", "R26_DIGITS", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -176,6 +183,7 @@ def digit_folder(root, per_class: int = 4, corrupt: str | None = None):
     return bad
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_is_skipped_named_and_counted_then_past_the_limit_refused(tmp_path, capfd):
     """The policy for unreadable files: the next image stands in, a warning names the file once, the
     count is reported; past --max-bad-images the evaluation stops with one line."""

@@ -104,6 +104,7 @@ def test_per_image_costs_equal_calls_made_by_sparse_execution(name, batch):
     assert costs.per_image(torch.ones(1, preset.num_blocks)).item() == costs.full + costs.policy
 
 
+@pytest.mark.slow
 def test_cli_prints_table_and_json():
     out = run_module("blockdrop.flops", "--preset", "R110_C10").stdout
     assert "full model:      5.058E+08" in out and "policy network:  2.448E+07" in out
@@ -113,6 +114,7 @@ def test_cli_prints_table_and_json():
     assert len(info["blocks"]) == 15 and info["full_flops"] == 137_725_184
 
 
+@pytest.mark.slow
 def test_cli_unknown_preset_is_a_clear_error():
     proc = run_module("blockdrop.flops", "--preset", "R999")
     assert proc.returncode == 2

@@ -118,11 +118,13 @@ def driver_results(elsewhere) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_blockdrop_imports_from_another_folder_without_pythonpath(elsewhere):
     # editable install: this checkout's code, found with neither the cwd nor PYTHONPATH pointing here
     assert Path(driver_results(elsewhere)["import"]) == REPO / "blockdrop" / "__init__.py"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_console_script_answers_help(elsewhere, name):
     path = scripts_dir() / name
@@ -131,6 +133,7 @@ def test_console_script_answers_help(elsewhere, name):
     assert code == 0 and out.startswith("usage:") and "--help" in out, (code if isinstance(code, str) else out)[-2000:]
 
 
+@pytest.mark.slow
 def test_console_script_runs_as_an_executable(elsewhere):
     assert "blockdrop-train" in elsewhere, f"blockdrop-train is not installed in {scripts_dir()}"
     proc = elsewhere["blockdrop-train"]
@@ -138,6 +141,7 @@ def test_console_script_runs_as_an_executable(elsewhere):
     assert proc.stdout.startswith("usage:") and "--preset" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_benchmark_runs_from_another_folder(elsewhere, name):
     if not (REPO / "benchmarks").is_dir():

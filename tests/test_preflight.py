@@ -21,6 +21,7 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_tracking_uris(tmp_path, mlflow_server):
     check_tracking_uri(mlflow_server)  # a real server answers /health
     check_tracking_uri(f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}")  # its folder can be created
@@ -67,6 +68,7 @@ def test_storage_and_ray_address(tmp_path):
     (["--storage-path", "/proc/x"], "--storage-path /proc/x cannot be created"),
     (["--address", "127.0.0.1:9"], "--address 127.0.0.1:9: nothing answered"),
 ])
+@pytest.mark.slow
 def test_the_clis_refuse_before_ray_starts(tmp_path, script, flags, message):
     from blockdrop.checkpoints import save_checkpoint
     from blockdrop.presets import get_preset

@@ -162,6 +162,7 @@ def as_json(paths: list[Path], **fields) -> bytes:
     return json.dumps({"images": [base64.b64encode(p.read_bytes()).decode() for p in paths], **fields}).encode()
 
 
+@pytest.mark.slow
 def test_answers_and_policies_equal_evaluate_single_and_batched(front, server):
     expected = library_answers(front, version=1)  # the default: the most accurate
     images = front["images"]
@@ -178,6 +179,7 @@ def test_answers_and_policies_equal_evaluate_single_and_batched(front, server):
     assert status == 200 and (single["predictions"][0]["class"], single["predictions"][0]["policy"]) == expected[images[4]]
 
 
+@pytest.mark.slow
 def test_routing_by_alias_version_and_budget(front, server):
     expected = library_answers(front, version=2)
     image = front["images"][0]
@@ -207,6 +209,7 @@ def test_routing_by_alias_version_and_budget(front, server):
     (None, "image/png", "?max_flops=abc", 400, "max_flops must be a number"),
     (b'{"images": ["aGk="]}', "application/json", "", 400, "not an image"),
 ])
+@pytest.mark.slow
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(front, server, body, content_type, query, status, message):
     image = front["images"][0].read_bytes()
     got, answer = http("POST", f"{server}/predict{query}", image if body is None else body, content_type)
@@ -214,6 +217,7 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(front, server, body
     assert http("POST", f"{server}/predict", image, "image/png")[0] == 200
 
 
+@pytest.mark.slow
 def test_too_many_images_and_too_large_a_body_are_refused(front, server):
     image = front["images"][0]
     status, body = http("POST", f"{server}/predict", as_json([image] * 65), "application/json")
@@ -223,6 +227,7 @@ def test_too_many_images_and_too_large_a_body_are_refused(front, server):
     assert http("POST", f"{server}/predict", image.read_bytes(), "image/png")[0] == 200
 
 
+@pytest.mark.slow
 def test_load_of_500_requests_from_16_clients(front, server):
     images = [p.read_bytes() for p in front["images"]]
 
@@ -253,6 +258,7 @@ def prometheus(url: str) -> dict[str, float]:
     return values
 
 
+@pytest.mark.slow
 def test_prometheus_metrics_count_requests_blocks_savings_and_batches(front, server):
     """Ray's metrics agent, at the URL the server printed, exports the blockdrop_* series; after the load
     test above they count its 500 requests of the default model (version 1)."""
@@ -274,6 +280,7 @@ def test_prometheus_metrics_count_requests_blocks_savings_and_batches(front, ser
     assert batched_images > batches > 0  # some model calls held more than one image
 
 
+@pytest.mark.slow
 def test_the_engine_runs_only_each_images_blocks_or_all_of_them_for_the_full_twin(front):
     from blockdrop.execution import run_full
     from blockdrop.serving import Engine, ModelSource
@@ -291,6 +298,7 @@ def test_the_engine_runs_only_each_images_blocks_or_all_of_them_for_the_full_twi
         engine.choose("nope")
 
 
+@pytest.mark.slow
 def test_a_serve_config_builds_the_same_application_from_its_args(front, monkeypatch):
     from ray.serve.deployment import Application
 
@@ -312,6 +320,7 @@ def test_a_serve_config_builds_the_same_application_from_its_args(front, monkeyp
     (["--autoscale", "3"], "--autoscale wants MIN,MAX"),
     ([], "run `scripts/with-venv python -m blockdrop.quickstart` first"),
 ])
+@pytest.mark.slow
 def test_bad_command_lines_exit_2_with_one_line(front, tmp_path, args, message):
     from blockdrop.checkpoints import save_checkpoint
 
@@ -324,6 +333,7 @@ def test_bad_command_lines_exit_2_with_one_line(front, tmp_path, args, message):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_port_in_use_is_refused_before_anything_is_deployed(front, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -380,6 +390,7 @@ def test_original_blockdrop_files_are_served_with_preset_and_backbone(tmp_path):
                                             "--mlflow-uri", empty]))
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_takes_raw_pixels_and_answers_like_evaluate(front, tmp_path):
     """The registered model through MLflow's own scoring server (`mlflow models serve`, real HTTP): a client
     sends the pixels it decoded from the PNG files (uint8, N x H x W x 1) and gets blockdrop.evaluate's
@@ -424,6 +435,7 @@ def test_mlflow_models_serve_takes_raw_pixels_and_answers_like_evaluate(front, t
         log.close()
 
 
+@pytest.mark.slow
 def test_the_registered_model_takes_encoded_images_through_mlflows_python_api(front):
     """PNG bytes or base64 strings (a 1-D object array, one image per item), through
     mlflow.pyfunc.load_model: the same answers as blockdrop.evaluate on the files."""

@@ -122,16 +122,14 @@ def test_the_parsers_and_the_library_share_one_definition_of_their_choices():
     assert evaluate.BASELINES is baselines.BASELINES and evaluate.RANDOM_SEEDS is baselines.RANDOM_SEEDS
     assert common.add_unreadable_flag is data.add_unreadable_flag and train.check_unreadable_share is data.check_unreadable_share
 
-def test_presets_are_made_once_and_shared():
+def test_presets_are_made_once_and_shared_and_their_names_are_the_parsers():
     import blockdrop
-    from blockdrop import presets
+    from blockdrop import choices, presets
 
-    assert blockdrop.PRESETS is presets.PRESETS
+    assert tuple(presets.PRESETS) == choices.PRESET_NAMES is presets.PRESET_NAMES
     assert all(presets.get_preset(name) is preset for name, preset in presets.PRESETS.items())
     with pytest.raises(blockdrop.UserError, match="unknown preset 'R999'; choose one of: R32_C10, R110_C10"):
         presets.get_preset("R999")
-    with pytest.raises(AttributeError):
-        presets.NOT_A_NAME  # noqa: B018
 
 
 def test_the_sweeps_progress_callback_is_a_tune_callback_that_pickles_by_name():

@@ -91,6 +91,7 @@ def grid_sweep(tmp_path_factory, curriculum_checkpoint):
     return tmp_path, finished[0], again
 
 
+@pytest.mark.slow
 def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(grid_sweep):
     """The resumed sweep did not rerun its finished trial; the published front is checked against the
     trials' metrics; the models carry their figures and take raw images."""
@@ -217,6 +218,7 @@ def test_invalid_sweeps_fail_fast(tmp_path, curriculum_checkpoint, monkeypatch, 
         validate(parse_args(["--init", str(curriculum_checkpoint), *args]))
 
 
+@pytest.mark.slow
 def test_checkpoint_without_policy_or_for_another_preset_is_refused(tmp_path):
     from blockdrop.errors import UserError
     from blockdrop.parsers.sweep import parse_args
@@ -255,6 +257,7 @@ def test_init_from_an_mlflow_run_artifact(tmp_path, monkeypatch):
         resolve_init(f"runs:/{run_id}/nothing-here", tracker.uri)
 
 
+@pytest.mark.slow
 def test_the_sweep_opens_on_its_front_in_mlflow_ui(grid_sweep, tmp_path):
     """The URL the sweep printed, opened in a real browser (headless Chromium) on a real `mlflow server`
     holding the sweep: the chart view, one scatter of final_test_accuracy against final_flops_per_image,
@@ -292,6 +295,7 @@ def test_the_sweep_opens_on_its_front_in_mlflow_ui(grid_sweep, tmp_path):
         stop_process_group(server)
 
 
+@pytest.mark.slow
 def test_resume_of_a_sweep_that_never_existed_is_refused(tmp_path, curriculum_checkpoint):
     proc = subprocess.run(sweep_cmd(tmp_path, curriculum_checkpoint, "--penalties", "-1", "--name", "never-existed",
                                     "--resume"), cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=180)
@@ -299,6 +303,7 @@ def test_resume_of_a_sweep_that_never_existed_is_refused(tmp_path, curriculum_ch
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_sweep_leaves_no_run_running(tmp_path, curriculum_checkpoint):
     """SIGINT to the sweep's process group (Ctrl-C in a terminal) while a trial trains: the sweep stops
     with a line saying how to resume, the parent run is FAILED and no trial run stays RUNNING."""

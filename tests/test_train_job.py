@@ -140,6 +140,7 @@ def test_stages_on_other_data_last_a_fixed_number_of_steps(tmp_path):
     assert own["epochs"] == 5000 and own["pace"] == 0  # the paper's schedule on CIFAR itself
 
 
+@pytest.mark.slow
 def test_cli_exits_2_with_the_message_before_any_work(tmp_path):
     proc = train_job(tmp_path, "--penalty", "2", timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -147,6 +148,7 @@ def test_cli_exits_2_with_the_message_before_any_work(tmp_path):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
 
 
+@pytest.mark.slow
 def test_gpu_flag_on_a_cluster_without_gpus_is_refused(tmp_path):
     proc = train_job(tmp_path, "--gpu", "--epochs", "1", timeout=300)
     assert proc.returncode == 2
@@ -154,6 +156,7 @@ def test_gpu_flag_on_a_cluster_without_gpus_is_refused(tmp_path):
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     # the default: the depth policy's stages, then prune-and-finetune and the comparison; two workers: data
     # parallel, with sparse execution (DDP with blocks some worker's rows all drop); evaluated every 4th
@@ -242,6 +245,7 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     assert (out["prediction"].to_numpy() == test.labels[:64].numpy()).mean() > 0.8
 
 
+@pytest.mark.slow
 def test_blockdrops_own_policy_trains_on_request(tmp_path):
     """--policy blocks: the paper's per-block policy, pretrain -> curriculum -> finetune (the digits preset
     pretrains with stochastic depth: no adapt), compared with the image-blind policies."""
@@ -262,6 +266,7 @@ def test_blockdrops_own_policy_trains_on_request(tmp_path):
     assert parent.data.metrics["final_blocks_mean"] < K
 
 
+@pytest.mark.slow
 def test_killed_worker_is_replaced_and_training_resumes_in_the_same_mlflow_run(tmp_path):
     args = [sys.executable, str(REPO / "train_job.py"), "--stage", "pretrain", "--epochs", "6", "--name", "chaos",
             "--num-workers", "2", "--storage-path", str(tmp_path / "ray")]
@@ -298,6 +303,7 @@ def test_killed_worker_is_replaced_and_training_resumes_in_the_same_mlflow_run(t
     assert sorted({s for s, _ in history(client, runs[0].info.run_id, "test_accuracy")}) == list(range(7))
 
 
+@pytest.mark.slow
 def test_logs_to_a_real_mlflow_server(tmp_path, mlflow_server):  # noqa: F811
     proc = train_job(tmp_path, "--stage", "pretrain", "--epochs", "2", "--num-workers", "1", "--name", "remote",
                      "--mlflow-uri", mlflow_server, "--experiment", "server-test")
@@ -329,6 +335,7 @@ def test_checkpoints_go_where_the_run_storage_is_unless_told(tmp_path):
     assert output_folder(None, "s3://bucket/runs", "job1") == Path("checkpoints")  # no local path to copy to
 
 
+@pytest.mark.slow
 def test_a_corrupt_training_image_is_skipped_and_counted_not_a_restart_loop(tmp_path):
     """One garbage file among good PNGs: training goes on (the next image stands in), the warning names
     the file, and the epoch's metrics count it (skipped_images)."""

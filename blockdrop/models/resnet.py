@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blockdrop.depth import choose, depth_costs, ranks, rows
+
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
@@ -218,8 +220,6 @@ class DepthPolicy(PolicyNet):
 
     def set_order(self, order, block_flops, full_flops: float) -> DepthPolicy:
         """The keep order (the greedy static order of the user's ResNet, least useful first) and costs."""
-        from blockdrop.depth import depth_costs, ranks
-
         self.rank.copy_(ranks(order))
         self.costs.copy_(depth_costs(order, block_flops, full_flops))
         return self
@@ -229,15 +229,11 @@ class DepthPolicy(PolicyNet):
         return torch.sigmoid(self.scores(x))
 
     def depths(self, x: torch.Tensor, gamma: float | None = None) -> torch.Tensor:
-        from blockdrop.depth import choose
-
         return choose(self.correct_prob(x), self.costs, float(self.gamma) if gamma is None else gamma)
 
     def forward(self, x: torch.Tensor, scores: bool = False) -> torch.Tensor:
         """The chosen (batch, K) 0/1 policy; with `scores`, the logits of p(correct | depth) instead
         (training calls it so through DDP, whose forward must be the entry point)."""
-        from blockdrop.depth import rows
-
         if scores:
             return self.scores(x)
         return rows(self.depths(x), self.rank)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from blockdrop.choices import BASELINES, DATASETS, RANDOM_SEEDS, add_unreadable_flag, check_unreadable_share
+from blockdrop.choices import (BASELINES, DATASETS, PRESET_NAMES, RANDOM_SEEDS, add_unreadable_flag, check_preset_name,
+                               check_unreadable_share)
 from blockdrop.errors import UserError
-from blockdrop.presets import PRESET_NAMES, check_preset_name
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from blockdrop.choices import check_preset_name
 from blockdrop.errors import UserError
-from blockdrop.presets import check_preset_name
 
 EPILOG = """\
 URIs (repeat --model-uri to serve several; a request then picks one):

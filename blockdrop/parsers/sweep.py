@@ -5,10 +5,9 @@ import argparse
 import math
 import sys
 
-from blockdrop.choices import check_unreadable_share
+from blockdrop.choices import PRESET_NAMES, check_preset_name, check_unreadable_share
 from blockdrop.errors import UserError
 from blockdrop.parsers.common import add_cluster_args, add_training_args, check_training_args
-from blockdrop.presets import PRESET_NAMES, check_preset_name
 
 
 def float_list(text: str) -> list[float]:

@@ -4,13 +4,32 @@ from __future__ import annotations
 import argparse
 import math
 
-from blockdrop.choices import DEPTH_STAGES, ENTROPIES, POLICIES, PRUNE, STAGES, check_unreadable_share
+from blockdrop.choices import (CURRICULUM_PACE, DEPTH_STAGES, ENTROPIES, POLICIES, PRESET_NAMES, PRUNE, STAGES,
+                               check_preset_name, check_unreadable_share)
 from blockdrop.errors import UserError
 from blockdrop.parsers.common import add_cluster_args, add_training_args, check_training_args
-from blockdrop.presets import CURRICULUM_PACE, PRESET_NAMES, check_preset_name
 
 DEFAULT_PRESET = "R26_DIGITS"
 DEFAULT_POLICY = "depth"  # benchmarks/results/method_*.md: it reaches the FLOPs BlockDrop's policy cannot
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    """What the stages learn with: penalties, learning rates, the curriculum's bonus and pace, batch, drop rate."""
+    parser.add_argument("--penalty", type=float, help="gamma of finetuning, the reward of a misclassified image; "
+                                                      "negative (default: the preset's, -10 CIFAR, -5 ImageNet/digits)")
+    parser.add_argument("--curriculum-penalty", type=float,
+                        help="gamma of the curriculum (default -1, the original's: a stricter one keeps every block)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: the preset's per stage; finetune: the ResNet's)")
+    parser.add_argument("--policy-lr", type=float, help="finetune: the policy network's lr (default: the preset's; "
+                                                        "lower than the ResNet's keeps per-image policies apart)")
+    parser.add_argument("--entropy", choices=ENTROPIES, default="original",
+                        help="curriculum entropy bonus: original (-s log s over all blocks: undecided blocks drift "
+                             "towards drop, the original code) or bernoulli (full entropy of decided blocks)")
+    parser.add_argument("--curriculum-pace", type=int, help="curriculum: optimisation steps per newly decided block "
+                                                            f"(default: one epoch on the preset's data, {CURRICULUM_PACE} "
+                                                            "on other data)")
+    parser.add_argument("--batch-size", type=int, help="global batch size, split over the workers")
+    parser.add_argument("--drop-rate", type=float, help="pretrain: stochastic-depth drop rate of the last block")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,21 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "competitor, from --init's ResNet")
     parser.add_argument("--epochs", type=epoch_list, help="epochs of each stage run, or one number per stage run "
                                                          "(e.g. 30,30,15; default: the preset's)")
-    parser.add_argument("--penalty", type=float, help="gamma of finetuning, the reward of a misclassified image; "
-                                                      "negative (default: the preset's, -10 CIFAR, -5 ImageNet/digits)")
-    parser.add_argument("--curriculum-penalty", type=float,
-                        help="gamma of the curriculum (default -1, the original's: a stricter one keeps every block)")
-    parser.add_argument("--lr", type=float, help="learning rate (default: the preset's per stage; finetune: the ResNet's)")
-    parser.add_argument("--policy-lr", type=float, help="finetune: the policy network's lr (default: the preset's; "
-                                                        "lower than the ResNet's keeps per-image policies apart)")
-    parser.add_argument("--entropy", choices=ENTROPIES, default="original",
-                        help="curriculum entropy bonus: original (-s log s over all blocks: undecided blocks drift "
-                             "towards drop, the original code) or bernoulli (full entropy of decided blocks)")
-    parser.add_argument("--curriculum-pace", type=int, help="curriculum: optimisation steps per newly decided block "
-                                                            f"(default: one epoch on the preset's data, {CURRICULUM_PACE} "
-                                                            "on other data)")
-    parser.add_argument("--batch-size", type=int, help="global batch size, split over the workers")
-    parser.add_argument("--drop-rate", type=float, help="pretrain: stochastic-depth drop rate of the last block")
+    add_method_args(parser)
     parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (default 2)")
     parser.add_argument("--init", help="checkpoint the (first) stage starts from: a previous stage's output, an "
                                        "original BlockDrop file, or a pretrained ResNet (torchvision layout)")
