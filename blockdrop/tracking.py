@@ -257,10 +257,15 @@ class EpochLogger(UserCallback):
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self) -> dict:  # shipped to the controller without a client; it makes its own once
+        return {"uri": self.uri, "run_id": self.run_id, "_client": None}
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        self._client = self._client or MlflowClient(self.uri)
         row = metrics[0]  # every worker reports the same figures, merged over all of them
-        MlflowClient(self.uri).log_batch(self.run_id, metrics=metric_batch(row, int(row["epoch"])))
+        self._client.log_batch(self.run_id, metrics=metric_batch(row, int(row["epoch"])))
 
 
 def report_metrics(report: Report) -> dict[str, float]:

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Submit a job to a Ray cluster through the Jobs API (the dashboard's HTTP port, 8265),\n"
                     "upload the project as its working dir, follow its logs and exit with its outcome.\n"
                     "Token authentication: with RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token present,\n"
-                    "RAY_AUTH_MODE=token is set for you (README.md, \"Token authentication\").",
+                    "RAY_AUTH_MODE=token is set for you (docs/cluster.md, \"Token authentication\").",
         epilog="Examples:\n"
                "  python cluster/submit.py -- python train_job.py --preset R32_C10 --num-workers 4 --gpu \\\n"
                "      --data-dir /mnt/shared/data --storage-path /mnt/shared/ray_results\n"

@@ -138,6 +138,13 @@ def server(front):
         log.close()
 
 
+@pytest.mark.slow
+def test_the_servers_console_says_what_it_serves_without_serves_notices(front, server):
+    log = (front["root"] / "serve.log").read_text()
+    assert "serving R26_DIGITS on http://127.0.0.1:" in log and "Ctrl-C stops the server" in log
+    assert "Connecting to existing Serve app" not in log  # blockdrop.console.quiet_serve
+
+
 def library_answers(front, version: int):
     """What blockdrop.evaluate computes for the same files: predictions and policies per image."""
     from torch.utils.data import DataLoader
@@ -289,7 +296,7 @@ def test_the_engine_runs_only_each_images_blocks_or_all_of_them_for_the_full_twi
     engine = Engine([ModelSource("bd", "bd", None, checkpoint), ModelSource("full", "full", None, checkpoint, full=True)])
     images = torch.stack([engine.decode(p.read_bytes()) for p in front["images"][:12]])
     sparse, full = engine.predict("bd", images), engine.predict("full", images)
-    backbone = engine.models["full"].backbone
+    backbone = engine.models["full"].model.backbone
     assert [a["class"] for a in full] == run_full(backbone, images).argmax(1).tolist()
     assert all(a["policy"] == "1" * 12 and a["flops"] == a["full_flops"] for a in full)
     assert all(a["blocks_used"] < 12 and a["flops"] < a["full_flops"] for a in sparse)

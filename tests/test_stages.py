@@ -95,3 +95,30 @@ def test_finetune_step_trains_both_networks_on_the_sampled_policy_with_a_greedy_
     # the greedy baseline ran in eval mode: BatchNorm statistics moved once, by the train-mode pass alone
     for (name, mine), theirs in zip(backbone.named_buffers(), untouched.buffers()):
         assert torch.allclose(mine, theirs), name
+
+
+def stage_config(stage: str, **extra):
+    from blockdrop.stages import StageConfig
+
+    return StageConfig(**({"preset": "R26_DIGITS", "stage": stage, "epochs": 30, "batch_size": 64, "lr": 0.1,
+                          "weight_decay": 0.0, "gamma": -5.0, "drop_rate": 0.0, "dataset": None, "data_dir": None}
+                          | extra))
+
+
+def test_ddp_looks_for_unused_blocks_only_where_a_batch_can_skip_one():
+    """Sparse execution leaves a block no image of a batch keeps out of the graph; DDP must then look for
+    unused parameters, and is spared the search (and its warning) where that cannot happen."""
+    from blockdrop.stages import blocks_can_go_unused
+
+    def can(cfg, batch=32, steps=660):
+        return blocks_can_go_unused(cfg, K, batch, steps)
+
+    assert can(stage_config("finetune")) and can(stage_config("nest"))  # per-image policies, random depths
+    assert not can(stage_config("pretrain"))  # every block, every image
+    assert not can(stage_config("finetune", execution="masked"))  # masked keeps every block in the graph
+    assert can(stage_config("prune", static_policy=[1] * 5 + [0] * 7))
+    assert not can(stage_config("prune", static_policy=[1] * K))
+    # stochastic depth: the last block survives half the time; 32 images all dropping it is 2e-10 a step
+    assert not can(stage_config("pretrain", drop_rate=0.5))
+    assert can(stage_config("pretrain", drop_rate=0.5), batch=4)
+    assert can(stage_config("pretrain", drop_rate=0.5), steps=10 ** 5)

@@ -175,6 +175,7 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     assert re.search(r"\[pretrain\] epoch \d+/10  step \d+/\d+  \d+ img/s  epoch ends in \dm\d\ds", proc.stdout), \
         proc.stdout[-3000:]
     assert "max_restarts > 0" not in proc.stderr and "Token authentication is enabled" not in proc.stderr  # noise
+    assert "find_unused_parameters" not in proc.stdout + proc.stderr  # DDP's false alarm (blockdrop.console)
     client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("blockdrop")
     runs = client.search_runs([experiment.experiment_id])
