@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
-from torchvision import datasets
-from torchvision import transforms as T
 
 from blockdrop.choices import DATASETS, MAX_UNREADABLE, add_unreadable_flag, check_unreadable_share  # noqa: F401 (re-exported)
 from blockdrop.errors import UserError
@@ -28,8 +27,17 @@ DEFAULT_DATA_DIR = Path("data")
 DOWNLOAD_TIMEOUT_S = 30.0
 
 
+def _torchvision():
+    """torchvision's datasets and transforms, imported on first use: `import torchvision` also imports
+    its models and torch._dynamo, over a second of every process that imports this module (each Ray
+    Train worker and task does), and the digits set never needs it."""
+    from torchvision import datasets, transforms
+
+    return datasets, transforms
+
+
 def _normalize(preset: Preset):
-    return T.Normalize(preset.mean, preset.std)
+    return _torchvision()[1].Normalize(preset.mean, preset.std)
 
 
 def _presence_only(cls: type) -> type:
@@ -50,6 +58,7 @@ CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 @functools.cache
 def cifar_class(name: str) -> type:
+    datasets = _torchvision()[0]
     return _presence_only({"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name])
 
 
@@ -59,6 +68,7 @@ def _cifar(preset: Preset, name: str, root: Path, train: bool, download: bool, a
         raise UserError(f"{name} has 32x32 RGB images; preset {preset.name} expects "
                         f"{preset.image_size}x{preset.image_size} with {preset.in_channels} channel(s)")
     folder = root / cls.base_folder
+    T = _torchvision()[1]
     transform = T.Compose([*([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []),
                            T.ToTensor(), _normalize(preset)])
     present = all((folder / f).is_file() for f, _ in cls.train_list + cls.test_list + [[cls.meta["filename"], None]])
@@ -86,7 +96,7 @@ def _cifar(preset: Preset, name: str, root: Path, train: bool, download: bool, a
 
 
 def _folder_transform(preset: Preset, augment: bool, imagenet: bool):
-    size = preset.image_size
+    size, T = preset.image_size, _torchvision()[1]
     gray = [T.Grayscale(preset.in_channels)] if preset.in_channels == 1 else []
     if imagenet and augment:
         geometry = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
@@ -108,7 +118,7 @@ def _image_folder(preset: Preset, name: str, root: Path, train: bool, augment: b
         want = f"{root}/train/ and {root}/val/" if name == "imagenet" else f"{root}/ (class subfolders)"
         raise UserError(f"{name} data not found: expected class folders under {want}; pass --data-dir")
     try:
-        ds = SkipUnreadable(datasets.ImageFolder(str(folder), transform=_folder_transform(preset, augment,
+        ds = SkipUnreadable(_torchvision()[0].ImageFolder(str(folder), transform=_folder_transform(preset, augment,
                                                                                           name == "imagenet")), folder)
     except (FileNotFoundError, RuntimeError) as err:
         raise UserError(f"{folder} holds no images in class subfolders ({err})") from None
@@ -215,34 +225,51 @@ def check_unreadable(dataset, share: float, flag: str = "--max-bad-images") -> i
     return skipped
 
 
+@functools.cache
+def _digits() -> tuple[torch.Tensor, torch.Tensor, dict[bool, torch.Tensor]]:
+    """scikit-learn's digits scaled to 0..1, their labels, and the indices of the fixed stratified
+    80/20 split ({True: train, False: test}); read once per process (the train and test sets share it)."""
+    from sklearn.datasets import load_digits  # only this set needs scikit-learn (a second to import)
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    train_idx, test_idx = train_test_split(range(len(bunch.target)), test_size=0.2, random_state=0,
+                                           stratify=bunch.target)
+    return images, torch.tensor(bunch.target, dtype=torch.long), {True: torch.tensor(train_idx),
+                                                                  False: torch.tensor(test_idx)}
+
+
+def random_shift(image: torch.Tensor, pad: int = 1) -> torch.Tensor:
+    """The image moved by up to `pad` pixels each way, its edge pixels repeated into the gap: a random
+    crop of the edge-padded image (torchvision's RandomCrop(size, padding=pad, padding_mode="edge"),
+    the same draws from torch's generator, without importing torchvision)."""
+    height, width = image.shape[-2:]
+    padded = F.pad(image.unsqueeze(0), (pad, pad, pad, pad), mode="replicate").squeeze(0)
+    top = int(torch.randint(0, 2 * pad + 1, size=(1,)).item())
+    left = int(torch.randint(0, 2 * pad + 1, size=(1,)).item())
+    return padded[..., top:top + height, left:left + width]
+
+
 class Digits(Dataset):
     """scikit-learn's 1797 bundled 8x8 handwritten digits; a fixed stratified 80/20 split."""
 
     def __init__(self, preset: Preset, train: bool, augment: bool):
-        from sklearn.datasets import load_digits  # only this set needs scikit-learn (a second to import)
-        from sklearn.model_selection import train_test_split
-
         if preset.image_size != 8 or preset.in_channels != 1:
             raise UserError(f"digits are 8x8 grayscale; preset {preset.name} expects "
                             f"{preset.image_size}x{preset.image_size} with {preset.in_channels} channels")
-        bunch = load_digits()
-        images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        labels = torch.tensor(bunch.target, dtype=torch.long)
-        train_idx, test_idx = train_test_split(range(len(labels)), test_size=0.2, random_state=0,
-                                               stratify=bunch.target)
-        idx = torch.tensor(train_idx if train else test_idx)
-        self.images = (images[idx] - preset.mean[0]) / preset.std[0]
-        self.labels = labels[idx]
+        images, labels, split = _digits()
+        self.images = (images[split[train]] - preset.mean[0]) / preset.std[0]
+        self.labels = labels[split[train]]
         self.classes = [str(d) for d in range(10)]
-        # Small random shifts: digits are not flip-invariant.
-        self.augment = T.RandomCrop(8, padding=1, padding_mode="edge") if augment else None
+        self.augment = augment  # small random shifts: digits are not flip-invariant
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image = self.images[i]
-        return (self.augment(image) if self.augment else image), int(self.labels[i])
+        return (random_shift(image) if self.augment else image), int(self.labels[i])
 
 
 MAX_LOADER_WORKERS = 16  # beyond what one GPU needs even with mixed precision; each worker costs memory

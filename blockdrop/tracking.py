@@ -9,51 +9,40 @@ from __future__ import annotations
 
 import getpass
 import logging
-import os
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 
-# Before mlflow is imported: keep its INFO chatter and telemetry out of users' consoles.
-for _key, _value in {"MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_DISABLE_TELEMETRY": "true",
-                     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
-                     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
-    os.environ.setdefault(_key, _value)
+# First: it sets MLflow's quiet defaults before mlflow is imported.
+from blockdrop.epoch_logger import EpochLogger, metric_batch  # isort: skip
 
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.models import infer_signature  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow.types.schema import Schema, TensorSpec  # noqa: E402
-from ray.train import UserCallback  # noqa: E402
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Schema, TensorSpec
 
-from blockdrop.checkpoints import Checkpoint  # noqa: E402
-from blockdrop.console import DropMessages  # noqa: E402
-from blockdrop.errors import UserError  # noqa: E402
-from blockdrop.flops import cost_model  # noqa: E402
-from blockdrop.metrics import Report, final_report  # noqa: E402
-from blockdrop.mlflow_views import save_sweep_view, view_location  # noqa: E402
-from blockdrop.preflight import resolve_uri  # noqa: E402, F401 (where a tracking URI comes from)
-from blockdrop.pyfunc import BlockDropModel  # noqa: E402
+from blockdrop.checkpoints import Checkpoint
+from blockdrop.console import DropMessages
+from blockdrop.errors import UserError
+from blockdrop.flops import cost_model
+from blockdrop.metrics import Report, final_report
+from blockdrop.mlflow_views import save_sweep_view, view_location
+from blockdrop.preflight import resolve_uri  # noqa: F401 (where a tracking URI comes from)
+from blockdrop.pyfunc import BlockDropModel
 
 JOB_TAG = "blockdrop.job"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 # The model class is ours and travels as code: MLflow's generic cloudpickle caution is noise here.
 logging.getLogger("mlflow.pyfunc").addFilter(DropMessages("Passing a Python object as `python_model`"))
-
-
-def metric_batch(metrics: dict[str, float], step: int) -> list[mlflow.entities.Metric]:
-    now = int(time.time() * 1000)
-    return [mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()]
 
 
 def source_tags(entry: str) -> dict[str, str]:
@@ -249,23 +238,6 @@ class Tracker:
     def epoch_logger(self, run_id: str) -> EpochLogger:
         """The Ray Train callback that logs a stage's epochs to `run_id`."""
         return EpochLogger(self.uri, run_id)
-
-
-class EpochLogger(UserCallback):
-    """Each epoch's metrics into the stage's MLflow run, at the epoch's step, once Ray Train has the
-    epoch's checkpoint (a Ray Train callback: it runs where Train's controller runs, not on the workers)."""
-
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
-        self._client: MlflowClient | None = None
-
-    def __getstate__(self) -> dict:  # shipped to the controller without a client; it makes its own once
-        return {"uri": self.uri, "run_id": self.run_id, "_client": None}
-
-    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        self._client = self._client or MlflowClient(self.uri)
-        row = metrics[0]  # every worker reports the same figures, merged over all of them
-        self._client.log_batch(self.run_id, metrics=metric_batch(row, int(row["epoch"])))
 
 
 def report_metrics(report: Report) -> dict[str, float]:

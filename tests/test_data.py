@@ -110,6 +110,28 @@ def test_digits_ship_with_scikit_learn_and_split_80_20():
     assert sorted(set(test.labels.tolist())) == list(range(10))
 
 
+def test_digits_training_shifts_are_torchvisions_edge_padded_random_crop_with_the_same_draws():
+    # the digits set shifts without importing torchvision; the same images as RandomCrop(8, padding=1,
+    # padding_mode="edge") gave, draw for draw, so that seeds reproduce the recorded results
+    from torchvision import transforms
+
+    from blockdrop.data import random_shift
+
+    crop = transforms.RandomCrop(8, padding=1, padding_mode="edge")
+    image = torch.randn(1, 8, 8)
+    moved = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        theirs, after_theirs = crop(image), torch.rand(1)
+        torch.manual_seed(seed)
+        ours, after_ours = random_shift(image), torch.rand(1)
+        assert torch.equal(ours, theirs) and torch.equal(after_ours, after_theirs), seed
+        moved += not torch.equal(ours, image)
+    assert moved > 20  # 8 of the 9 offsets move the image
+    train = load_dataset(get_preset("R26_DIGITS"), "train")
+    assert train[0][0].shape == (1, 8, 8) and not load_dataset(get_preset("R26_DIGITS"), "test").augment
+
+
 def test_unknown_dataset_lists_the_known_ones():
     with pytest.raises(UserError, match="unknown dataset 'mnist'; choose one of: cifar10, cifar100"):
         load_dataset(get_preset("R32_C10"), "train", "mnist")

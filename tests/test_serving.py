@@ -117,8 +117,11 @@ def server(front):
     try:
         deadline = time.time() + 240
         while True:
+            # Ready once /healthz answers and the console has said what it serves (printed after serve.run
+            # returns, which can be a moment after the endpoint first answers).
             try:
-                if http("GET", f"{url}/healthz")[0] == 200:
+                if (http("GET", f"{url}/healthz")[0] == 200
+                        and "Ctrl-C stops the server" in (front["root"] / "serve.log").read_text()):
                     break
             except OSError:
                 pass

@@ -112,6 +112,40 @@ def test_a_missing_checkpoint_is_still_refused_before_ray_and_mlflow(tmp_path):
     assert "ray" not in result["imported"] and "mlflow" not in result["imported"]
 
 
+LIGHT = """
+import pickle, sys
+from ray import cloudpickle
+from blockdrop.tracking import EpochLogger
+shipped = cloudpickle.dumps(EpochLogger("sqlite:///mlflow.db", "0" * 32))  # what a stage's controller receives
+"""
+
+
+def imported_by(tmp_path, code: str) -> set[str]:
+    """Top-level packages a fresh interpreter has imported after running `code`."""
+    probe = code + "\nimport json, sys\nprint(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return set(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def test_what_every_stages_workers_and_controller_import_stays_light(tmp_path):
+    # each stage starts new Ray Train processes: the workers import blockdrop.distributed and load the
+    # digits, the controller unpickles the MLflow epoch logger; torchvision (and torch._dynamo with it)
+    # and the tracking module's torch are seconds each on a small machine, and none of them is needed there
+    worker = imported_by(tmp_path, "import blockdrop.distributed\nfrom blockdrop.data import load_dataset\n"
+                                   "from blockdrop.presets import get_preset\n"
+                                   "load_dataset(get_preset('R26_DIGITS'), 'train')")
+    assert "torch" in worker and not worker & {"torchvision", "mlflow"}, sorted(worker)
+    shipped = subprocess.run([sys.executable, "-c", LIGHT + "sys.stdout.buffer.write(shipped)"], cwd=tmp_path,
+                             env=clean_env(), capture_output=True, timeout=300)
+    assert shipped.returncode == 0, shipped.stderr[-2000:]
+    (tmp_path / "logger.pkl").write_bytes(shipped.stdout)
+    controller = imported_by(tmp_path, "import pickle\nlogger = pickle.load(open('logger.pkl', 'rb'))\n"
+                                       "assert type(logger).__name__ == 'EpochLogger' and logger._client is None")
+    assert "mlflow" in controller and not controller & {"torch", "torchvision"}, sorted(controller)
+
+
 def test_the_parsers_and_the_library_share_one_definition_of_their_choices():
     from blockdrop import baselines, choices, data, execution, reinforce, stages
     from blockdrop.parsers import common, evaluate, train

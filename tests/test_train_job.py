@@ -23,6 +23,32 @@ def train_job(tmp_path: Path, *args: str, timeout: int = 600, **env: str) -> sub
                           timeout=timeout)
 
 
+def command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (its children, theirs, ...), oldest first, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            # /proc/PID/stat: "pid (name) state ppid ..."; the name may hold spaces and parentheses
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) if entry.name.isdigit() else None
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent is not None:
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        below = sorted(children.get(todo.pop(), []))
+        found += below
+        todo += below
+    return sorted(found)
+
+
 def client_for(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -161,7 +187,7 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     # the default: the depth policy's stages, then prune-and-finetune and the comparison; two workers: data
     # parallel, with sparse execution (DDP with blocks some worker's rows all drop); evaluated every 4th
     # epoch and after the last
-    proc = train_job(tmp_path, "--stage", "all", "--num-workers", "2", "--epochs", "10,6,5,4", "--name", "e2e",
+    proc = train_job(tmp_path, "--stage", "all", "--num-workers", "2", "--epochs", "8,4,4,3", "--name", "e2e",
                      "--eval-every", "4", timeout=900, BLOCKDROP_PROGRESS_EVERY_S="0.2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the checkpoints sit next to the run storage (--storage-path), where a cluster keeps them
@@ -172,7 +198,7 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     assert [n for n in names if n not in pruned] == ["e2e-depth.pt", "e2e-finetune.pt", "e2e-nest.pt", "e2e-pretrain.pt"]
     assert len(pruned) in (1, 2)  # the block counts that bracket the learned policy's FLOPs
     # progress within epochs (every 0.2 s here; 30 s by default), from rank 0 only
-    assert re.search(r"\[pretrain\] epoch \d+/10  step \d+/\d+  \d+ img/s  epoch ends in \dm\d\ds", proc.stdout), \
+    assert re.search(r"\[pretrain\] epoch \d+/8  step \d+/\d+  \d+ img/s  epoch ends in \dm\d\ds", proc.stdout), \
         proc.stdout[-3000:]
     assert "max_restarts > 0" not in proc.stderr and "Token authentication is enabled" not in proc.stderr  # noise
     assert "find_unused_parameters" not in proc.stdout + proc.stderr  # DDP's false alarm (blockdrop.console)
@@ -184,7 +210,7 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     stages = {r.data.params["stage"]: r for r in children if r.data.params["stage"] != "prune"}
     assert set(stages) == {"pretrain", "nest", "depth", "finetune"} and len(children) == 4 + len(pruned)
     assert parent.data.params["policy"] == "depth"
-    for stage, evaluated in (("pretrain", [3, 7, 9]), ("nest", [3, 5]), ("depth", [3, 4]), ("finetune", [3])):
+    for stage, evaluated in (("pretrain", [3, 7]), ("nest", [3]), ("depth", [3]), ("finetune", [2])):
         steps = [s for s, _ in history(client, stages[stage].info.run_id, "test_accuracy")]
         assert sorted(set(steps)) == evaluated, stage
         trained = [s for s, _ in history(client, stages[stage].info.run_id, "train_seconds")]
@@ -250,7 +276,7 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
 def test_blockdrops_own_policy_trains_on_request(tmp_path):
     """--policy blocks: the paper's per-block policy, pretrain -> curriculum -> finetune (the digits preset
     pretrains with stochastic depth: no adapt), compared with the image-blind policies."""
-    proc = train_job(tmp_path, "--policy", "blocks", "--epochs", "10,12,4", "--num-workers", "1", "--name", "bd",
+    proc = train_job(tmp_path, "--policy", "blocks", "--epochs", "6,12,2", "--num-workers", "1", "--name", "bd",
                      "--no-prune-baseline", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "ray" / "bd" / "checkpoints"
@@ -278,8 +304,8 @@ def test_killed_worker_is_replaced_and_training_resumes_in_the_same_mlflow_run(t
     for line in proc.stdout:
         lines.append(line)
         if killed is None and "[pretrain] epoch 2/6" in line:
-            workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True)
-            pids = [int(p) for p in workers.stdout.split()]
+            # this job's own workers (the test run may have another Ray beside it): below the job's process
+            pids = [pid for pid in descendants(proc.pid) if b"ray::RayTrainWorker" in command_line(pid)]
             assert pids, "no Ray Train worker process found"
             killed = pids[-1]
             os.kill(killed, signal.SIGKILL)
