@@ -94,8 +94,8 @@ def main() -> None:
              "|---|" + "---|" * len(trees)]
     lines += [f"| {key} | " + " | ".join(cell(name, key) for name in trees) + " |" for key in keys]
     lines += ["", "A stage's start-up: from its `== stage` line to its first epoch line (that epoch itself is "
-                  "about a second here). Ray Train's own floor, a fit of a trivial loop on 2 workers, was 6-9 s on "
-                  "this machine (measured once, by hand)."]
+                  "about a second here). Ray Train's own part, measured by hand with a trivial loop on 2 workers "
+                  "(fit() to the loop's first line), was 9-11 s of it on this machine."]
     emit(lines, args.output or None)
 
 
