@@ -207,6 +207,8 @@ def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(gri
     (["--penalties", "-1", "--epochs", "0"], "--epochs must be at least 1"),
     (["--penalties", "-1", "--batch-size=-4"], "--batch-size must be at least 1"),
     (["--num-samples", "2", "--gamma-range=-inf,-1"], "--gamma-range takes low,high"),
+    (["--penalties", "-1,-5,-1.0"], "--penalties lists -1 more than once"),
+    (["--penalties", "-1", "--lrs", "1e-3,0.0010000001"], "--lrs lists 0.001 more than once"),
 ])
 def test_invalid_sweeps_fail_fast(tmp_path, curriculum_checkpoint, monkeypatch, args, message):
     from blockdrop.errors import UserError

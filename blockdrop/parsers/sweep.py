@@ -64,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_distinct(flag: str, values: list[float]) -> None:
+    """A grid's values, each once as trials are named (`gamma=-1,lr=0.001`, 6 significant digits): a repeat
+    would be the same trial, resumed instead of trained again."""
+    shown = [f"{v:g}" for v in values]
+    repeated = sorted({v for v in shown if shown.count(v) > 1})
+    if repeated:
+        raise UserError(f"{flag} lists {', '.join(repeated)} more than once (trials are named by their values, to 6 "
+                        "significant digits): give each value once")
+
+
 LIST_FLAGS = ("--penalties", "--lrs", "--gamma-range")
 
 
@@ -106,6 +116,8 @@ def check_flags(args: argparse.Namespace) -> None:
     for flag in ("workers_per_trial", "max_concurrent"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag, values in (("--penalties", args.penalties), ("--lrs", args.lrs)):
+        check_distinct(flag, values or [])
     if args.resume and not args.name:
         raise UserError("--resume needs --name: the sweep to resume")
     if args.policy_lr is not None and not (args.policy_lr > 0 and math.isfinite(args.policy_lr)):
