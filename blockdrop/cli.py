@@ -19,6 +19,7 @@ from __future__ import annotations
 from blockdrop import preflight
 from blockdrop.errors import run_cli
 from blockdrop.parsers import evaluate as evaluate_flags
+from blockdrop.parsers import flops as flops_flags
 from blockdrop.parsers import quickstart as quickstart_flags
 from blockdrop.parsers import serve as serve_flags
 from blockdrop.parsers import sweep as sweep_flags
@@ -69,6 +70,15 @@ def run_evaluate(argv: list[str] | None = None) -> None:
     work.run(args)
 
 
+def run_flops(argv: list[str] | None = None) -> None:
+    """python -m blockdrop.flops ARGV: a preset's analytic FLOPs."""
+    args = flops_flags.build_parser().parse_args(argv)
+    flops_flags.check_flags(args)
+    from blockdrop import flops as work
+
+    work.report(args)
+
+
 def run_quickstart(argv: list[str] | None = None) -> None:
     """python -m blockdrop.quickstart ARGV: the main job, then a sweep from its checkpoint before finetuning."""
     args = quickstart_flags.build_parser().parse_args(argv)
@@ -96,9 +106,7 @@ def evaluate() -> None:
 
 
 def flops() -> None:
-    from blockdrop.flops import main
-
-    run_cli(main)
+    run_cli(run_flops)
 
 
 def sample_data() -> None:

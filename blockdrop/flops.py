@@ -9,7 +9,6 @@ the parameter-free CIFAR shortcut are free. The cost of an image under a policy 
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 
@@ -17,7 +16,8 @@ import torch
 
 from blockdrop.errors import run_cli
 from blockdrop.models.resnet import DepthPolicy, ResNetSpec
-from blockdrop.presets import PRESETS, Preset, get_preset
+from blockdrop.parsers.flops import build_parser, check_flags
+from blockdrop.presets import Preset, get_preset
 
 
 def conv_flops(cin: int, cout: int, kernel: int, hout: int, wout: int) -> int:
@@ -147,20 +147,19 @@ def _print_table(info: dict) -> None:
     print(f"BlockDrop range: {info['min_flops']:.3E} (no block) .. {info['max_flops']:.3E} (every block)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m blockdrop.flops",
-        description="Print a preset's analytic FLOPs: each residual block, the full model and the "
-                    "policy network, in the paper's convention.",
-    )
-    parser.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    args = parser.parse_args(argv)
+def report(args) -> None:
+    """The table (or JSON with --json) of `python -m blockdrop.flops` for parsed flags (blockdrop.parsers.flops)."""
     info = describe(get_preset(args.preset))
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         _print_table(info)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    check_flags(args)
+    report(args)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ HELP = [
     ("blockdrop.cli:serve", "usage: serve"),
     ("blockdrop.cli:quickstart", "usage: python -m blockdrop.quickstart"),
     ("blockdrop.cli:sample_data", "usage:"),
+    ("blockdrop.cli:flops", "usage: python -m blockdrop.flops"),
 ]
 
 
@@ -93,6 +94,8 @@ ERRORS = [  # what the CLIs check before any model, data, MLflow or Ray is touch
     ("blockdrop.cli:train", ["--preset", "R999"], "error: unknown preset 'R999'"),
     ("blockdrop.cli:sweep", ["--init", "x.pt", "--penalties=-1,2"], "error: --penalties must all be negative"),
     ("blockdrop.cli:serve", ["--autoscale", "3"], "error: --autoscale wants MIN,MAX"),
+    ("blockdrop.cli:sweep", ["--init", "x.pt", "--penalties=-1,-1"], "error: --penalties lists -1 more than once"),
+    ("blockdrop.cli:flops", ["--preset", "R999"], "error: unknown preset 'R999'"),
 ]
 
 
