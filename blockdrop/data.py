@@ -27,17 +27,23 @@ DEFAULT_DATA_DIR = Path("data")
 DOWNLOAD_TIMEOUT_S = 30.0
 
 
-def _torchvision():
-    """torchvision's datasets and transforms, imported on first use: `import torchvision` also imports
-    its models and torch._dynamo, over a second of every process that imports this module (each Ray
-    Train worker and task does), and the digits set never needs it."""
-    from torchvision import datasets, transforms
+# torchvision is imported on first use: `import torchvision` also imports its models and torch._dynamo,
+# over a second of every process that imports this module (each Ray Train worker and task does), and the
+# digits set never needs it.
+def _datasets():
+    from torchvision import datasets
 
-    return datasets, transforms
+    return datasets
+
+
+def _transforms():
+    from torchvision import transforms
+
+    return transforms
 
 
 def _normalize(preset: Preset):
-    return _torchvision()[1].Normalize(preset.mean, preset.std)
+    return _transforms().Normalize(preset.mean, preset.std)
 
 
 def _presence_only(cls: type) -> type:
@@ -58,7 +64,7 @@ CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 @functools.cache
 def cifar_class(name: str) -> type:
-    datasets = _torchvision()[0]
+    datasets = _datasets()
     return _presence_only({"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name])
 
 
@@ -68,7 +74,7 @@ def _cifar(preset: Preset, name: str, root: Path, train: bool, download: bool, a
         raise UserError(f"{name} has 32x32 RGB images; preset {preset.name} expects "
                         f"{preset.image_size}x{preset.image_size} with {preset.in_channels} channel(s)")
     folder = root / cls.base_folder
-    T = _torchvision()[1]
+    T = _transforms()
     transform = T.Compose([*([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []),
                            T.ToTensor(), _normalize(preset)])
     present = all((folder / f).is_file() for f, _ in cls.train_list + cls.test_list + [[cls.meta["filename"], None]])
@@ -96,7 +102,7 @@ def _cifar(preset: Preset, name: str, root: Path, train: bool, download: bool, a
 
 
 def _folder_transform(preset: Preset, augment: bool, imagenet: bool):
-    size, T = preset.image_size, _torchvision()[1]
+    size, T = preset.image_size, _transforms()
     gray = [T.Grayscale(preset.in_channels)] if preset.in_channels == 1 else []
     if imagenet and augment:
         geometry = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
@@ -118,7 +124,7 @@ def _image_folder(preset: Preset, name: str, root: Path, train: bool, augment: b
         want = f"{root}/train/ and {root}/val/" if name == "imagenet" else f"{root}/ (class subfolders)"
         raise UserError(f"{name} data not found: expected class folders under {want}; pass --data-dir")
     try:
-        ds = SkipUnreadable(_torchvision()[0].ImageFolder(str(folder), transform=_folder_transform(preset, augment,
+        ds = SkipUnreadable(_datasets().ImageFolder(str(folder), transform=_folder_transform(preset, augment,
                                                                                           name == "imagenet")), folder)
     except (FileNotFoundError, RuntimeError) as err:
         raise UserError(f"{folder} holds no images in class subfolders ({err})") from None

@@ -16,7 +16,6 @@ import torch
 
 from blockdrop.errors import run_cli
 from blockdrop.models.resnet import DepthPolicy, ResNetSpec
-from blockdrop.parsers.flops import build_parser, check_flags
 from blockdrop.presets import Preset, get_preset
 
 
@@ -156,11 +155,7 @@ def report(args) -> None:
         _print_table(info)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    check_flags(args)
-    report(args)
-
-
 if __name__ == "__main__":
-    run_cli(main)
+    from blockdrop.cli import run_flops  # the command's one path (cli imports this module inside run_flops)
+
+    run_cli(run_flops)

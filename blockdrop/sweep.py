@@ -37,6 +37,7 @@ from blockdrop.errors import UserError
 from blockdrop.metrics import evaluate
 from blockdrop.flops import cost_model
 from blockdrop.pareto import Point, pareto_front, plot_front
+from blockdrop.parsers.sweep import trial_key
 from blockdrop.plans import SweepPlan, default_plan, resnet_steps
 from blockdrop.preflight import resolve_uri
 from blockdrop.presets import get_preset
@@ -46,10 +47,6 @@ from blockdrop.stages import StageConfig
 from blockdrop.tracking import Tracker
 
 TRIAL_TAG = "blockdrop.trial"
-
-
-def trial_key(gamma: float, lr: float) -> str:
-    return f"gamma={gamma:g},lr={lr:g}"
 
 
 @dataclass

@@ -64,10 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def grid_value(value: float) -> str:
+    """A gamma or lr as a trial's name shows it: 6 significant digits."""
+    return f"{value:g}"
+
+
+def trial_key(gamma: float, lr: float) -> str:
+    """A sweep trial's name (Ray Tune's trial and the MLflow run's key)."""
+    return f"gamma={grid_value(gamma)},lr={grid_value(lr)}"
+
+
 def check_distinct(flag: str, values: list[float]) -> None:
-    """A grid's values, each once as trials are named (`gamma=-1,lr=0.001`, 6 significant digits): a repeat
-    would be the same trial, resumed instead of trained again."""
-    shown = [f"{v:g}" for v in values]
+    """A grid's values, each once as trial names show them: a repeat would be the same trial, resumed
+    instead of trained again."""
+    shown = [grid_value(v) for v in values]
     repeated = sorted({v for v in shown if shown.count(v) > 1})
     if repeated:
         raise UserError(f"{flag} lists {', '.join(repeated)} more than once (trials are named by their values, to 6 "
