@@ -81,8 +81,10 @@ def train(stage: str, settings: dict, data: Path, init: dict | None, teacher: di
     row = None if static is None else torch.tensor(static, dtype=torch.float32)
     began = time.time()
     for epoch in range(cfg.epochs):
-        train_epoch(stage, models, loader, optimizer, epoch, cfg.gamma, CPU, cfg.drop_rate, cfg.pace, cfg.entropy,
-                    static=row)
+        stats = train_epoch(stage, models, loader, optimizer, epoch, cfg.gamma, CPU, cfg.drop_rate, cfg.pace,
+                            cfg.entropy, static=row, budget_range=cfg.budget_range)
+        if stats.spent is not None:  # a budget policy: its spending table, as the workers measure it
+            models.policy.calibrate(stats.spent, stats.images)
         schedule.step()
     return models, time.time() - began
 
@@ -99,10 +101,12 @@ def user_resnet(data: Path, workdir: Path, epochs: int) -> tuple[Path, float]:
     return path, read_checkpoint(path).meta.get("seconds", 0.0)
 
 
-def plan_for(policy: str, user: Path, data: Path, gamma: float) -> list[tuple[str, dict]]:
-    """train_job.py's stages and settings for `--init USER --policy POLICY --penalty GAMMA` on this folder."""
+def plan_for(policy: str, user: Path, data: Path, gamma: float, extra: list[str] | None = None
+             ) -> list[tuple[str, dict]]:
+    """train_job.py's stages and settings for `--init USER --policy POLICY --penalty GAMMA` (and `extra`
+    flags) on this folder."""
     args = build_parser().parse_args(["--preset", PRESET.name, "--dataset", "imagefolder", "--data-dir", str(data),
-                                      "--init", str(user), "--policy", policy, f"--penalty={gamma}"])
+                                      "--init", str(user), "--policy", policy, f"--penalty={gamma}"] + (extra or []))
     return validate(args).stages
 
 

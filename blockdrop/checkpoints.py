@@ -211,8 +211,11 @@ def _mismatch(sd: StateDict, module: nn.Module) -> list[str]:
 
 
 def build_policy(preset: Preset, state: StateDict | None = None) -> nn.Module:
-    """The policy module a state dict is for: the depth policy's carries its keep order (`rank`)."""
-    return preset.build_depth_policy() if state is not None and "rank" in state else preset.build_policy()
+    """The policy module a state dict is for: the depth policy's carries its keep order (`rank`), the budget
+    policy's its spending table too (`spend`)."""
+    if state is not None and "rank" in state:
+        return preset.build_depth_policy(budget="spend" in state)
+    return preset.build_policy()
 
 
 def _build(preset: Preset, part: str, state: StateDict | None = None) -> nn.Module:

@@ -18,7 +18,11 @@ STAGES = ("pretrain", "adapt", "curriculum", "finetune")
 # The depth policy's stages (blockdrop.depth): nest the ResNet along one block order, train the policy
 # network on the outcome of every depth, finetune the ResNet under its choices.
 DEPTH_STAGES = ("pretrain", "nest", "depth", "finetune")
-POLICIES = ("blocks", "depth")  # BlockDrop's per-block policy (REINFORCE), the depth policy
+# BlockDrop's per-block policy (REINFORCE), the depth policy, and the depth policy for any budget (one model
+# for the whole front: blockdrop.budget)
+POLICIES = ("blocks", "depth", "budget")
+DEPTH_POLICIES = ("depth", "budget")  # those trained by the depth policy's stages
+DEFAULT_BUDGET_RANGE = (0.2, 1.0)  # the mean budgets a budget policy's finetuning draws from (shares of the FLOPs)
 # Not a BlockDrop stage: the competitor it must beat, the ResNet finetuned under one image-blind policy (a
 # static set of K blocks, greedy order) for as many steps as the policy's stages train it (blockdrop.prune).
 PRUNE = "prune"

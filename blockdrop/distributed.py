@@ -32,7 +32,8 @@ from blockdrop.checkpoints import build_policy, load_models, save_checkpoint
 from blockdrop.data import allowed_unreadable, default_loader_workers, load_dataset, loader_options, skipped_images
 from blockdrop.errors import UserError
 from blockdrop.flops import cost_model
-from blockdrop.metrics import Tally, tally
+from blockdrop.budget import curve_budgets
+from blockdrop.metrics import Tally, tally, tallies
 from blockdrop.models.resnet import PolicyNet
 from blockdrop.presets import Preset, get_preset
 from blockdrop.prune import static_chooser
@@ -195,10 +196,13 @@ class Worker:
         self.data.sampler.set_epoch(epoch)
         on_step = StepProgress(cfg.stage, epoch, cfg.epochs, self.world, cfg.progress_every_s) if self.rank == 0 else None
         stats = train_epoch(cfg.stage, self.models, self.data.loader, self.optimizer, epoch, cfg.gamma, self.device,
-                            cfg.drop_rate, cfg.pace, cfg.entropy, on_step=on_step, static=self.static)
+                            cfg.drop_rate, cfg.pace, cfg.entropy, on_step=on_step, static=self.static,
+                            budget_range=cfg.budget_range)
         trained = time.time()
         lr = self.optimizer.param_groups[-1]["lr"]  # finetune: the ResNet's
         self.schedule.step()
+        if stats.spent is not None:  # a budget policy: its spending table, from every worker's training images
+            self.calibrate(stats)
         evaluate = (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1
         test = self.test(epoch) if evaluate else None
         merged_stats, merged_test, skipped = EpochStats(), Tally() if evaluate else None, None
@@ -208,6 +212,8 @@ class Worker:
                 merged_test.merge(t)
             skipped = None if k is None else (skipped or 0) + k
         metrics = epoch_metrics(merged_stats, merged_test, self.costs.full, lr) | {"epoch": epoch}
+        if epoch == cfg.epochs - 1 and stats.spent is not None:
+            metrics |= self.curve()
         if self.reference is not None:
             metrics["reference_accuracy"] = self.reference["accuracy"]
         # where the epoch's time goes (rank 0's clock): training steps, then evaluation and merging
@@ -227,6 +233,32 @@ class Worker:
             index = curriculum_index((epoch + 1) * steps - 1, self.cfg.pace or steps)
             decided = curriculum_mask(self.preset.num_blocks, index)
         return tally(self.models.backbone, self.evaluated, self.data.test, self.costs, self.device, decided=decided)
+
+    def calibrate(self, stats: EpochStats) -> None:
+        """The budget policy's table: what it spends at each price on all workers' training images."""
+        spent, images = None, 0
+        for s, n in _gather((stats.spent, stats.images), self.world):
+            spent, images = (s if spent is None else spent + s), images + n
+        self.models.policy.calibrate(spent, images)
+
+    def curve(self) -> dict[str, float]:
+        """The budget policy's front on the test set (all workers' shards), as metrics: at each budget of
+        blockdrop.budget.curve_budgets, `budget_B_*`; `budget_gap`: the mean |spent - asked|."""
+        policy = self.models.policy
+        budgets = curve_budgets(float(policy.base))
+        found = tallies(self.models.backbone, policy, self.data.test, self.costs, self.device, [(b, None) for b in budgets])
+        merged = [Tally() for _ in budgets]
+        for shard in _gather(found, self.world):
+            for m, t in zip(merged, shard):
+                m.merge(t)
+        out, gaps = {}, []
+        for b, t in zip(budgets, merged):
+            report = t.report(self.costs.full)
+            spent = report.flops_mean / self.costs.full
+            gaps.append(abs(spent - b))
+            out |= {f"budget_{b:.2f}_test_accuracy": report.accuracy, f"budget_{b:.2f}_flops_per_image": report.flops_mean,
+                    f"budget_{b:.2f}_blocks_used": report.blocks_mean, f"budget_{b:.2f}_spent": spent}
+        return out | {"budget_gap": sum(gaps) / len(gaps)}
 
     def check_unreadable(self, skipped: int) -> None:
         allowed = allowed_unreadable(self.cfg.max_bad_images, len(self.data.train))

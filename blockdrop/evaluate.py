@@ -23,7 +23,7 @@ from blockdrop.baselines import RANDOM_SEEDS, chooser, greedy_order
 from blockdrop.data import check_unreadable, load_dataset
 from blockdrop.errors import UserError, run_cli
 from blockdrop.flops import CostModel, cost_model
-from blockdrop.metrics import Records, Report, Tally, tally
+from blockdrop.metrics import BudgetPoint, Records, Report, Tally, budget_curve, curve_gap, tally
 from blockdrop.models.resnet import FlatResNet, PolicyNet
 from blockdrop.parsers.evaluate import build_parser, check_flags
 from blockdrop.pictures import draw_all
@@ -128,6 +128,41 @@ def write_report_dir(preset: Preset, args: argparse.Namespace, result: Tally, re
         write(comparison, args.report_dir)
 
 
+def check_budgets(model: Evaluated, args: argparse.Namespace) -> None:
+    """Budgets the checkpoint can run at: a mean target needs a budget policy, any budget one above the cost
+    of an image that runs no block."""
+    asked = [args.budget, args.cap, *(args.budgets or [])]
+    if all(b is None for b in asked):
+        return
+    if not isinstance(model.policy, PolicyNet):
+        raise UserError(f"--budget, --cap and --budgets need a policy network; {args.checkpoint} holds "
+                        f"{'a pruned ResNet' if model.policy is not None else 'no policy'}")
+    mean = args.budget is not None or (args.budgets and not args.cap_curve)
+    if mean and not inference.is_budget_model(model.policy):
+        raise UserError(f"a mean budget (--budget, --budgets) needs a budget policy (train_job.py --policy budget); "
+                        f"{args.checkpoint} holds another policy: give it a per-image --cap, or --budgets with --cap-curve")
+    cheapest = model.costs.fixed / model.costs.full
+    low = min(b for b in asked if b is not None)
+    if low < cheapest:
+        raise UserError(f"a budget of {low:g} is below what any image costs under this model with no block run "
+                        f"({cheapest:.3f} of the full ResNet's FLOPs: stem, shortcuts, head and policy network)")
+
+
+def print_curve(preset: Preset, args: argparse.Namespace, model: Evaluated, points: list[BudgetPoint], label: str) -> None:
+    """The front of a budget model (--budgets): a line or a JSON object per budget, and the mean gap."""
+    kind = "per-image caps" if args.cap_curve else "mean budgets"
+    if args.json:
+        print(json.dumps({"preset": preset.name, "checkpoint": args.checkpoint, "policy": label, "kind": kind,
+                          "mean_gap": curve_gap(points), "curve": [p.to_json() for p in points]}))
+        return
+    print(f"{preset.name}  {args.checkpoint}  ({model.source}; {label}), at {kind} (shares of the full ResNet's "
+          f"FLOPs, {model.costs.full:.2E})")
+    for point in points:
+        print(point.line())
+    what = "mean |spent - asked|" if not args.cap_curve else "mean excess of the costliest image over its cap"
+    print(f"{what}: {curve_gap(points):.4f}")
+
+
 def run(args: argparse.Namespace) -> None:
     """The report of --checkpoint (or of --baseline on its ResNet), printed as text or JSON."""
     check_flags(args)
@@ -142,11 +177,19 @@ def run(args: argparse.Namespace) -> None:
     if args.baseline == "greedy" or args.compare:
         train = load_dataset(preset, "train", args.dataset, args.data_dir, download=not args.no_download, augment=False)
     label = describe_policy(model, args)
+    check_budgets(model, args)
+    if args.budgets:
+        return print_curve(preset, args, model, budget_curve(model.backbone, model.policy, loader, model.costs, device,
+                                                             args.budgets, "cap" if args.cap_curve else "mean",
+                                                             progress=not args.json), label)
+    if args.budget is not None or args.cap is not None:
+        label += "".join(f", {what} {value:g}" for what, value in (("mean budget", args.budget),
+                                                                   ("per-image cap", args.cap)) if value is not None)
     if args.baseline:
         result = evaluate_baseline(model, args, loader, train, device)
     else:
         result = tally(model.backbone, model.policy, loader, model.costs, device, progress=not args.json,
-                       records=bool(args.report_dir))
+                       records=bool(args.report_dir), budget=args.budget, cap=args.cap)
     report = result.report(model.costs.full)
     if model.meta.get("reference"):  # the user's ResNet, as the job measured it
         report.reference_accuracy = model.meta["reference"]["accuracy"]

@@ -22,12 +22,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from blockdrop.budget import cap_rows
 from blockdrop.checkpoints import Checkpoint, load_models, read_checkpoint
 from blockdrop.data import eval_transform
 from blockdrop.errors import UserError
 from blockdrop.execution import run_sparse
 from blockdrop.flops import CostModel, cost_model
-from blockdrop.models.resnet import FlatResNet, PolicyNet
+from blockdrop.models.resnet import BudgetPolicy, DepthPolicy, FlatResNet, PolicyNet
 from blockdrop.presets import Preset, get_preset
 from blockdrop.reinforce import force_undecided, greedy
 
@@ -58,20 +59,49 @@ class Prediction:
         return ["".join(str(int(v)) for v in row) for row in self.policies.tolist()]
 
 
+def is_budget_model(policy: Policy) -> bool:
+    """Does `policy` run at any mean budget (blockdrop.budget)? Any policy takes a per-image cap."""
+    return isinstance(policy, BudgetPolicy)
+
+
 @torch.inference_mode()
 def predict(backbone: FlatResNet, policy: Policy, images: torch.Tensor, costs: CostModel,
-            decided: torch.Tensor | None = None) -> Prediction:
+            decided: torch.Tensor | None = None, budget=None, cap=None) -> Prediction:
     """Choose each image's blocks with `policy` and run only those (sparse execution). `decided` (a
-    K-vector of 0/1) forces the other blocks on, as the curriculum stage evaluates."""
+    K-vector of 0/1) forces the other blocks on, as the curriculum stage evaluates. `budget`: a mean
+    target (a budget policy's), `cap`: a per-image cap (any policy's), shares of the full ResNet's FLOPs,
+    one for all images or one per image (blockdrop.budget)."""
     if policy is None:
+        if cap is not None:
+            raise ValueError("the full ResNet runs every block: it takes no cap")
         policies = torch.ones(len(images), backbone.num_blocks, device=images.device)
         return Prediction(backbone(images), policies,
                           torch.full((len(images),), float(costs.full), dtype=torch.float64, device=images.device))
     learned = isinstance(policy, PolicyNet)
-    policies = greedy(policy(images)) if learned else policy(images)
+    if budget is not None and not is_budget_model(policy):
+        raise ValueError("a mean budget needs a budget policy (train_job.py --policy budget); this one takes a cap")
+    if is_budget_model(policy) and (budget is not None or cap is not None):
+        policies = policy.rows_at(images, budget, cap)
+    elif learned:
+        scores = policy(images)
+        policies = greedy(scores)
+        if cap is not None:  # the blocks it values most: a depth policy's keep order, else its keep-probabilities
+            values = -policy.rank.to(scores).expand_as(policies) if isinstance(policy, DepthPolicy) else scores
+            policies = _capped(policies, values, costs, cap, learned)
+    else:
+        policies = policy(images)
+        if cap is not None:  # an image-blind policy keeps its earlier blocks first
+            values = -torch.arange(policies.shape[1], device=images.device, dtype=torch.float32).expand_as(policies)
+            policies = _capped(policies, values, costs, cap, learned)
     if decided is not None:
         policies = force_undecided(policies, decided.to(images.device))
     return Prediction(run_sparse(backbone, images, policies), policies, costs.per_image(policies, with_policy=learned))
+
+
+def _capped(policies: torch.Tensor, values: torch.Tensor, costs: CostModel, cap, learned: bool) -> torch.Tensor:
+    cap = torch.as_tensor(cap, dtype=torch.float64, device=policies.device).expand(len(policies))
+    allowance = cap * costs.full - (costs.fixed - (0 if learned else costs.policy))
+    return cap_rows(policies, values, torch.tensor(costs.backbone.blocks, dtype=torch.float64), allowance)
 
 
 def from_base64(text: str) -> bytes:
@@ -120,10 +150,16 @@ class Model:
     checkpoint: Checkpoint
     device: torch.device
 
-    def predict(self, images: torch.Tensor, full: bool = False) -> Prediction:
-        """Each image under its own policy (`full`: every block, no policy network)."""
+    def predict(self, images: torch.Tensor, full: bool = False, budget=None, cap=None) -> Prediction:
+        """Each image under its own policy (`full`: every block, no policy network); `budget`, `cap`: see
+        `predict` (scalars or one per image)."""
         return predict(self.backbone, None if full else self.policy, images.to(self.device),
-                       cost_model(self.preset) if full else self.costs)
+                       cost_model(self.preset) if full else self.costs, budget=budget, cap=cap)
+
+    def cheapest(self) -> float:
+        """The least share of the full ResNet's FLOPs an image can cost under this model: no block run."""
+        learned = isinstance(self.policy, PolicyNet)
+        return (self.costs.fixed - (0 if learned else self.costs.policy)) / self.costs.full
 
 
 def load(path: str | os.PathLike, preset: str | None = None, backbone_file: str | os.PathLike | None = None,

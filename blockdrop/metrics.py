@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -75,6 +75,7 @@ class Tally:
     flops: Moments = field(default_factory=Moments)
     policies: set[bytes] = field(default_factory=set)
     rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+    flops_max: float = 0.0  # the costliest image's FLOPs (a per-image cap holds when it is within the cap)
 
     def add(self, correct: torch.Tensor, full_correct: torch.Tensor, actions: torch.Tensor,
             flops: torch.Tensor, labels: torch.Tensor | None = None, predictions: torch.Tensor | None = None) -> None:
@@ -82,6 +83,8 @@ class Tally:
         self.full_correct += int(full_correct.sum())
         self.blocks.add(actions.sum(1))
         self.flops.add(flops)
+        if len(flops):
+            self.flops_max = max(self.flops_max, float(flops.max()))
         bits = actions.bool().cpu().numpy()
         self.policies.update(row.tobytes() for row in np.packbits(bits, axis=1))
         if self.rows is not None and labels is not None:
@@ -92,6 +95,7 @@ class Tally:
         self.full_correct += other.full_correct
         self.blocks.merge(other.blocks)
         self.flops.merge(other.flops)
+        self.flops_max = max(self.flops_max, other.flops_max)
         self.policies |= other.policies
         if self.rows is not None and other.rows is not None:
             self.rows += other.rows
@@ -158,27 +162,84 @@ def final_report(meta: dict, full_flops: int) -> Report:
 
 
 def tally(backbone: FlatResNet, policy: Policy, loader: Iterable, costs: CostModel, device: torch.device,
-          progress: bool = False, decided: torch.Tensor | None = None, records: bool = False) -> Tally:
+          progress: bool = False, decided: torch.Tensor | None = None, records: bool = False,
+          budget: float | None = None, cap: float | None = None) -> Tally:
     """The policy with sparse execution, and the full model, over `loader` (one shard or all).
 
     `policy`: as blockdrop.inference.predict takes it (a policy network, an image-blind function, or
     None: the full model). `decided` (a K-vector of 0/1) forces the other blocks on, as during the
-    curriculum stage. `records` keeps every image's outcome.
+    curriculum stage. `records` keeps every image's outcome. `budget`, `cap`: a mean target, a per-image
+    cap (blockdrop.budget).
     """
+    return tallies(backbone, policy, loader, costs, device, [(budget, cap)], progress, decided, records)[0]
+
+
+def tallies(backbone: FlatResNet, policy: Policy, loader: Iterable, costs: CostModel, device: torch.device,
+            budgets: list[tuple[float | None, float | None]], progress: bool = False,
+            decided: torch.Tensor | None = None, records: bool = False) -> list[Tally]:
+    """`tally` at each (mean budget, cap) of `budgets`, in one pass over `loader` (the full model run once)."""
     backbone.eval()
     if isinstance(policy, torch.nn.Module):
         policy.eval()
-    result = Tally(rows=[] if records else None)
+    results = [Tally(rows=[] if records else None) for _ in budgets]
     channels_last = backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     for images, labels in tqdm(loader, desc="evaluate", unit="batch", disable=None if progress else True,
                                file=sys.stderr):
         images, labels = images.to(device, memory_format=layout), labels.to(device)
         full = predict(backbone, None, images, costs)
-        out = full if policy is None else predict(backbone, policy, images, costs, decided)
-        predictions = out.classes
-        result.add(predictions == labels, full.classes == labels, out.policies, out.flops, labels, predictions)
-    return result
+        for result, (budget, cap) in zip(results, budgets):
+            out = full if policy is None else predict(backbone, policy, images, costs, decided, budget, cap)
+            predictions = out.classes
+            result.add(predictions == labels, full.classes == labels, out.policies, out.flops, labels, predictions)
+    return results
+
+
+@dataclass
+class BudgetPoint:
+    """A budget model at one budget: what was asked (a share of the full ResNet's FLOPs; `kind` "mean" or
+    "cap"), the report there, and how the achieved cost tracks the ask."""
+
+    budget: float
+    kind: str
+    report: Report
+    flops_max: float
+
+    @property
+    def spent(self) -> float:
+        """The mean share of the full ResNet's FLOPs spent."""
+        return self.report.flops_mean / self.report.full_flops
+
+    @property
+    def gap(self) -> float:
+        """Mean target: |mean spent - asked|; cap: how far the costliest image passes it (0 when it holds)."""
+        if self.kind == "mean":
+            return abs(self.spent - self.budget)
+        return max(self.flops_max / self.report.full_flops - self.budget, 0.0)
+
+    def to_json(self) -> dict:
+        return {"budget": self.budget, "kind": self.kind, "spent": self.spent, "gap": self.gap,
+                "flops_max": self.flops_max, **asdict(self.report)}
+
+    def line(self) -> str:
+        r = self.report
+        asked = f"{'mean' if self.kind == 'mean' else 'cap '} {self.budget:.2f}"
+        return (f"{asked}  spent {self.spent:.3f} (max {self.flops_max / r.full_flops:.3f})  accuracy {r.accuracy:.3f}  "
+                f"blocks {r.blocks_mean:.2f} +- {r.blocks_std:.2f}  FLOPs {r.flops_mean:.2E} ({r.speedup:.2f}x)  "
+                f"{r.unique_policies} policies")
+
+
+def budget_curve(backbone: FlatResNet, policy: Policy, loader: Iterable, costs: CostModel, device: torch.device,
+                 budgets: list[float], kind: str = "mean", progress: bool = False) -> list[BudgetPoint]:
+    """A budget model's front: its report at each budget (mean targets, or per-image caps)."""
+    asks = [(b, None) if kind == "mean" else (None, b) for b in budgets]
+    found = tallies(backbone, policy, loader, costs, device, asks, progress)
+    return [BudgetPoint(b, kind, t.report(costs.full), t.flops_max) for b, t in zip(budgets, found)]
+
+
+def curve_gap(points: list[BudgetPoint]) -> float:
+    """The mean absolute gap between the cost asked and the cost achieved over a curve."""
+    return sum(p.gap for p in points) / max(len(points), 1)
 
 
 def evaluate(backbone: FlatResNet, policy: Policy, loader: Iterable, costs: CostModel, device: torch.device,

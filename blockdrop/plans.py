@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from blockdrop.checkpoints import Checkpoint, load_models, read_checkpoint
-from blockdrop.choices import DEPTH_STAGES, PRUNE, STAGES
+from blockdrop.choices import DEFAULT_BUDGET_RANGE, DEPTH_POLICIES, DEPTH_STAGES, PRUNE, STAGES
 from blockdrop.data import load_dataset
 from blockdrop.errors import UserError
 from blockdrop.models.resnet import FlatResNet, PolicyNet
@@ -35,7 +35,7 @@ def policy_kind(args: argparse.Namespace, init: Checkpoint | None) -> str:
     if named & {"nest", "depth"}:
         return "depth"
     if init is not None and init.policy is not None:
-        return "depth" if "rank" in init.policy else "blocks"
+        return ("budget" if "spend" in init.policy else "depth") if "rank" in init.policy else "blocks"
     return DEFAULT_POLICY
 
 
@@ -44,7 +44,7 @@ def plan_stages(preset: Preset, args: argparse.Namespace, policy: str, init: Che
     adapt only for a ResNet pretrained without stochastic depth; the depth policy: nest, depth, finetune."""
     if args.stage is not None:
         return args.stage
-    if policy == "depth":
+    if policy in DEPTH_POLICIES:
         if init is None:
             return list(DEPTH_STAGES)
         stage = init.meta.get("stage")
@@ -76,8 +76,9 @@ def default_plan(preset: Preset, dataset: str | None, train_size: int, policy: s
     """The stages after a user's ResNet (adapt, curriculum, finetune; or nest, depth, finetune) with their
     default settings on `dataset`."""
     plain = build_parser().parse_args(["--preset", preset.name] + (["--dataset", dataset] if dataset else []))
-    stages = list((DEPTH_STAGES if policy == "depth" else STAGES)[1:])
-    return [(stage, stage_settings(preset, stage, plain, stages, train_size, policy == "depth")) for stage in stages]
+    stages = list((DEPTH_STAGES if policy in DEPTH_POLICIES else STAGES)[1:])
+    return [(stage, stage_settings(preset, stage, plain, stages, train_size, policy in DEPTH_POLICIES))
+            for stage in stages]
 
 
 def prune_settings(preset: Preset, args: argparse.Namespace, train_size: int, steps: int | None = None) -> dict:
@@ -148,6 +149,10 @@ def describe(stage: str, settings: dict, workers: int) -> str:
         parts.append(f"gamma {settings['gamma']:g}, a block decided {pace}, {settings['entropy']} entropy")
     if stage == "finetune" and "policy_lr" in settings:
         parts.append(f"policy lr {settings['policy_lr']:g}, gamma {settings['gamma']:g}")
+    elif stage in ("depth", "finetune") and "budget_range" in settings:
+        low, high = settings["budget_range"]
+        parts.append(f"budget policy, mean budgets drawn from {low:g}-{high:g} of the FLOPs"
+                     if stage == "finetune" else "budget policy (the depth policy's network)")
     elif stage in ("depth", "finetune"):
         parts.append(f"depth policy, gamma {settings['gamma']:g}")
     if stage == "nest":
@@ -162,7 +167,7 @@ class Plan:
     """What a training job runs: its stages with their settings, and the --init it starts from, read once."""
 
     preset: Preset
-    policy: str  # "depth", "blocks", or "static" (prune)
+    policy: str  # "depth", "budget", "blocks", or "static" (prune)
     stages: list[tuple[str, dict]]
     init: Checkpoint | None
     init_models: tuple[FlatResNet, torch.nn.Module | None] | None  # --init's ResNet and policy, fitted to the preset
@@ -175,10 +180,10 @@ class Plan:
 
 def check_stages(preset: Preset, args: argparse.Namespace, policy: str, stages: list[str]) -> None:
     """The stages in their policy's order, each once, with the flags they need."""
-    order = DEPTH_STAGES if policy == "depth" else STAGES
+    order = DEPTH_STAGES if policy in DEPTH_POLICIES else STAGES
     if stages != [PRUNE] and (any(s not in order for s in stages) or sorted(stages, key=order.index) != stages
                               or len(set(stages)) != len(stages)):
-        other = "blocks" if policy == "depth" else "depth"
+        other = "blocks" if policy in DEPTH_POLICIES else "depth"
         raise UserError(f"the {policy} policy's stages run in the order {' -> '.join(order)}, each once: not "
                         f"{','.join(stages)}" + (f" (those of --policy {other}?)" if all(
                             s in (STAGES if other == "blocks" else DEPTH_STAGES) for s in stages) else ""))
@@ -212,8 +217,17 @@ def validate(args: argparse.Namespace) -> Plan:
     init_models = load_models(preset, init)[:2] if init is not None else None
     # the data must be there before workers look for it
     train_size = len(load_dataset(preset, "train", args.dataset, args.data_dir))
-    return Plan(preset, args.policy, [(stage, stage_settings(preset, stage, args, stages, train_size, policy == "depth"))
-                                      for stage in stages], init, init_models, train_size)
+    depth = policy in DEPTH_POLICIES
+    settings = [(stage, stage_settings(preset, stage, args, stages, train_size, depth)
+                 | (budget_settings(args) if policy == "budget" and stage != "pretrain" else {})) for stage in stages]
+    return Plan(preset, args.policy, settings, init, init_models, train_size)
+
+
+def budget_settings(args: argparse.Namespace) -> dict:
+    """A budget policy's stages: the range of mean budgets its finetuning draws from, and the budget it
+    answers at when a request names none."""
+    low, high = args.budget_range or DEFAULT_BUDGET_RANGE
+    return {"budget_range": [low, high], "budget": args.budget if args.budget is not None else (low + high) / 2}
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from blockdrop.choices import CURRICULUM_PACE, PRESET_NAMES, check_preset_name  # noqa: F401 (re-exported)
-from blockdrop.models.resnet import DepthPolicy, FlatResNet, PolicyNet, ResNetSpec
+from blockdrop.models.resnet import BudgetPolicy, DepthPolicy, FlatResNet, PolicyNet, ResNetSpec
 
 # The original code's normalisation constants.
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -133,9 +133,10 @@ class Preset:
         """The depth policy's network and the factor its input is pooled by."""
         return (self.depth_policy or self.policy), (self.depth_pool or self.policy_pool)
 
-    def build_depth_policy(self) -> DepthPolicy:
+    def build_depth_policy(self, budget: bool = False) -> DepthPolicy:
+        """The depth policy's network; `budget`: the budget policy's (the same, with its spending table)."""
         spec, pool = self.depth_policy_spec
-        return DepthPolicy(spec, self.num_blocks, input_pool=pool)
+        return (BudgetPolicy if budget else DepthPolicy)(spec, self.num_blocks, input_pool=pool)
 
 
 def _build_presets() -> dict[str, Preset]:

@@ -12,6 +12,12 @@ import torch
 from mlflow.pyfunc import PythonModel
 
 from blockdrop import inference
+from blockdrop.budget import check_budget
+
+# The params `predict` takes (MLflow's `params=`), each a number or left out: `budget` a mean target as a
+# share of the full ResNet's FLOPs (a budget model's), `mean_flops` the same in FLOPs, `max_flops` a per-image
+# cap in FLOPs (any policy network), as the server's request fields (blockdrop.serving.ASK_FIELDS).
+BUDGET_PARAMS = ("budget", "mean_flops", "max_flops")
 
 
 def raw_images(preset, tensors) -> np.ndarray:
@@ -88,8 +94,32 @@ class BlockDropModel(PythonModel):
             raise ValueError(f"expected {want}, got shape {array.shape}")
         return array
 
+    def budgets(self, params: dict | None) -> tuple[float | None, float | None]:
+        """(mean target, per-image cap) as shares of the full ResNet's FLOPs, or a ValueError."""
+        params = {k: v for k, v in (params or {}).items() if v is not None}
+        unknown = sorted(set(params) - set(BUDGET_PARAMS))
+        if unknown:
+            raise ValueError(f"unknown param(s) {', '.join(unknown)}; this model takes {', '.join(BUDGET_PARAMS)}")
+        full = float(self.model.costs.full)
+        shares = {}
+        for name, value in params.items():
+            share = float(value) if name == "budget" else float(value) / full
+            shares[name] = check_budget(share, name if name == "budget" else f"{name} / the full FLOPs ({full:.3E})")
+        if "budget" in shares and "mean_flops" in shares:
+            raise ValueError("budget and mean_flops are the same mean target (a share, FLOPs): give one")
+        mean, cap = shares.get("budget", shares.get("mean_flops")), shares.get("max_flops")
+        if mean is not None and not inference.is_budget_model(self.model.policy):
+            raise ValueError("a mean budget (budget, mean_flops) needs a budget model (train_job.py --policy budget); "
+                             "max_flops caps each image under any policy")
+        for name, share in (("mean budget", mean), ("max_flops", cap)):
+            if share is not None and share < self.model.cheapest():
+                raise ValueError(f"{name} {share:.3f} of the full FLOPs is below what an image costs with no block "
+                                 f"({self.model.cheapest():.3f})")
+        return mean, cap
+
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
-        out = self.model.predict(self.images(model_input))
+        mean, cap = self.budgets(params)
+        out = self.model.predict(self.images(model_input), budget=mean, cap=cap)
         return pd.DataFrame({
             "prediction": out.classes.cpu().numpy(),
             "blocks_used": out.blocks.int().cpu().numpy(),

@@ -56,17 +56,18 @@ class BlockDropServer:
         self.largest_batch = 0
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def infer(self, items: list[tuple[str, torch.Tensor]]) -> list[dict]:
-        """One dynamic batch: images of every request that arrived together, grouped per model."""
+    async def infer(self, items: list[tuple[str, torch.Tensor, tuple]]) -> list[dict]:
+        """One dynamic batch: images of every request that arrived together, grouped per model; each image at
+        its own request's budget (a (mean target, cap) pair), so different budgets share one batch."""
         groups: dict[str, list[int]] = defaultdict(list)
-        for i, (label, _) in enumerate(items):
+        for i, (label, _, _) in enumerate(items):
             groups[label].append(i)
         answers: list[dict | None] = [None] * len(items)
         for label, idx in groups.items():
             batch = torch.stack([items[i][1] for i in idx])
             self.batch_sizes.observe(len(idx))
             self.largest_batch = max(self.largest_batch, len(idx))
-            for i, answer in zip(idx, self.engine.predict(label, batch)):
+            for i, answer in zip(idx, self.engine.predict(label, batch, [items[i][2] for i in idx])):
                 answers[i] = answer
                 self.blocks.observe(answer["blocks_used"], tags={"model": label})
                 if answer["flops"] < answer["full_flops"]:  # Ray's counters refuse increments of 0
@@ -78,12 +79,13 @@ class BlockDropServer:
         try:
             body = await self.read_body(request)
             images, fields = parse_images(body, request.headers.get("content-type", ""), self.max_images)
-            model, budget = routing({**dict(request.query_params), **fields})
-            label = self.engine.choose(model, budget)
+            ask = routing({**dict(request.query_params), **fields})
+            label = self.engine.choose(ask.model, self.engine.mean_flops(ask), ask.max_flops)
+            budget = self.engine.ask(label, ask)
             tensors = [self.engine.decode(data) for data in images]
         except RequestError as err:
             return JSONResponse({"error": str(err)}, status_code=err.status)
-        answers = await asyncio.gather(*(self.infer((label, t)) for t in tensors))
+        answers = await asyncio.gather(*(self.infer((label, t, budget)) for t in tensors))
         self.requests.inc(tags={"model": label})
         return {"predictions": answers}
 

@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from blockdrop import inference
+from blockdrop.budget import check_budget
 from blockdrop.checkpoints import save_checkpoint
 from blockdrop.errors import UserError
 from blockdrop.preflight import resolve_uri
@@ -187,8 +188,10 @@ class Engine:
         except ValueError:
             raise RequestError("not an image (PNG, JPEG or another format Pillow reads)") from None
 
-    def choose(self, model: str | None = None, max_flops: float | None = None) -> str:
-        """The label of the model that answers: named, else the most accurate within the budget."""
+    def choose(self, model: str | None = None, mean_flops: float | None = None, max_flops: float | None = None) -> str:
+        """The label of the model that answers: named; else, for a budget, a budget model where one is served
+        (it meets any budget), else the most accurate whose recorded mean FLOPs are within it; else the most
+        accurate."""
         if model is not None:
             if model not in self.names:
                 raise RequestError(f"unknown model {model!r}; served: {', '.join(sorted(self.names))}", 404)
@@ -198,31 +201,76 @@ class Engine:
             return m.source.flops if m.source.flops is not None else self.full_flops
 
         candidates = list(self.models.values())
-        if max_flops is not None:
-            candidates = [m for m in candidates if recorded_flops(m) <= max_flops]
+        asked = min(b for b in (mean_flops, max_flops, math.inf) if b is not None)
+        if math.isfinite(asked):
+            budgeted = [m for m in candidates if inference.is_budget_model(m.model.policy)]
+            candidates = budgeted or [m for m in candidates if recorded_flops(m) <= asked]
             if not candidates:
                 cheapest = min(recorded_flops(m) for m in self.models.values())
-                raise RequestError(f"no served model fits max_flops={max_flops:.3E}; the cheapest needs {cheapest:.3E}", 422)
+                raise RequestError(f"no served model fits {'mean_flops' if mean_flops == asked else 'max_flops'}="
+                                   f"{asked:.3E} on average; the cheapest needs {cheapest:.3E}", 422)
         best = max(candidates, key=lambda m: (m.source.accuracy or 0.0, -recorded_flops(m)))
         return best.source.label
 
-    def predict(self, label: str, images: torch.Tensor) -> list[dict]:
-        """Each image's answer; its blocks are chosen by its own policy and only those are run."""
+    def mean_flops(self, ask: Ask) -> float | None:
+        """A request's mean target in FLOPs (`budget` is a share of the full ResNet's)."""
+        return ask.mean_flops if ask.budget is None else ask.budget * self.full_flops
+
+    def ask(self, label: str, ask: Ask) -> tuple[float | None, float | None]:
+        """A request's budget for the model `label` as shares of the full ResNet's FLOPs, (mean target, per-image
+        cap), or a RequestError (422) when the model cannot meet it."""
         served = self.models[label]
-        out = served.model.predict(images, full=served.source.full)
+        mean = ask.budget if ask.budget is not None else None if ask.mean_flops is None else ask.mean_flops / self.full_flops
+        cap = None if ask.max_flops is None else ask.max_flops / self.full_flops
+        budget_model = inference.is_budget_model(served.model.policy)
+        if mean is not None and not budget_model:
+            if ask.model is not None:
+                raise RequestError(f"model {label} runs at one trade-off: a mean budget (budget, mean_flops) needs a "
+                                   "budget model (train_job.py --policy budget); max_flops caps each image", 422)
+            mean = None  # a front of fixed models: the budget chose the model (Engine.choose)
+        if (mean is not None or cap is not None) and served.source.full:
+            raise RequestError(f"model {label} is the full ResNet: it runs every block whatever the budget", 422)
+        cheapest = served.model.cheapest()
+        for name, share in (("budget" if ask.budget is not None else "mean_flops", mean), ("max_flops", cap)):
+            if share is not None and share < cheapest:
+                raise RequestError(f"{name} asks for {share * self.full_flops:.3E} FLOPs ({share:.3f} of the full "
+                                   f"ResNet's); an image costs at least {cheapest * self.full_flops:.3E} under model "
+                                   f"{label} (stem, head and policy network, no block)", 422)
+        return mean, cap
+
+    def predict(self, label: str, images: torch.Tensor, budgets: list[tuple[float | None, float | None]] | None = None
+                ) -> list[dict]:
+        """Each image's answer; its blocks are chosen by its own policy (at its own budget: a (mean target,
+        cap) per image, shares of the full ResNet's FLOPs, from `ask`) and only those are run."""
+        served = self.models[label]
+        mean = cap = None
+        if budgets and any(b is not None for pair in budgets for b in pair):
+            default = float(served.model.policy.budget) if inference.is_budget_model(served.model.policy) else None
+            if default is not None:
+                # a cap alone: the image decides as under a mean target of the cap (BudgetPolicy.depths)
+                mean = torch.tensor([m if m is not None else c if c is not None else default for m, c in budgets],
+                                    dtype=torch.float64)
+            if any(c is not None for _, c in budgets):
+                cap = torch.tensor([math.inf if c is None else c for _, c in budgets], dtype=torch.float64)
+        out = served.model.predict(images, full=served.source.full, budget=mean, cap=cap)
         confidence, classes = torch.softmax(out.logits, dim=1).max(1)
         model = {"name": served.source.name, "version": served.source.version, "label": label}
+        asks = budgets or [(None, None)] * len(images)
         return [{
             "class": c, "label": self.classes[c] if c < len(self.classes) else str(c), "probability": p,
             "policy": policy, "blocks_used": int(b), "flops": f, "full_flops": self.full_flops, "model": model,
-        } for c, p, policy, b, f in zip(classes.tolist(), confidence.tolist(), out.policy_strings(),
-                                         out.blocks.tolist(), out.flops.tolist())]
+            "budget": {"mean_flops": None if m is None else m * self.full_flops,
+                       "max_flops": None if k is None else k * self.full_flops},
+        } for c, p, policy, b, f, (m, k) in zip(classes.tolist(), confidence.tolist(), out.policy_strings(),
+                                                 out.blocks.tolist(), out.flops.tolist(), asks)]
 
     def metadata(self) -> dict:
         return {
             "preset": self.preset.name, "classes": self.classes, "num_blocks": self.preset.num_blocks,
             "full_flops": self.full_flops, "default_model": self.choose(),
-            "models": [{k: v for k, v in asdict(m.source).items() if k != "checkpoint"} for m in self.models.values()],
+            "models": [{k: v for k, v in asdict(m.source).items() if k != "checkpoint"}
+                       | {"budget_model": inference.is_budget_model(m.model.policy),
+                          "cheapest_flops": m.model.cheapest() * self.full_flops} for m in self.models.values()],
         }
 
 
@@ -235,7 +283,7 @@ def _record_figures(source: ModelSource, meta: dict) -> None:
 
 
 def parse_images(body: bytes, content_type: str, max_images: int) -> tuple[list[bytes], dict]:
-    """The raw images of a request body and any routing fields in it (JSON: model, max_flops)."""
+    """The raw images of a request body and any routing fields in it (JSON: ASK_FIELDS)."""
     if not body:
         raise RequestError("empty body: send an image (Content-Type: image/png or image/jpeg) or JSON {\"images\": [...]}")
     kind = content_type.split(";")[0].strip().lower()
@@ -260,21 +308,58 @@ def parse_images(body: bytes, content_type: str, max_images: int) -> tuple[list[
             images.append(inference.from_base64(item))
         except ValueError:
             raise RequestError(f"images[{i}] is not valid base64") from None
-    fields = {k: payload[k] for k in ("model", "max_flops") if k in payload}
+    unknown = sorted(set(payload) - {"images"} - set(ASK_FIELDS))
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(map(repr, unknown))}; a request has images and may have "
+                           f"{', '.join(ASK_FIELDS)}")
+    fields = {k: payload[k] for k in ASK_FIELDS if k in payload}
     return images, fields
 
 
-def routing(fields: dict) -> tuple[str | None, float | None]:
-    model, budget = fields.get("model"), fields.get("max_flops")
-    model = None if model is None else str(model)  # JSON may give a version as a number
-    if budget is not None:
+# What a request may ask, in its JSON or its query string: a model by name, or a budget. Budgets, each named
+# for what it is: `budget` a mean target as a share of the full ResNet's FLOPs, `mean_flops` the same in FLOPs
+# (a budget model holds the images' mean cost to it; a front of fixed models answers with the most accurate
+# whose recorded mean is within it, so single images may cost more), `max_flops` a per-image cap in FLOPs
+# that no image passes (each keeps the blocks its policy values most until the cap is reached).
+ASK_FIELDS = ("model", "budget", "mean_flops", "max_flops")
+
+
+@dataclass
+class Ask:
+    model: str | None = None
+    budget: float | None = None
+    mean_flops: float | None = None
+    max_flops: float | None = None
+
+
+def routing(fields: dict) -> Ask:
+    """A request's model and budget from its query string and JSON fields, or a RequestError (400)."""
+    unknown = sorted(set(fields) - set(ASK_FIELDS))
+    if unknown:
+        raise RequestError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; use {', '.join(ASK_FIELDS)}")
+    model = fields.get("model")
+    ask = Ask(model=None if model is None else str(model))  # JSON may give a version as a number
+    for name in ASK_FIELDS[1:]:
+        value = fields.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            raise RequestError(f"{name} must be a number, not {value!r}")
         try:
-            budget = float(budget)
+            number = float(value)
         except (TypeError, ValueError):
-            raise RequestError(f"max_flops must be a number, not {budget!r}") from None
-        if not math.isfinite(budget) or budget <= 0:
-            raise RequestError(f"max_flops must be a positive number, not {budget}")
-    return model, budget
+            raise RequestError(f"{name} must be a number, not {value!r}") from None
+        if name == "budget":
+            try:
+                number = check_budget(number)
+            except ValueError as err:
+                raise RequestError(str(err)) from None
+        elif not math.isfinite(number) or number <= 0:
+            raise RequestError(f"{name} must be a positive number of FLOPs, not {value!r}")
+        setattr(ask, name, number)
+    if ask.budget is not None and ask.mean_flops is not None:
+        raise RequestError("budget and mean_flops are the same mean target (a share, FLOPs): give one")
+    return ask
 
 
 def _with_backbone(sources: list[ModelSource], backbone: str, preset_name: str | None) -> list[ModelSource]:

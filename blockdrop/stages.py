@@ -18,7 +18,10 @@ knows about Ray. Each step returns per-image tensors (loss is a scalar) that the
   one block order works, each image at a random depth, with the user's ResNet's soft labels; depth
   trains the depth policy's network on the ResNet's probability of the true class at each depth,
   the ResNet frozen. Their finetune trains the ResNet under the depth policy's choices (the policy
-  fixed), with the same soft labels.
+  fixed), with the same soft labels. The budget policy (blockdrop.budget) runs the same stages; its
+  finetune draws a mean budget per image from its range and trains the ResNet under the depths the
+  policy chooses at those budgets (priced on the batch), and its depth and finetune stages measure
+  what the policy spends at each price on the training images: the table a budget is priced by.
 - finetune: policy and ResNet jointly: REINFORCE + cross-entropy of the ResNet run in train mode
   under the sampled policy, by the executor (blockdrop.execution.Executor: sparse by default, each
   block's BatchNorm seeing the images that run it; masked as the original on request); the greedy
@@ -34,13 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blockdrop import budget as BU
 from blockdrop import depth as D
 from blockdrop import reinforce as R
 from blockdrop.choices import MAX_UNREADABLE, STAGES  # noqa: F401 (STAGES re-exported)
 from blockdrop.execution import Executor, run_sparse
 from blockdrop.flops import cost_model
 from blockdrop.metrics import Moments
-from blockdrop.models.resnet import DepthPolicy, FlatResNet
+from blockdrop.models.resnet import BudgetPolicy, DepthPolicy, FlatResNet
 from blockdrop.presets import Preset
 
 SUPERVISED = ("pretrain", "adapt", "prune", "nest")  # the ResNet alone, cross-entropy (nest: and soft labels)
@@ -53,6 +57,7 @@ class StepOut:
     correct: torch.Tensor  # per image: the prediction the stage trains (sampled policy for RL stages)
     reward: torch.Tensor | None = None  # per image, sampled policy
     blocks: torch.Tensor | None = None  # per image, blocks run by the sampled policy
+    spent: torch.Tensor | None = None  # budget policy: blockdrop.budget.spend of the batch (one sum per price)
 
 
 def survival(num_blocks: int, drop_rate: float, device: torch.device | None = None) -> torch.Tensor:
@@ -139,9 +144,12 @@ def depth_step(policy_train: nn.Module, policy: DepthPolicy, backbone: FlatResNe
     loss = F.binary_cross_entropy_with_logits(scores[:, depths], targets)
     loss.backward()
     with torch.no_grad():
-        chosen = D.choose(torch.sigmoid(scores.detach()), policy.costs, float(policy.gamma))
+        prob = torch.sigmoid(scores.detach())
+        budget = isinstance(policy, BudgetPolicy)
+        chosen = (BU.batch_depths(prob, policy.costs, float(policy.base), policy.budget.expand(len(images))) if budget
+                  else D.choose(prob, policy.costs, float(policy.gamma)))
         correct = run_sparse(backbone, images, D.rows(chosen, policy.rank)).argmax(1) == labels
-    return StepOut(loss.detach(), correct, blocks=chosen.float())
+    return StepOut(loss.detach(), correct, blocks=chosen.float(), spent=BU.spend(prob, policy.costs) if budget else None)
 
 
 def depth_finetune_step(policy: DepthPolicy, executor: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -153,6 +161,22 @@ def depth_finetune_step(policy: DepthPolicy, executor: nn.Module, images: torch.
     loss = D.distill_loss(logits, labels, teacher_logits)
     loss.backward()
     return StepOut(loss.detach(), logits.argmax(1) == labels, blocks=depths.float())
+
+
+def budget_finetune_step(policy: BudgetPolicy, executor: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                         teacher_logits: torch.Tensor | None, budget_range=None) -> StepOut:
+    """The ResNet under the budget policy's choices at a mean budget drawn per image from `budget_range`
+    (priced on this batch's own spending); soft labels. Also what the policy spends at each price."""
+    with torch.no_grad():
+        prob = policy.correct_prob(images)
+        low, high = budget_range or BU.DEFAULT_RANGE
+        budgets = low + (high - low) * torch.rand(len(images), device=images.device, dtype=torch.float64)
+        depths = BU.batch_depths(prob, policy.costs, float(policy.base), budgets)
+        spent = BU.spend(prob, policy.costs)
+    logits = executor(images, D.rows(depths, policy.rank))
+    loss = D.distill_loss(logits, labels, teacher_logits)
+    loss.backward()
+    return StepOut(loss.detach(), logits.argmax(1) == labels, blocks=depths.float(), spent=spent)
 
 
 def uses_sgd(stage: str, depth: bool = False) -> bool:
@@ -188,9 +212,12 @@ class EpochStats:
     correct: int = 0
     reward: Moments = field(default_factory=Moments)
     blocks: Moments = field(default_factory=Moments)
+    spent: torch.Tensor | None = None  # budget policy: the blocks' share spent at each price, summed over images
 
     def add(self, out: StepOut) -> None:
         n = len(out.correct)
+        if out.spent is not None:
+            self.spent = out.spent.cpu() if self.spent is None else self.spent + out.spent.cpu()
         self.images += n
         self.loss_sum += out.loss.item() * n
         self.correct += int(out.correct.sum())
@@ -200,6 +227,8 @@ class EpochStats:
             self.blocks.add(out.blocks.cpu())
 
     def merge(self, other: EpochStats) -> None:
+        if other.spent is not None:
+            self.spent = other.spent if self.spent is None else self.spent + other.spent
         self.images += other.images
         self.loss_sum += other.loss_sum
         self.correct += other.correct
@@ -249,11 +278,12 @@ def set_modes(stage: str, models: Models) -> None:
 
 def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.optim.Optimizer, epoch: int,
                 gamma: float, device: torch.device, drop_rate: float = 0.0, pace: int = 0,
-                entropy: str = "original", on_step=None, static: torch.Tensor | None = None) -> EpochStats:
+                entropy: str = "original", on_step=None, static: torch.Tensor | None = None,
+                budget_range: tuple[float, float] | None = None) -> EpochStats:
     """One pass over `loader` (this worker's shard) of `stage`. Curriculum: a new block is decided
     every `pace` optimisation steps (0: every epoch, as the original). Prune: `static` is the 0/1 policy
     every image runs. `on_step(step, steps, images)` after each optimisation step (progress within long
-    epochs)."""
+    epochs). `budget_range`: a budget policy's finetune, the mean budgets it draws from."""
     stats = EpochStats()
     keep = survival(models.backbone.num_blocks, drop_rate, device) if drop_rate > 0 else None
     if static is not None:
@@ -278,6 +308,8 @@ def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.o
                                   entropy=entropy)
         elif stage == "depth":
             out = depth_step(models.policy_train, models.policy, models.backbone, images, labels)
+        elif isinstance(models.policy, BudgetPolicy):
+            out = budget_finetune_step(models.policy, models.executor_train, images, labels, teacher, budget_range)
         elif depth:
             out = depth_finetune_step(models.policy, models.executor_train, images, labels, teacher)
         else:
@@ -318,6 +350,8 @@ class StageConfig:
     reference_file: str = ""  # its checkpoint, where prune-and-finetune starts from
     static_policy: list[int] | None = None  # prune: the 0/1 policy every image runs
     order: list[int] | None = None  # nest: the greedy static order of the user's ResNet (the depth policy's)
+    budget_range: list[float] | None = None  # the budget policy: the mean budgets its finetune draws from
+    budget: float | None = None  # ... and the one it runs at when a request names none
     # a progress line within an epoch every this many seconds (ImageNet: an epoch is an hour)
     progress_every_s: float = field(default_factory=lambda: float(os.environ.get("BLOCKDROP_PROGRESS_EVERY_S", "30")))
 
@@ -356,7 +390,9 @@ def setup_stage(cfg: StageConfig, preset: Preset, init: dict | None, teacher: di
     backbone = preset.build_backbone()
     init_policy = (init or {}).get("policy")
     depth = cfg.stage in ("nest", "depth") or (init_policy is not None and "rank" in init_policy)
-    policy = preset.build_depth_policy() if depth else None if cfg.stage in SUPERVISED else preset.build_policy()
+    budget = cfg.budget_range is not None or (init_policy is not None and "spend" in init_policy)
+    policy = (preset.build_depth_policy(budget) if depth else None if cfg.stage in SUPERVISED
+              else preset.build_policy())
     if init is not None:
         backbone.load_state_dict(init["backbone"], strict=False)
         if policy is not None and init_policy is not None:
@@ -366,6 +402,10 @@ def setup_stage(cfg: StageConfig, preset: Preset, init: dict | None, teacher: di
         policy.set_order(cfg.order, costs.backbone.blocks, costs.full)
     if depth:
         policy.gamma.fill_(cfg.gamma)
+    if isinstance(policy, BudgetPolicy):
+        policy.base.fill_(cost_model(preset, policy).fixed / cost_model(preset).full)
+        if cfg.budget is not None:
+            policy.budget.fill_(cfg.budget)
 
     executor = Executor(backbone, cfg.execution).to(device, memory_format=torch.channels_last)
     ddp = {"find_unused_parameters": unused}

@@ -8,6 +8,7 @@ run instead of opening a second one. Jobs and sweeps reach MLflow only through `
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
-from mlflow.types.schema import Schema, TensorSpec
+from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from blockdrop.checkpoints import Checkpoint
 from blockdrop.console import DropMessages
@@ -36,7 +37,7 @@ from blockdrop.flops import cost_model
 from blockdrop.metrics import Report, final_report
 from blockdrop.mlflow_views import save_sweep_view, view_location
 from blockdrop.preflight import resolve_uri  # noqa: F401 (where a tracking URI comes from)
-from blockdrop.pyfunc import BlockDropModel
+from blockdrop.pyfunc import BUDGET_PARAMS, BlockDropModel
 
 JOB_TAG = "blockdrop.job"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -66,6 +67,20 @@ def source_tags(entry: str) -> dict[str, str]:
 def download(artifact_uri: str, tracking_uri: str) -> Path:
     """An MLflow artifact (runs:/<id>/checkpoint, models:/..., s3://...) as a local file or folder."""
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=tracking_uri))
+
+
+def budget_points(metrics: dict) -> list[dict]:
+    """A budget model's front from its `budget_B_*` metrics: one dict per budget B, cheapest first."""
+    found: dict[float, dict] = {}
+    for key, value in metrics.items():
+        parts = key.split("_", 2)
+        if len(parts) == 3 and parts[0] == "budget":
+            try:
+                budget = float(parts[1])
+            except ValueError:
+                continue
+            found.setdefault(budget, {"budget": budget})[parts[2]] = value
+    return [found[b] for b in sorted(found)]
 
 
 class Tracker:
@@ -154,6 +169,7 @@ class Tracker:
             signature = infer_signature(example, BlockDropModel.output_example(len(example)))
             # any height and width (the preset's evaluation transform resizes), the preset's channels
             signature.inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, example.shape[-1]))])
+            signature.params = ParamSchema([ParamSpec(k, "double", None) for k in BUDGET_PARAMS])
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=BlockDropModel(),
@@ -178,7 +194,25 @@ class Tracker:
         report = final_report(trained.meta, cost_model(preset).full)
         step = int(trained.meta.get("epoch", 0))
         self.log_metrics(run_id, (final or report_metrics)(report), step=step)
+        self.log_curve(run_id, trained.meta.get("metrics", {}))
         return report, self.log_model(run_id, checkpoint, report.text(), example, step=step, params=params)
+
+    def log_curve(self, run_id: str, metrics: dict) -> list[dict]:
+        """A budget model's front (its last epoch's `budget_B_*` metrics, blockdrop.distributed.Worker.curve)
+        on its run: `curve_*` metrics whose step is the budget in percent (MLflow's chart of one against its
+        steps is the curve) and budget_curve.json. Nothing for other models; the points."""
+        points = budget_points(metrics)
+        if not points:
+            return []
+        for p in points:
+            step = int(round(100 * p["budget"]))
+            self.log_metrics(run_id, {f"curve_{k}": p[k] for k in ("test_accuracy", "flops_per_image", "blocks_used",
+                                                                      "spent")}, step=step)
+        with tempfile.TemporaryDirectory() as local:
+            path = Path(local) / "budget_curve.json"
+            path.write_text(json.dumps({"points": points, "mean_gap": metrics.get("budget_gap")}, indent=2))
+            self.client.log_artifact(run_id, str(path))
+        return points
 
     # -- what jobs and sweeps read and write besides metrics
     def logged_steps(self, run_id: str, metric: str) -> list[int]:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blockdrop import budget as B
 from blockdrop.depth import choose, depth_costs, ranks, rows
 
 
@@ -237,3 +238,38 @@ class DepthPolicy(PolicyNet):
         if scores:
             return self.scores(x)
         return rows(self.depths(x), self.rank)
+
+
+class BudgetPolicy(DepthPolicy):
+    """The depth policy for any budget (blockdrop.budget): the same network, and a table of what it spends
+    at each price, measured on the training images, so that a request's budget (a mean target or a per-image
+    cap, shares of the full ResNet's FLOPs) sets each image's depth. `budget` is the default mean target
+    (what `forward` runs at, like any policy); `base` the share every image pays whatever its depth."""
+
+    def __init__(self, spec: ResNetSpec, num_blocks: int, input_pool: int = 1):
+        super().__init__(spec, num_blocks, input_pool)
+        self.register_buffer("prices", B.PRICES.clone())
+        self.register_buffer("spend", torch.zeros(len(B.PRICES), dtype=torch.float64))  # mean blocks' share per price
+        self.register_buffer("base", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("budget", torch.tensor(1.0, dtype=torch.float64))
+
+    def calibrate(self, spent: torch.Tensor, images: int) -> BudgetPolicy:
+        """The table from the blocks' share spent at each price summed over `images` training images."""
+        self.spend.copy_(spent.to(self.spend) / max(images, 1))
+        return self
+
+    def depths(self, x: torch.Tensor, budget=None, cap=None) -> torch.Tensor:
+        """Each image's depth at its mean `budget` and optional per-image `cap`; without a budget, a cap is
+        also the mean target it prices by, else the model's default budget."""
+        if budget is None:
+            budget = self.budget if cap is None else cap
+        return B.depths(self.correct_prob(x), self.costs, float(self.base), self.spend, budget, cap)
+
+    def rows_at(self, x: torch.Tensor, budget=None, cap=None) -> torch.Tensor:
+        """The (batch, K) 0/1 policy at these budgets (scalars, or one per image)."""
+        return rows(self.depths(x, budget, cap), self.rank)
+
+    def forward(self, x: torch.Tensor, scores: bool = False) -> torch.Tensor:
+        if scores:
+            return self.scores(x)
+        return self.rows_at(x)

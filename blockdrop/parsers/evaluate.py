@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from blockdrop.choices import (BASELINES, DATASETS, PRESET_NAMES, RANDOM_SEEDS, add_unreadable_flag, check_preset_name,
                                check_unreadable_share)
@@ -42,14 +43,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pruned", type=lambda text: [p for p in text.split(",") if p], metavar="FILE[,FILE]",
                         help="with --compare: prune-and-finetune checkpoints (train_job.py --stage prune; a job "
                              "writes them as NAME-prune-K*.pt) to compare with too, at equal FLOPs")
+    parser.add_argument("--budget", type=float, metavar="SHARE",
+                        help="a budget policy (train_job.py --policy budget): run at this mean budget, a share of the "
+                             "full ResNet's FLOPs in (0, 1] (0.25: 4x faster); the images' mean cost is held to it")
+    parser.add_argument("--cap", type=float, metavar="SHARE",
+                        help="a per-image cap, a share of the full ResNet's FLOPs: no image costs more (any policy "
+                             "network: each image keeps the blocks it values most until the cap is reached)")
+    parser.add_argument("--budgets", type=share_list, metavar="B,B,...",
+                        help="a budget policy's front: its report at each of these mean budgets (with --cap-curve: "
+                             "per-image caps), and how far the cost it spends is from each")
+    parser.add_argument("--cap-curve", action="store_true", help="--budgets are per-image caps, not mean targets")
     parser.add_argument("--report-dir", help="write the policy pictures (blocks per image, per class, frequent "
                                              "policies with sample images, ...) and report.json into this folder")
     return parser
 
 
+def share_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected shares of the full ResNet's FLOPs, e.g. 0.2,0.3,0.5, "
+                                         f"not {text!r}") from None
+
+
+def check_share(flag: str, value: float) -> None:
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise UserError(f"{flag} must be a share of the full ResNet's FLOPs in (0, 1] (0.25: 4x faster), not {value:g}")
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """Every check of the flags alone (no file read, no torch): a bad one answers at once."""
     check_preset_name(args.preset)
+    for flag in ("budget", "cap"):
+        if getattr(args, flag) is not None:
+            check_share(f"--{flag}", getattr(args, flag))
+    for value in args.budgets or []:
+        check_share("--budgets", value)
+    if args.budgets is not None and not args.budgets:
+        raise UserError("--budgets lists at least one share: --budgets 0.2,0.3,0.5")
+    if args.budgets and (args.budget is not None or args.cap is not None or args.baseline or args.compare):
+        raise UserError("--budgets draws a front on its own: leave out --budget, --cap, --baseline and --compare")
+    if args.cap_curve and not args.budgets:
+        raise UserError("--cap-curve goes with --budgets")
+    if (args.budget is not None or args.cap is not None) and args.baseline:
+        raise UserError("--budget and --cap run the checkpoint's policy; leave out --baseline")
     if (args.baseline is None) != (args.keep is None):
         raise UserError("--baseline and --keep go together: --baseline greedy --keep 8")
     check_unreadable_share(args.max_bad_images)

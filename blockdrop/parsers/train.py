@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from blockdrop.choices import (CURRICULUM_PACE, DEPTH_STAGES, ENTROPIES, POLICIES, PRESET_NAMES, PRUNE, STAGES,
+from blockdrop.choices import (CURRICULUM_PACE, DEFAULT_BUDGET_RANGE, DEPTH_STAGES, ENTROPIES, POLICIES, PRESET_NAMES, PRUNE, STAGES,
                                check_preset_name, check_unreadable_share)
 from blockdrop.errors import UserError
 from blockdrop.parsers.common import add_cluster_args, add_training_args, check_training_args
@@ -83,8 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"blocks: BlockDrop's policy, each block of each image decided by its own probability, "
                              f"trained by REINFORCE (adapt -> curriculum -> finetune); depth: per image, how many "
                              f"blocks of the greedy order of your ResNet to run, the policy network trained on the "
-                             f"outcome of every depth (nest -> depth -> finetune; blockdrop/depth.py). Default: what "
-                             f"--init holds, else {DEFAULT_POLICY}")
+                             f"outcome of every depth (nest -> depth -> finetune; blockdrop/depth.py); budget: the "
+                             f"depth policy for any compute budget, one model for the whole front, its ResNet "
+                             f"finetuned under budgets drawn from --budget-range (blockdrop/budget.py). Default: "
+                             f"what --init holds, else {DEFAULT_POLICY}")
+    parser.add_argument("--budget-range", type=budget_range, metavar="LOW,HIGH",
+                        help="--policy budget: the mean budgets its finetuning draws from, as shares of the full "
+                             "ResNet's FLOPs (default 0.2,1.0: from 5x faster to the whole ResNet)")
+    parser.add_argument("--budget", type=float, metavar="SHARE",
+                        help="--policy budget: the mean budget the model runs at when a request names none "
+                             "(default: the middle of --budget-range)")
     parser.add_argument("--keep", type=int, metavar="K",
                         help="--stage prune: the blocks the pruned ResNet keeps, chosen by the greedy static order "
                              "on --init's ResNet")
@@ -104,6 +112,15 @@ def stage_list(text: str) -> list[str] | None:
         raise argparse.ArgumentTypeError(f"unknown stage {', '.join(unknown) or text!r}; use {', '.join(known)}, all, "
                                          f"or {PRUNE} (alone)")
     return names
+
+
+def budget_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (shares of the full ResNet's FLOPs, e.g. 0.2,1.0), "
+                                         f"not {text!r}") from None
+    return low, high
 
 
 def epoch_list(text: str) -> list[int]:
@@ -135,5 +152,19 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.drop_rate is not None and not 0 <= args.drop_rate < 1:
         raise UserError(f"--drop-rate must be in [0, 1), not {args.drop_rate}")
     check_unreadable_share(args.max_bad_images)
+    check_budget_flags(args)
     if args.max_failures < 0:
         raise UserError(f"--max-failures must be >= 0, not {args.max_failures}")
+
+
+def check_budget_flags(args: argparse.Namespace) -> None:
+    """--budget-range and --budget: shares in (0, 1], for --policy budget only."""
+    if args.policy not in (None, "budget") and (args.budget_range is not None or args.budget is not None):
+        raise UserError(f"--budget-range and --budget are for --policy budget, not --policy {args.policy}")
+    low, high = args.budget_range or DEFAULT_BUDGET_RANGE
+    for what, value in (("--budget-range's low end", low), ("--budget-range's high end", high),
+                        ("--budget", args.budget if args.budget is not None else (low + high) / 2)):
+        if not (math.isfinite(value) and 0 < value <= 1):
+            raise UserError(f"{what} must be a share of the full ResNet's FLOPs in (0, 1] (0.25: 4x faster), not {value:g}")
+    if not low < high:
+        raise UserError(f"--budget-range goes from low to high, not {low:g},{high:g}")

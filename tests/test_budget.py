@@ -1,0 +1,247 @@
+"""The budget policy (blockdrop.budget): one model for any budget, its math, evaluation, MLflow model and
+server; and end to end, a budget model trained with train_job.py, its curve in a real MLflow server, served
+by a real Ray Serve over real HTTP at per-request budgets."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from blockdrop import budget as B
+from conftest import REPO, clean_env, mlflow_server, run_module  # noqa: F401  (fixture)
+
+PRESET = "R26_DIGITS"
+
+
+def random_prob(n: int, depths: int = 13, seed: int = 0) -> torch.Tensor:
+    """p(correct | depth d) per image, rising with d, different from image to image."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.sigmoid(torch.randn(n, 1, generator=g) * 2 + torch.linspace(-3, 4, depths)
+                         + 0.3 * torch.randn(n, depths, generator=g))
+
+
+COSTS = torch.linspace(0, 0.94, 13)  # the blocks' share at each depth
+BASE = 0.06  # what every image pays
+
+
+def test_a_higher_price_never_buys_more_and_the_table_prices_any_mean_budget():
+    prob = random_prob(500)
+    table = B.spend(prob, COSTS) / len(prob)
+    assert torch.all(table[1:] <= table[:-1] + 1e-12) and table[-1] == 0  # at the top price: no block
+    for budget in (0.1, 0.2, 0.35, 0.5, 0.8):
+        depths = B.depths(prob, COSTS, BASE, table, torch.tensor(budget))
+        spent = BASE + COSTS[depths].double().mean()
+        assert abs(spent - budget) < 0.02, budget  # held to the budget on the images it was measured on
+    prices = B.price_of(torch.tensor([0.9, 0.5, 0.2, 0.05, 0.0], dtype=torch.float64), table)
+    assert torch.all(prices[1:] >= prices[:-1])  # a smaller budget costs a higher price
+
+
+def test_an_images_depth_depends_on_its_own_budget_not_on_its_batch():
+    prob = random_prob(64, seed=1)
+    table = B.spend(random_prob(400, seed=2), COSTS) / 400
+    budgets = torch.linspace(0.15, 0.9, 64, dtype=torch.float64)
+    together = B.depths(prob, COSTS, BASE, table, budgets)
+    alone = torch.cat([B.depths(prob[i:i + 1], COSTS, BASE, table, budgets[i:i + 1]) for i in range(64)])
+    assert torch.equal(together, alone)
+    assert len(set(together.tolist())) > 3  # different budgets, different depths, in one batch
+
+
+def test_a_cap_holds_for_every_image_and_easy_images_still_stop_early():
+    prob = random_prob(300, seed=3)
+    table = B.spend(prob, COSTS) / 300
+    for cap in (0.2, 0.4, 0.7):
+        depths = B.depths(prob, COSTS, BASE, table, torch.tensor(cap), torch.tensor(cap))
+        cost = BASE + COSTS[depths]
+        assert cost.max() <= cap + 1e-6
+        assert cost.min() < cap - 0.1  # not a static prefix: some images spend much less
+
+
+def test_cap_rows_keeps_the_blocks_valued_most_within_the_allowance():
+    policies = torch.tensor([[1., 1, 1, 0], [1, 0, 1, 1]])
+    values = torch.tensor([[0.9, 0.2, 0.8, 0.99], [0.1, 0.5, 0.7, 0.6]])
+    flops = torch.tensor([10., 10, 10, 10])
+    capped = B.cap_rows(policies, values, flops, torch.tensor([20., 15.], dtype=torch.float64))
+    assert capped.tolist() == [[1, 0, 1, 0], [0, 0, 1, 0]]
+    assert torch.equal(B.cap_rows(policies, values, flops, torch.tensor([math.inf, math.inf])), policies)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 0, 1.5, float("nan"), float("inf"), "abc", True, None])
+def test_bad_budgets_are_refused_with_what_a_budget_is(bad):
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        B.check_budget(bad)
+
+
+# ---------------------------------------------------------------- a budget model, untrained but calibrated
+
+def budget_models(seed: int = 0, scale: float = 4.0):
+    """An R26_DIGITS ResNet and budget policy (random weights; the policy's outputs spread by `scale`), its
+    table measured on the training digits, as training leaves it."""
+    from blockdrop.data import load_dataset
+    from blockdrop.flops import cost_model
+    from blockdrop.presets import get_preset
+
+    preset = get_preset(PRESET)
+    torch.manual_seed(seed)
+    backbone, policy = preset.build_backbone().eval(), preset.build_depth_policy(budget=True).eval()
+    costs = cost_model(preset, policy)
+    policy.set_order(list(range(preset.num_blocks)), costs.backbone.blocks, costs.full)
+    policy.base.fill_(costs.fixed / costs.full)
+    with torch.no_grad():
+        policy.logit.weight.mul_(scale)
+        policy.logit.bias.copy_(torch.linspace(-2, 3, preset.num_blocks + 1))
+        train = load_dataset(preset, "train")
+        images = torch.stack([train[i][0] for i in range(512)])
+        policy.calibrate(B.spend(policy.correct_prob(images), policy.costs), len(images))
+    policy.budget.fill_(0.5)
+    return preset, backbone, policy
+
+
+@pytest.fixture(scope="module")
+def budget_file(tmp_path_factory) -> Path:
+    from blockdrop.checkpoints import save_checkpoint
+
+    preset, backbone, policy = budget_models()
+    path = tmp_path_factory.mktemp("budget") / "budget.pt"
+    save_checkpoint(path, preset, backbone, policy, {"stage": "finetune"})
+    return path
+
+
+def test_a_budget_model_keeps_its_table_through_a_checkpoint_and_tracks_budgets_on_test_images(budget_file):
+    from blockdrop import inference
+    from blockdrop.data import load_dataset
+    from blockdrop.metrics import budget_curve, curve_gap
+    from blockdrop.models.resnet import BudgetPolicy
+
+    model = inference.load(budget_file)
+    assert isinstance(model.policy, BudgetPolicy) and float(model.policy.spend[0]) > 0
+    test = DataLoader(load_dataset(model.preset, "test"), batch_size=100)
+    points = budget_curve(model.backbone, model.policy, test, model.costs, torch.device("cpu"), [0.2, 0.4, 0.6, 0.8])
+    assert curve_gap(points) < 0.04, [p.spent for p in points]  # measured on training images, held on test ones
+    assert [p.report.blocks_mean for p in points] == sorted(p.report.blocks_mean for p in points)
+    caps = budget_curve(model.backbone, model.policy, test, model.costs, torch.device("cpu"), [0.2, 0.5], "cap")
+    assert all(p.gap == 0 and p.flops_max <= p.budget * p.report.full_flops * (1 + 1e-6) for p in caps)
+
+
+def test_predict_takes_one_budget_per_image_and_a_cap_on_any_policy(budget_file):
+    from blockdrop import inference
+    from blockdrop.data import load_dataset
+    from blockdrop.models.resnet import BudgetPolicy  # noqa: F401
+
+    model = inference.load(budget_file)
+    test = load_dataset(model.preset, "test")
+    images = torch.stack([test[i][0] for i in range(24)])
+    budgets = torch.linspace(0.15, 0.95, 24, dtype=torch.float64)
+    together = model.predict(images, budget=budgets)
+    for i in (0, 11, 23):
+        alone = model.predict(images[i:i + 1], budget=float(budgets[i]))
+        assert torch.equal(alone.policies[0], together.policies[i])
+    capped = model.predict(images, cap=0.3)
+    assert float(capped.flops.max()) <= 0.3 * model.costs.full * (1 + 1e-6)
+    # BlockDrop's per-block policy takes a cap (its most probable blocks kept), not a mean budget
+    preset = model.preset
+    blocks = inference.Model(preset, model.backbone, preset.build_policy().eval(), inference.cost_model(preset,
+                             preset.build_policy()), model.decoder, model.checkpoint, model.device)
+    out = blocks.predict(images, cap=0.4)
+    assert float(out.flops.max()) <= 0.4 * model.costs.full * (1 + 1e-6)
+    with pytest.raises(ValueError, match="needs a budget policy"):
+        blocks.predict(images, budget=0.4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "1.5"], "--budget must be a share of the full ResNet's FLOPs in (0, 1]"),
+    (["--budget", "-0.2"], "(0, 1]"),
+    (["--budget", "nan"], "(0, 1]"),
+    (["--budgets", "0.2,2"], "--budgets must be a share"),
+    (["--budget", "0.01"], "below what any image costs under this model"),
+    (["--cap-curve"], "--cap-curve goes with --budgets"),
+])
+def test_evaluate_refuses_bad_budgets_with_exit_2(budget_file, args, message):
+    proc = run_module("blockdrop.evaluate", "--preset", PRESET, "--checkpoint", str(budget_file), *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_evaluate_draws_the_curve_and_refuses_a_mean_budget_for_a_fixed_policy(budget_file, tmp_path):
+    from blockdrop.checkpoints import save_checkpoint
+    from blockdrop.presets import get_preset
+
+    proc = run_module("blockdrop.evaluate", "--preset", PRESET, "--checkpoint", str(budget_file), "--budgets",
+                      "0.2,0.5,0.9", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert [p["budget"] for p in out["curve"]] == [0.2, 0.5, 0.9] and out["mean_gap"] < 0.05
+    assert out["curve"][0]["accuracy"] <= 1 and out["curve"][0]["blocks_mean"] < out["curve"][2]["blocks_mean"]
+    text = run_module("blockdrop.evaluate", "--preset", PRESET, "--checkpoint", str(budget_file), "--budget", "0.3")
+    assert text.returncode == 0 and "mean budget 0.3" in text.stdout, text.stderr[-2000:]
+    preset = get_preset(PRESET)
+    fixed = tmp_path / "depth.pt"
+    save_checkpoint(fixed, preset, preset.build_backbone(), preset.build_depth_policy(), {"stage": "finetune"})
+    proc = run_module("blockdrop.evaluate", "--preset", PRESET, "--checkpoint", str(fixed), "--budget", "0.3")
+    assert proc.returncode == 2 and "needs a budget policy" in proc.stderr, proc.stderr[-2000:]
+    proc = run_module("blockdrop.evaluate", "--preset", PRESET, "--checkpoint", str(fixed), "--cap", "0.3", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["flops_mean"] <= 0.3 * json.loads(proc.stdout)["full_flops"]
+
+
+@pytest.mark.parametrize("fields, status, message", [
+    ({"budget": 1.5}, 400, "(0, 1]"),
+    ({"budget": -1}, 400, "(0, 1]"),
+    ({"budget": "NaN"}, 400, "(0, 1]"),
+    ({"budget": True}, 400, "must be a number"),
+    ({"max_flops": -3}, 400, "positive number of FLOPs"),
+    ({"max_flop": 3e6}, 400, "unknown parameter(s) 'max_flop'"),
+    ({"modle": "1"}, 400, "unknown parameter(s) 'modle'"),
+    ({"budget": 0.3, "mean_flops": 2e6}, 400, "give one"),
+])
+def test_bad_budget_requests_are_refused_by_routing(fields, status, message):
+    from blockdrop.serving import RequestError, routing
+
+    with pytest.raises(RequestError, match=None) as err:
+        routing(fields)
+    assert err.value.status == status and message in str(err.value)
+
+
+def test_the_engine_prices_each_request_and_refuses_budgets_below_the_cheapest_image(budget_file):
+    from blockdrop.data import load_dataset
+    from blockdrop.serving import Ask, Engine, RequestError, resolve
+
+    engine = Engine(resolve([str(budget_file)], "sqlite:///unused.db"))
+    label = engine.choose(mean_flops=2e6)
+    assert label == "budget"
+    with pytest.raises(RequestError) as err:
+        engine.ask(label, Ask(budget=0.02))
+    assert err.value.status == 422 and "an image costs at least" in str(err.value)
+    test = load_dataset(engine.preset, "test")
+    images = torch.stack([test[i][0] for i in range(8)])
+    asks = [engine.ask(label, Ask(budget=0.2)), engine.ask(label, Ask(max_flops=2.5e6))] * 4
+    answers = engine.predict(label, images, asks)
+    for answer, (mean, cap) in zip(answers, asks):
+        if cap is not None:
+            assert answer["flops"] <= 2.5e6 * (1 + 1e-6) and answer["budget"]["max_flops"] == pytest.approx(2.5e6)
+        else:
+            assert answer["budget"]["mean_flops"] == pytest.approx(0.2 * engine.full_flops)
+
+
+def test_the_mlflow_model_takes_the_budget_as_a_param(budget_file, tmp_path):
+    from blockdrop.data import load_dataset
+    from blockdrop.pyfunc import BlockDropModel, raw_images
+
+    class Context:
+        artifacts = {"checkpoint": str(budget_file)}
+
+    model = BlockDropModel()
+    model.load_context(Context())
+    test = load_dataset(model.preset, "test")
+    images = raw_images(model.preset, np.stack([test[i][0].numpy() for i in range(32)]))
+    cheap, dear = (model.predict(None, images, {"budget": b}) for b in (0.15, 0.9))
+    assert cheap["flops"].mean() < dear["flops"].mean()
+    capped = model.predict(None, images, {"max_flops": 2e6})
+    assert capped["flops"].max() <= 2e6 * (1 + 1e-6)
+    for params, message in (({"budget": 2}, r"\(0, 1\]"), ({"budgett": 0.3}, "unknown param")):
+        with pytest.raises(ValueError, match=message):
+            model.predict(None, images, params)
