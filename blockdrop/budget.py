@@ -16,7 +16,8 @@ images of its batch: a served answer equals the evaluation's, whatever the batch
 
 Two kinds of budget, each named for what it is:
 - a mean target (`budget`, `mean_flops`): the images' MEAN cost is held to it (on images like the
-  training images; single images spend more or less);
+  training images; single images spend more or less), up to the model's ceiling: where more blocks buy
+  no accuracy (p_d stops rising), even a free block is not taken, and a larger budget is not spent;
 - a per-image cap (`max_flops`): no image exceeds it; below it an image decides as under a mean target
   of the same size, so easy images still stop early.
 
@@ -39,6 +40,18 @@ PRICES = torch.cat([torch.zeros(1), torch.logspace(-4, 3, 223)])
 TOLERANCE = 1e-6  # float32 costs against a cap
 # The budgets a budget model's front is reported at (those above what an image costs with no block)
 CURVE = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8, 1.0)
+
+
+def ceiling(base: float, mean_spend: torch.Tensor) -> float:
+    """What the model spends on average when blocks are free (price 0: each image at its most accurate
+    depth): a mean budget above it is not binding, the model spends less."""
+    return base + float(mean_spend[0])
+
+
+def gap(asked: float, spent: float, most: float) -> float:
+    """How far a mean target is missed: |spent - asked| where the target binds (below `most`, the ceiling),
+    else only what is spent over it."""
+    return abs(spent - asked) if asked < most else max(spent - asked, 0.0)
 
 
 def curve_budgets(base: float, budgets=CURVE) -> list[float]:

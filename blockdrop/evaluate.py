@@ -159,7 +159,8 @@ def print_curve(preset: Preset, args: argparse.Namespace, model: Evaluated, poin
           f"FLOPs, {model.costs.full:.2E})")
     for point in points:
         print(point.line())
-    what = "mean |spent - asked|" if not args.cap_curve else "mean excess of the costliest image over its cap"
+    what = ("mean miss (|spent - asked| where the budget binds; above its ceiling only overspending counts)"
+            if not args.cap_curve else "mean excess of the costliest image over its cap")
     print(f"{what}: {curve_gap(points):.4f}")
 
 

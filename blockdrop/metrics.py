@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from blockdrop.budget import ceiling
 from blockdrop.errors import UserError
 from blockdrop.flops import CostModel
 from blockdrop.inference import Policy, predict
@@ -204,6 +205,7 @@ class BudgetPoint:
     kind: str
     report: Report
     flops_max: float
+    ceiling: float = math.inf  # the mean share the model spends when blocks are free (budget.ceiling)
 
     @property
     def spent(self) -> float:
@@ -212,18 +214,22 @@ class BudgetPoint:
 
     @property
     def gap(self) -> float:
-        """Mean target: |mean spent - asked|; cap: how far the costliest image passes it (0 when it holds)."""
+        """Mean target: |mean spent - asked| where it binds (below the ceiling; above it, only overspending
+        counts); cap: how far the costliest image passes it (0 when it holds)."""
         if self.kind == "mean":
-            return abs(self.spent - self.budget)
+            return abs(self.spent - self.budget) if self.budget < self.ceiling else max(self.spent - self.budget, 0.0)
         return max(self.flops_max / self.report.full_flops - self.budget, 0.0)
 
     def to_json(self) -> dict:
         return {"budget": self.budget, "kind": self.kind, "spent": self.spent, "gap": self.gap,
-                "flops_max": self.flops_max, **asdict(self.report)}
+                "flops_max": self.flops_max, "ceiling": self.ceiling if math.isfinite(self.ceiling) else None,
+                **asdict(self.report)}
 
     def line(self) -> str:
         r = self.report
         asked = f"{'mean' if self.kind == 'mean' else 'cap '} {self.budget:.2f}"
+        if self.kind == "mean" and self.budget >= self.ceiling:
+            asked += " (above what it spends when blocks are free)"
         return (f"{asked}  spent {self.spent:.3f} (max {self.flops_max / r.full_flops:.3f})  accuracy {r.accuracy:.3f}  "
                 f"blocks {r.blocks_mean:.2f} +- {r.blocks_std:.2f}  FLOPs {r.flops_mean:.2E} ({r.speedup:.2f}x)  "
                 f"{r.unique_policies} policies")
@@ -234,7 +240,8 @@ def budget_curve(backbone: FlatResNet, policy: Policy, loader: Iterable, costs: 
     """A budget model's front: its report at each budget (mean targets, or per-image caps)."""
     asks = [(b, None) if kind == "mean" else (None, b) for b in budgets]
     found = tallies(backbone, policy, loader, costs, device, asks, progress)
-    return [BudgetPoint(b, kind, t.report(costs.full), t.flops_max) for b, t in zip(budgets, found)]
+    most = ceiling(float(policy.base), policy.spend) if hasattr(policy, "spend") else math.inf
+    return [BudgetPoint(b, kind, t.report(costs.full), t.flops_max, most) for b, t in zip(budgets, found)]
 
 
 def curve_gap(points: list[BudgetPoint]) -> float:

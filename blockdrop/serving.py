@@ -208,7 +208,7 @@ class Engine:
             if not candidates:
                 cheapest = min(recorded_flops(m) for m in self.models.values())
                 raise RequestError(f"no served model fits {'mean_flops' if mean_flops == asked else 'max_flops'}="
-                                   f"{asked:.3E} on average; the cheapest needs {cheapest:.3E}", 422)
+                                   f"{asked:.3E}: the cheapest needs {cheapest:.3E} on average", 422)
         best = max(candidates, key=lambda m: (m.source.accuracy or 0.0, -recorded_flops(m)))
         return best.source.label
 

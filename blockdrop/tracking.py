@@ -210,8 +210,10 @@ class Tracker:
                                                                       "spent")}, step=step)
         with tempfile.TemporaryDirectory() as local:
             path = Path(local) / "budget_curve.json"
-            path.write_text(json.dumps({"points": points, "mean_gap": metrics.get("budget_gap")}, indent=2))
+            path.write_text(json.dumps({"points": points, "mean_gap": metrics.get("budget_gap"),
+                                        "ceiling": metrics.get("budget_ceiling")}, indent=2))
             self.client.log_artifact(run_id, str(path))
+        self.log_metrics(run_id, {k: metrics[k] for k in ("budget_gap", "budget_ceiling") if k in metrics}, step=0)
         return points
 
     # -- what jobs and sweeps read and write besides metrics

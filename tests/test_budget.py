@@ -245,3 +245,93 @@ def test_the_mlflow_model_takes_the_budget_as_a_param(budget_file, tmp_path):
     for params, message in (({"budget": 2}, r"\(0, 1\]"), ({"budgett": 0.3}, "unknown param")):
         with pytest.raises(ValueError, match=message):
             model.predict(None, images, params)
+
+
+# ---------------------------------------------------------------- end to end: train, track, evaluate, serve
+
+@pytest.fixture(scope="module")
+def trained(mlflow_server, tmp_path_factory):  # noqa: F811
+    """train_job.py --policy budget on a real local Ray, logging to a real MLflow server: pretrain -> nest ->
+    depth -> budget finetune, one worker, short stages."""
+    root = tmp_path_factory.mktemp("budget-job")
+    proc = subprocess.run([sys.executable, str(REPO / "train_job.py"), "--policy", "budget", "--epochs", "5,3,3,2",
+                           "--num-workers", "1", "--name", "budget-e2e", "--no-prune-baseline", "--no-analysis",
+                           "--experiment", "budget-tests", "--mlflow-uri", mlflow_server, "--storage-path",
+                           str(root / "ray")], cwd=root, env=clean_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("budget-tests")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("blockdrop.job") == "budget-e2e")
+    return {"root": root, "proc": proc, "client": client, "parent": parent, "runs": runs, "uri": mlflow_server,
+            "checkpoint": root / "ray" / "budget-e2e" / "checkpoints" / "budget-e2e-finetune.pt"}
+
+
+@pytest.mark.slow
+def test_a_budget_job_trains_the_depth_stages_and_logs_its_curve_to_mlflow(trained):
+    proc, client, parent = trained["proc"], trained["client"], trained["parent"]
+    assert "plan: pretrain -> nest -> depth -> finetune" in proc.stderr
+    assert "budget policy, mean budgets drawn from 0.2-1 of the FLOPs" in proc.stderr
+    assert parent.data.params["policy"] == "budget"
+    # the curve: curve_* metrics whose step is the budget in percent, and budget_curve.json
+    steps = [m.step for m in client.get_metric_history(parent.info.run_id, "curve_test_accuracy")]
+    assert steps == sorted(steps) and {20, 30, 50, 100} <= set(steps), steps
+    spent = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "curve_spent")}
+    most = parent.data.metrics["budget_ceiling"]  # what it spends when blocks are free
+    assert 0.2 < most <= 1.1
+    for step, share in spent.items():  # each budget held on the test images, where it binds; never overspent
+        assert abs(share - step / 100) < 0.06 if step / 100 < most - 0.05 else share < step / 100 + 0.05, spent
+    assert "budget_curve.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    finetune = next(r for r in trained["runs"] if r.data.params.get("stage") == "finetune")
+    assert finetune.data.metrics["budget_gap"] < 0.06 and "budget_0.25_test_accuracy" in finetune.data.metrics
+    proc = run_module("blockdrop.evaluate", "--preset", PRESET, "--checkpoint", str(trained["checkpoint"]),
+                      "--budgets", "0.25,0.5,1", "--json")
+    curve = json.loads(proc.stdout)["curve"]
+    assert curve[0]["blocks_mean"] < curve[1]["blocks_mean"] < curve[2]["blocks_mean"]
+    assert curve[2]["accuracy"] > 0.8  # the whole budget: about the ResNet's accuracy
+
+
+@pytest.mark.slow
+def test_the_served_budget_model_answers_each_request_at_its_budget_as_evaluate_does(trained):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from blockdrop import inference
+    from blockdrop.data import load_dataset
+    from test_serving import as_json, http, running_server, write_digit_pngs
+
+    root = trained["root"]
+    files = write_digit_pngs(root, per_class=2)
+    model = inference.load(trained["checkpoint"])
+    dataset = load_dataset(model.preset, "test", "imagefolder", root)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    order = [Path(p) for p, _ in dataset.samples]
+    with running_server(root, "--model-uri", f"runs:/{trained['parent'].info.run_id}", "--mlflow-uri",
+                        trained["uri"], "--max-batch-size", "32", "--batch-wait-ms", "50") as url:
+        def ask(fields):
+            return http("POST", f"{url}/predict", as_json(files, **fields), "application/json")
+
+        asks = [{"budget": 0.25}, {"budget": 0.6}, {"max_flops": 0.3 * model.costs.full}]
+        with ThreadPoolExecutor(3) as pool:  # the three budgets arrive together: one dynamic batch
+            answers = list(pool.map(ask, asks))
+        for fields, (status, body) in zip(asks, answers):
+            assert status == 200, body
+            budget = fields.get("budget")
+            cap = None if budget else fields["max_flops"] / model.costs.full
+            expected = model.predict(images, budget=budget, cap=cap)
+            by_file = dict(zip(order, zip(expected.classes.tolist(), expected.policy_strings())))
+            for path, answer in zip(files, body["predictions"]):
+                assert (answer["class"], answer["policy"]) == by_file[path], (fields, path)
+            if cap is not None:
+                assert max(a["flops"] for a in body["predictions"]) <= fields["max_flops"] * (1 + 1e-6)
+        mean = {b["budget"]: np.mean([a["flops"] for a in body["predictions"]]) for b, (_, body) in
+                zip(asks[:2], answers[:2])}
+        assert mean[0.25] < mean[0.6]
+        for fields, status, message in (({"budget": -0.5}, 400, "(0, 1]"), ({"budget": 1.01}, 400, "(0, 1]"),
+                                        ({"budget": "nan"}, 400, "(0, 1]"), ({"budget": 0.01}, 422, "costs at least"),
+                                        ({"budgte": 0.3}, 400, "unknown field")):
+            got, body = ask(fields)
+            assert got == status and message in body["error"], (fields, body)
+        status, meta = http("GET", f"{url}/metadata")
+        assert status == 200 and meta["models"][0]["budget_model"] is True

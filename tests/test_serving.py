@@ -3,6 +3,7 @@ requests are real HTTP. Answers are checked against blockdrop.evaluate's on the 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -103,16 +104,14 @@ def http(method: str, url: str, body: bytes | None = None, content_type: str | N
         return status, {"text": raw.decode(errors="replace")}
 
 
-@pytest.fixture(scope="module")
-def server(front):
-    """serve_policy.py in the foreground on a free port, serving the whole registered front; stopped with
-    Ctrl-C (SIGINT) at the end whatever happened, then killed if it lingers."""
+@contextlib.contextmanager
+def running_server(root: Path, *args: str):
+    """serve_policy.py in the foreground on a free port (its console in root/serve.log); stopped with Ctrl-C
+    (SIGINT) at the end whatever happened, then killed if it lingers. Yields its URL."""
     port = _free_port()
-    log = open(front["root"] / "serve.log", "w")
-    proc = subprocess.Popen(serve_cmd("--model-uri", f"models:/{MODEL}", "--port", str(port), "--mlflow-uri",
-                                      front["uri"], "--max-batch-size", "16", "--batch-wait-ms", "20"),
-                            cwd=front["root"], env=clean_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    log = open(root / "serve.log", "w")
+    proc = subprocess.Popen(serve_cmd(*args, "--port", str(port)), cwd=root, env=clean_env(), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 240
@@ -120,13 +119,12 @@ def server(front):
             # Ready once /healthz answers and the console has said what it serves (printed after serve.run
             # returns, which can be a moment after the endpoint first answers).
             try:
-                if (http("GET", f"{url}/healthz")[0] == 200
-                        and "Ctrl-C stops the server" in (front["root"] / "serve.log").read_text()):
+                if http("GET", f"{url}/healthz")[0] == 200 and "Ctrl-C stops the server" in (root / "serve.log").read_text():
                     break
             except OSError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("serve_policy.py did not come up:\n" + (front["root"] / "serve.log").read_text()[-3000:])
+                raise RuntimeError("serve_policy.py did not come up:\n" + (root / "serve.log").read_text()[-3000:])
             time.sleep(1)
         yield url
     finally:
@@ -139,6 +137,14 @@ def server(front):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(front):
+    """serve_policy.py serving the whole registered front."""
+    with running_server(front["root"], "--model-uri", f"models:/{MODEL}", "--mlflow-uri", front["uri"],
+                        "--max-batch-size", "16", "--batch-wait-ms", "20") as url:
+        yield url
 
 
 @pytest.mark.slow
@@ -199,6 +205,10 @@ def test_routing_by_alias_version_and_budget(front, server):
         assert status == 200 and body["predictions"][0]["model"]["version"] == version, (query, body)
     status, body = http("POST", f"{server}/predict", as_json([image], model="fastest"), "application/json")
     assert (body["predictions"][0]["class"], body["predictions"][0]["policy"]) == expected[image]
+    # max_flops is a per-image cap: the model whose mean is within it answers, and no image passes it
+    status, body = http("POST", f"{server}/predict", as_json(front["images"], max_flops=3e6), "application/json")
+    assert status == 200 and {a["model"]["version"] for a in body["predictions"]} == {"2"}
+    assert max(a["flops"] for a in body["predictions"]) <= 3e6 and body["predictions"][0]["budget"]["max_flops"] == 3e6
     status, body = http("POST", f"{server}/predict?max_flops=1e6", image.read_bytes(), "image/png")
     assert status == 422 and "cheapest needs 2.500E+06" in body["error"]
     status, meta = http("GET", f"{server}/metadata")
@@ -218,6 +228,11 @@ def test_routing_by_alias_version_and_budget(front, server):
     (None, "image/png", "?model=nope", 404, "unknown model"),
     (None, "image/png", "?max_flops=abc", 400, "max_flops must be a number"),
     (b'{"images": ["aGk="]}', "application/json", "", 400, "not an image"),
+    (None, "image/png", "?modle=fastest", 400, "unknown parameter(s) 'modle'"),
+    (b'{"images": ["aGk="], "max_flop": 3e6}', "application/json", "", 400, "unknown field(s) 'max_flop'"),
+    (b'{"images": ["aGk="], "max_flops": true}', "application/json", "", 400, "max_flops must be a number"),
+    (None, "image/png", "?budget=1.5", 400, "(0, 1]"),
+    (None, "image/png", "?model=1&budget=0.5", 422, "needs a budget model"),
 ])
 @pytest.mark.slow
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(front, server, body, content_type, query, status, message):
