@@ -112,14 +112,50 @@ def from_base64(text: str) -> bytes:
         raise ValueError("not valid base64") from None
 
 
-def decode_image(data: bytes, in_channels: int) -> Image.Image:
-    """Encoded image bytes (PNG, JPEG, ...) as a PIL image in the preset's mode; a ValueError if Pillow
-    cannot read them."""
+# The most pixels a client's image may have: well above any preset's input (ImageNet's 224x224 from photos
+# of a few megapixels), far below a decompression bomb (a 97 KB PNG of 10000x10000 decodes to 300 MB).
+MAX_PIXELS = 40_000_000
+
+
+class ImageTooLarge(ValueError):
+    """An image with more pixels than MAX_PIXELS: refused before it is decoded."""
+
+
+def decode_image(data: bytes, in_channels: int, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Encoded image bytes (PNG, JPEG, TIFF, ...) as a PIL image in the preset's mode (8-bit grey or RGB); a
+    ValueError if Pillow cannot read them, an ImageTooLarge if they hold more than `max_pixels` pixels (the
+    size is read from the header, before decoding). 16-bit and float images are scaled to 8 bits, not clipped."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.convert("L" if in_channels == 1 else "RGB")
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(f"an image of {width}x{height} pixels, more than the {max_pixels:,} allowed; "
+                                    "send it at the size the model takes (it is resized to the preset's input anyway)")
+            return _to_8bit(image).convert("L" if in_channels == 1 else "RGB")
+    except ImageTooLarge:
+        raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         raise ValueError("not a PNG, JPEG or other image Pillow reads") from None
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """A high-depth single-band image (16-bit, 32-bit integer, float) as 8-bit grey with its range kept:
+    Pillow's own conversion clips such values to 0..255 (a 16-bit digit turns black and white). Integers
+    scale by their type's range (16 bits for I;16 and for I holding values within it); floats from 0..1, or
+    0..255, or 0..65535, by the range their values fill."""
+    if image.mode in ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    if pixels.ndim != 2:
+        return image
+    top = float(pixels.max()) if pixels.size else 0.0
+    if image.mode == "F":
+        scale = 255.0 if top <= 1.0 else 1.0 if top <= 255.0 else 255.0 / 65535.0
+    elif image.mode.startswith("I;16"):
+        scale = 255.0 / 65535.0
+    else:  # I (32-bit integers): 8-bit values as they are, 16-bit ones scaled, wider ones by their maximum
+        scale = 1.0 if top <= 255 else 255.0 / 65535.0 if top <= 65535 else 255.0 / top
+    return Image.fromarray(np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8), "L")
 
 
 class Decoder:

@@ -185,6 +185,8 @@ class Engine:
     def decode(self, data: bytes) -> torch.Tensor:
         try:
             return self.decoder(data)
+        except inference.ImageTooLarge as err:
+            raise RequestError(str(err), 413) from None
         except ValueError:
             raise RequestError("not an image (PNG, JPEG or another format Pillow reads)") from None
 

@@ -478,3 +478,39 @@ def test_the_registered_model_takes_encoded_images_through_mlflows_python_api(fr
         model.predict(np.array(["@@@"], dtype=object))
     with pytest.raises(Exception, match="not a PNG, JPEG"):
         model.predict(np.array([b"not an image"], dtype=object))
+
+
+def test_16_bit_and_float_images_decode_like_their_8_bit_copy_and_huge_ones_are_refused_unread(tmp_path):
+    """A 16-bit PNG or a float TIFF of a digit is the same digit (not clipped to black and white); an image
+    with more pixels than the limit is refused from its header (a decompression bomb is never decoded)."""
+    import io
+
+    from PIL import Image
+
+    from blockdrop import inference
+    from blockdrop.presets import get_preset
+    from blockdrop.checkpoints import save_checkpoint
+    from blockdrop.serving import Engine, ModelSource, RequestError
+
+    decoder = inference.Decoder(get_preset(PRESET))
+    digit = np.linspace(0, 255, 64).reshape(8, 8).round().astype(np.uint8)
+
+    def encoded(array, fmt="PNG") -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(array).save(out, fmt)
+        return out.getvalue()
+
+    eight = decoder(encoded(digit))
+    for other in (encoded(digit.astype(np.uint16) * 257), encoded(digit.astype(np.float32) / 255, "TIFF"),
+                  encoded(digit.astype(np.float32), "TIFF")):
+        assert torch.allclose(decoder(other), eight, atol=1e-6)
+    bomb = encoded(np.zeros((7000, 7000), dtype=np.uint8))  # 49 megapixels in a few tens of KB
+    assert len(bomb) < 200_000
+    with pytest.raises(inference.ImageTooLarge, match="7000x7000 pixels"):
+        decoder(bomb)
+    preset, backbone, policy = decisive_models(seed=0, bias=0.0)
+    save_checkpoint(tmp_path / "m.pt", preset, backbone, policy, {"stage": "finetune"})
+    engine = Engine([ModelSource(label="m", name="m", version=None, checkpoint=str(tmp_path / "m.pt"))])
+    with pytest.raises(RequestError) as err:
+        engine.decode(bomb)
+    assert err.value.status == 413 and "more than the" in str(err.value)
