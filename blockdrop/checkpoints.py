@@ -78,6 +78,8 @@ def save_checkpoint(path: str | os.PathLike, preset: Preset, backbone: nn.Module
 
 
 def _torch_load(path: Path) -> object:
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder, not a checkpoint file (a .pt, .t7 or .pth file)")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     with open(path, "rb") as f:

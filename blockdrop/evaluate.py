@@ -168,6 +168,8 @@ def run(args: argparse.Namespace) -> None:
     """The report of --checkpoint (or of --baseline on its ResNet), printed as text or JSON."""
     check_flags(args)
     preset, device = get_preset(args.preset), pick_device(args.device)
+    if args.keep is not None and args.keep > preset.num_blocks:
+        raise UserError(f"--keep must be between 0 and {preset.num_blocks} (the blocks of {preset.name}), not {args.keep}")
     model = load(preset, args, device)
     test = load_dataset(preset, "test", args.dataset, args.data_dir, download=not args.no_download)
     if args.num_workers is None:  # the in-memory digits gain nothing from worker processes

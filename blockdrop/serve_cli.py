@@ -67,6 +67,12 @@ def run(args: argparse.Namespace) -> None:
     drop_harmless_worker_lines()
     if args.gpu and ray.cluster_resources().get("GPU", 0) < 1:
         raise UserError("--gpu was given but the Ray cluster has no GPU")
+    if address is None:  # a local Ray: no node will join, so a replica that does not fit would wait forever
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if args.cpus_per_replica > cpus:
+            ray.shutdown()
+            raise UserError(f"--cpus-per-replica {args.cpus_per_replica}: this machine's Ray has {cpus} CPU(s); "
+                            f"a replica could never start")
     serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"log_level": "WARNING"})
     app = build(sources, engine.preset.name, "cuda" if args.gpu else "cpu", args.max_batch_size,
                 args.batch_wait_ms, args.max_images, int(args.max_body_mb * (1 << 20)),

@@ -254,7 +254,7 @@ def trained(mlflow_server, tmp_path_factory):  # noqa: F811
     """train_job.py --policy budget on a real local Ray, logging to a real MLflow server: pretrain -> nest ->
     depth -> budget finetune, one worker, short stages."""
     root = tmp_path_factory.mktemp("budget-job")
-    proc = subprocess.run([sys.executable, str(REPO / "train_job.py"), "--policy", "budget", "--epochs", "5,3,3,2",
+    proc = subprocess.run([sys.executable, str(REPO / "train_job.py"), "--policy", "budget", "--epochs", "5,3,2,2",
                            "--num-workers", "1", "--name", "budget-e2e", "--no-prune-baseline", "--no-analysis",
                            "--experiment", "budget-tests", "--mlflow-uri", mlflow_server, "--storage-path",
                            str(root / "ray")], cwd=root, env=clean_env(), capture_output=True, text=True, timeout=900)
@@ -287,10 +287,10 @@ def test_a_budget_job_trains_the_depth_stages_and_logs_its_curve_to_mlflow(train
     finetune = next(r for r in trained["runs"] if r.data.params.get("stage") == "finetune")
     assert finetune.data.metrics["budget_gap"] < 0.06 and "budget_0.25_test_accuracy" in finetune.data.metrics
     proc = run_module("blockdrop.evaluate", "--preset", PRESET, "--checkpoint", str(trained["checkpoint"]),
-                      "--budgets", "0.25,0.5,1", "--json")
+                      "--budgets", "0.15,0.25,1", "--json")
     curve = json.loads(proc.stdout)["curve"]
-    assert curve[0]["blocks_mean"] < curve[1]["blocks_mean"] < curve[2]["blocks_mean"]
-    assert curve[2]["accuracy"] > 0.8  # the whole budget: about the ResNet's accuracy
+    assert curve[0]["blocks_mean"] < curve[1]["blocks_mean"] <= curve[2]["blocks_mean"]  # 1: over its ceiling
+    assert curve[2]["accuracy"] > 0.8 and curve[2]["spent"] == pytest.approx(most, abs=0.05)
 
 
 @pytest.mark.slow

@@ -107,6 +107,11 @@ def test_library_report_matches_per_image_policies_and_accuracy():
     (["--preset", "R26_DIGITS", "--checkpoint", "notes.txt"], "notes.txt is not a PyTorch checkpoint"),
     (["--preset", "R26_DIGITS", "--checkpoint", "notes.txt", "--device", "cuda:64"], "--device cuda:64"),
     (["--preset", "R26_DIGITS", "--checkpoint", "notes.txt", "--device", "tpu"], "is not a device"),
+    (["--preset", "R26_DIGITS", "--checkpoint", "."], "is a folder, not a checkpoint file"),
+    (["--preset", "R26_DIGITS", "--baseline", "greedy", "--keep", "-1"], "--keep is a number of blocks"),
+    (["--preset", "R26_DIGITS", "--baseline", "greedy", "--keep", "13"], "--keep must be between 0 and 12"),
+    (["--preset", "R26_DIGITS", "--num-workers", "-1"], "--num-workers is a number of loader processes"),
+    (["--preset", "R26_DIGITS", "--report-dir", "notes.txt"], "--report-dir notes.txt is a file"),
 ])
 @pytest.mark.slow
 def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, monkeypatch, args, message):

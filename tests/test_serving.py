@@ -343,6 +343,8 @@ def test_a_serve_config_builds_the_same_application_from_its_args(front, monkeyp
     (["--model-uri", "missing.pt"], "does not exist"),
     (["--model-uri", "resnet.pt"], "not a BlockDrop model"),
     (["--autoscale", "3"], "--autoscale wants MIN,MAX"),
+    (["--max-body-mb", "inf"], "--max-body-mb must be a size in MB"),
+    (["--model-uri", "MODEL1", "--cpus-per-replica", "64"], "a replica could never start"),
     ([], "run `scripts/with-venv python -m blockdrop.quickstart` first"),
 ])
 @pytest.mark.slow
@@ -351,6 +353,7 @@ def test_bad_command_lines_exit_2_with_one_line(front, tmp_path, args, message):
 
     preset, backbone, _ = decisive_models(0, 0.0)
     save_checkpoint(tmp_path / "resnet.pt", preset, backbone)
+    args = [str(front["checkpoints"][0]) if a == "MODEL1" else a for a in args]
     uri = front["uri"] if any(a.startswith("models:/") for a in args) else f"sqlite:///{tmp_path / 'empty.db'}"
     proc = subprocess.run(serve_cmd(*args, "--mlflow-uri", uri), cwd=tmp_path, env=clean_env(),
                           capture_output=True, text=True, timeout=120)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from blockdrop.choices import (BASELINES, DATASETS, PRESET_NAMES, RANDOM_SEEDS, add_unreadable_flag, check_preset_name,
                                check_unreadable_share)
@@ -96,3 +97,11 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError("--pruned lists competitors of --compare: add --compare")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.keep is not None and args.keep < 0:
+        raise UserError(f"--keep is a number of blocks, at least 0, not {args.keep}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UserError(f"--num-workers is a number of loader processes, at least 0, not {args.num_workers}")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1 image, not {args.limit}")
+    if args.report_dir and os.path.exists(args.report_dir) and not os.path.isdir(args.report_dir):
+        raise UserError(f"--report-dir {args.report_dir} is a file; name a folder (it is created if missing)")

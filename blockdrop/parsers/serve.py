@@ -73,8 +73,10 @@ def check_flags(args: argparse.Namespace) -> tuple[int, int] | None:
     for flag in ("max_batch_size", "max_images", "replicas", "cpus_per_replica"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
-    if not 0 <= args.batch_wait_ms <= 10_000 or not args.max_body_mb > 0:
-        raise UserError("--batch-wait-ms must be 0..10000 and --max-body-mb positive")
+    if not 0 <= args.batch_wait_ms <= 10_000:
+        raise UserError(f"--batch-wait-ms must be 0..10000, not {args.batch_wait_ms:g}")
+    if not 0 < args.max_body_mb <= 4096:  # NaN and inf fail here too
+        raise UserError(f"--max-body-mb must be a size in MB in (0, 4096], not {args.max_body_mb:g}")
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port must be 1..65535, not {args.port}")
     scale = autoscale(args.autoscale)
