@@ -260,6 +260,10 @@ def plan_sweep(args: argparse.Namespace) -> SweepPlan:
         raise UserError(f"--init {args.init} holds no policy: a sweep finetunes a curriculum checkpoint")
     train_size = len(load_dataset(preset, "train", args.dataset, args.data_dir))
     own = (args.dataset or preset.dataset) == preset.dataset
+    if "spend" in checkpoint.policy:
+        raise UserError(f"--init {args.init} holds a budget policy, one model for every budget: its finetune has no "
+                        "gamma to sweep; train it with train_job.py --policy budget (its curve is logged with the run), "
+                        "or sweep gammas from a depth policy's checkpoint (train_job.py --policy depth)")
     depth = "rank" in checkpoint.policy
     key = "finetune_depth" if depth else "finetune"
     defaults = preset.stages[key] if own else OTHER_DATA_STAGES[key]

@@ -335,3 +335,37 @@ def test_the_served_budget_model_answers_each_request_at_its_budget_as_evaluate_
             assert got == status and message in body["error"], (fields, body)
         status, meta = http("GET", f"{url}/metadata")
         assert status == 200 and meta["models"][0]["budget_model"] is True
+
+
+def test_a_sweep_from_a_budget_model_is_refused_with_what_to_do_instead(budget_file, tmp_path, monkeypatch):
+    from blockdrop.errors import UserError
+    from blockdrop.parsers.sweep import parse_args
+    from blockdrop.plans import plan_sweep
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="holds a budget policy.*train_job.py --policy budget"):
+        plan_sweep(parse_args(["--init", str(budget_file), "--penalties", "-1,-5"]))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policy", "depth", "--budget-range", "0.2,0.8"], "are for --policy budget"),
+    (["--policy", "budget", "--budget-range", "0.8,0.2"], "goes from low to high"),
+    (["--policy", "budget", "--budget-range", "0,0.5"], "low end must be a share"),
+    (["--policy", "budget", "--budget", "1.2"], "--budget must be a share"),
+    (["--policy", "budget", "--budget-range", "a,b"], "expected LOW,HIGH"),
+])
+def test_train_job_refuses_bad_budget_flags_at_once(args, message):
+    proc = subprocess.run([sys.executable, str(REPO / "train_job.py"), *args], env=clean_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_budget_plan_runs_the_depth_stages_with_its_range(tmp_path):
+    from blockdrop.parsers.train import build_parser
+    from blockdrop.plans import validate
+
+    plan = validate(build_parser().parse_args(["--policy", "budget", "--budget-range", "0.25,0.75"]))
+    assert plan.names == ["pretrain", "nest", "depth", "finetune"] and plan.policy == "budget"
+    settings = dict(plan.stages)
+    assert settings["finetune"]["budget_range"] == [0.25, 0.75] and settings["finetune"]["budget"] == 0.5
+    assert "budget_range" not in settings["pretrain"]
