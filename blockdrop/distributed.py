@@ -429,18 +429,20 @@ def analyse_remotely(preset_name: str, payload_ref, dataset: str | None, data_di
 
 def _versus_pruned_task(preset_name: str, learned: list, pruned: list, dataset: str | None,
                         data_dir: str | None) -> dict:
-    """Each learned model ((key, payload) each) against prune-and-finetune ((K, state dict, 0/1 row) each)
-    at its FLOPs, image by image on the test set: {key: Versus as a dict}."""
+    """Each learned model ((key, payload, mean budget or None) each; a budget model at that budget) against
+    prune-and-finetune ((K, state dict, 0/1 row) each) at its FLOPs, image by image on the test set:
+    {key: Versus as a dict}."""
     preset = get_preset(preset_name)
     device, layout = _device(), {"memory_format": torch.channels_last}
     test = load_dataset(preset, "test", dataset, data_dir, download=False)
     curve = pruned_curve(_pruned(preset, pruned), test, cost_model(preset), device)
     out = {}
-    for key, payload in learned:
+    for key, payload, budget in learned:
+        payload = ray.get(payload) if isinstance(payload, ray.ObjectRef) else payload
         policy = _policy(preset, payload["policy"])
         costs = cost_model(preset, policy)
         result = tally(_backbone(preset, payload["backbone"]).to(device, **layout), policy.to(device, **layout),
-                       DataLoader(test, batch_size=256), costs, device, records=True)
+                       DataLoader(test, batch_size=256), costs, device, records=True, budget=budget)
         flops = result.report(costs.full).flops_mean
         out[key] = asdict(versus(result.records().correct.astype("float64"), curve, flops))
     return {"versus": out, "curve": [asdict(p) for p in curve.points]}

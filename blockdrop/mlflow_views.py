@@ -100,7 +100,7 @@ def scatter_state(x_metric: str, y_metric: str, columns: list[str], parent_run_i
     }
 
 
-SWEEP_COLUMNS = [column("params", "gamma"), column("params", "lr"), column("metrics", "final_test_accuracy"),
+SWEEP_COLUMNS = [column("params", "gamma"), column("params", "budget_range"), column("params", "lr"), column("metrics", "final_test_accuracy"),
                  column("metrics", "final_flops_per_image"), column("metrics", "final_speedup"),
                  column("metrics", "final_blocks_used"), column("tags", "pareto_optimal")]
 

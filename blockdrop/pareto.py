@@ -41,12 +41,13 @@ CURVE_STYLE = {"greedy": ("greedy static", "C2", "s"), "distributek": ("Distribu
 
 def plot_front(points: Sequence[Point], front: Sequence[Point], path: str | Path,
                reference: Point | None = None, title: str = "BlockDrop: accuracy vs FLOPs",
-               curves: dict | None = None) -> Path:
+               curves: dict | None = None, lines: dict | None = None) -> Path:
     """Scatter of all points, the front as a step line, the full model as a star; written as PNG.
 
     `curves`: image-blind baselines (name -> points with .flops, .accuracy) drawn as dashed lines.
     A point whose info holds `best_static_accuracy` (the best baseline at its FLOPs, on its own
     ResNet) gets a hollow marker there, joined to it by a dotted line: the per-image policy's gain.
+    `lines`: budget models' curves (label -> their Points), each one model's points joined by a line.
     """
     import matplotlib
 
@@ -70,6 +71,10 @@ def plot_front(points: Sequence[Point], front: Sequence[Point], path: str | Path
         ax.scatter([p.flops for p in statics], [100 * p.info["best_static_accuracy"] for p in statics],
                    facecolors="none", edgecolors="0.3", label="best image-blind policy at the same FLOPs\n"
                                                           "(on that model's own ResNet)", zorder=3)
+    for i, (label, curve) in enumerate((lines or {}).items()):
+        ordered = sorted(curve, key=lambda c: c.flops)
+        ax.plot([c.flops for c in ordered], [100 * c.accuracy for c in ordered], "-", color=f"C{6 + i % 4}",
+                linewidth=1.5, label=f"{label} (one model)", zorder=3)
     ax.scatter([p.flops for p in points], [100 * p.accuracy for p in points], color="0.6", label="trials", zorder=2)
     ax.step([p.flops for p in front], [100 * p.accuracy for p in front], where="post", color="C0", zorder=3)
     ax.scatter([p.flops for p in front], [100 * p.accuracy for p in front], color="C0", label="Pareto front", zorder=4)

@@ -246,6 +246,12 @@ class SweepPlan:
     policy_lr: float | None
     weight_decay: float
     train_size: int
+    budget_ranges: list[list[float]]  # budget models: one trial per range (and lr)
+
+    def trials(self, penalties: list[float] | None) -> list[dict]:
+        """The grid's trials but for the lr: a gamma each, then a budget range each."""
+        return ([{"gamma": g, "budget_range": None} for g in penalties or []]
+                + [{"gamma": None, "budget_range": r} for r in self.budget_ranges])
 
 
 def plan_sweep(args: argparse.Namespace) -> SweepPlan:
@@ -260,17 +266,18 @@ def plan_sweep(args: argparse.Namespace) -> SweepPlan:
         raise UserError(f"--init {args.init} holds no policy: a sweep finetunes a curriculum checkpoint")
     train_size = len(load_dataset(preset, "train", args.dataset, args.data_dir))
     own = (args.dataset or preset.dataset) == preset.dataset
-    if "spend" in checkpoint.policy:
-        raise UserError(f"--init {args.init} holds a budget policy, one model for every budget: its finetune has no "
-                        "gamma to sweep; train it with train_job.py --policy budget (its curve is logged with the run), "
-                        "or sweep gammas from a depth policy's checkpoint (train_job.py --policy depth)")
-    depth = "rank" in checkpoint.policy
+    depth = "rank" in checkpoint.policy  # a depth or budget policy's: either kind of trial starts from it
+    if args.budget_ranges and not depth:
+        raise UserError(f"--budget-ranges trains budget models, which start from a depth policy's checkpoint "
+                        f"(JOB-depth.pt of train_job.py --policy depth or --policy budget); --init {args.init} holds "
+                        "BlockDrop's per-block policy")
     key = "finetune_depth" if depth else "finetune"
     defaults = preset.stages[key] if own else OTHER_DATA_STAGES[key]
     batch = args.batch_size or defaults.batch_size
     epochs = args.epochs or (defaults.epochs if own else math.ceil(defaults.steps / max(train_size // batch, 1)))
     return SweepPlan(preset, init, checkpoint, backbone, policy, depth, epochs, batch, args.lrs or [defaults.lr],
-                     args.policy_lr or defaults.policy_lr, defaults.weight_decay, train_size)
+                     args.policy_lr or defaults.policy_lr, defaults.weight_decay, train_size,
+                     [list(r) for r in args.budget_ranges or []])
 
 
 def is_artifact_uri(init: str) -> bool:

@@ -44,7 +44,7 @@ from blockdrop.choices import MAX_UNREADABLE, STAGES  # noqa: F401 (STAGES re-ex
 from blockdrop.execution import Executor, run_sparse
 from blockdrop.flops import cost_model
 from blockdrop.metrics import Moments
-from blockdrop.models.resnet import BudgetPolicy, DepthPolicy, FlatResNet
+from blockdrop.models.resnet import BudgetPolicy, DepthPolicy, FlatResNet, depth_state
 from blockdrop.presets import Preset
 
 SUPERVISED = ("pretrain", "adapt", "prune", "nest")  # the ResNet alone, cross-entropy (nest: and soft labels)
@@ -390,13 +390,16 @@ def setup_stage(cfg: StageConfig, preset: Preset, init: dict | None, teacher: di
     backbone = preset.build_backbone()
     init_policy = (init or {}).get("policy")
     depth = cfg.stage in ("nest", "depth") or (init_policy is not None and "rank" in init_policy)
-    budget = cfg.budget_range is not None or (init_policy is not None and "spend" in init_policy)
+    # a budget policy where its stages say so (budget_range): a depth checkpoint becomes one, and a budget
+    # checkpoint finetuned with a gamma is a depth policy again (both share the network and keep order)
+    budget = cfg.budget_range is not None
     policy = (preset.build_depth_policy(budget) if depth else None if cfg.stage in SUPERVISED
               else preset.build_policy())
     if init is not None:
         backbone.load_state_dict(init["backbone"], strict=False)
         if policy is not None and init_policy is not None:
-            policy.load_state_dict(init_policy)
+            policy.load_state_dict(policy.fit_state(init_policy) if isinstance(policy, BudgetPolicy)
+                                   else depth_state(init_policy) if depth else init_policy)
     if cfg.order is not None:  # nest: the keep order of the depth policy, from the user's ResNet
         costs = cost_model(preset)
         policy.set_order(cfg.order, costs.backbone.blocks, costs.full)

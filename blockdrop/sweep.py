@@ -44,7 +44,7 @@ from blockdrop.presets import get_preset
 from blockdrop.pyfunc import input_example
 from blockdrop.ray_session import output_folder, start_ray, storage_location
 from blockdrop.stages import StageConfig
-from blockdrop.tracking import Tracker
+from blockdrop.tracking import Tracker, budget_points
 
 TRIAL_TAG = "blockdrop.trial"
 
@@ -75,25 +75,39 @@ class SweepSettings:
     execution: str
     eval_every: int
     reference: dict  # the user's ResNet
+    init_gamma: float = -1.0  # --init's policy's gamma: a budget model's, which budgets replace
     teacher_ref: object = None  # its models, whose soft labels the depth policy's finetune learns from
 
 
+def trial_of(config: dict) -> dict:
+    """A trial's settings from Tune's config: {"gamma", "budget_range", "lr"} (a grid's config nests the first
+    two under "trial"; Optuna's and older sweeps' name a gamma)."""
+    return {"gamma": None, "budget_range": None} | config.get("trial", {}) | {
+        k: v for k, v in config.items() if k != "trial"}
+
+
 def run_trial(config: dict, sweep: SweepSettings) -> None:
-    """A Tune trial: one finetune run on Ray Train, tracked as a child of the sweep's MLflow run."""
-    s = sweep
-    gamma, lr = float(config["gamma"]), float(config["lr"])
-    key = trial_key(gamma, lr)
+    """A Tune trial: one finetune run on Ray Train, tracked as a child of the sweep's MLflow run: at a gamma,
+    or a budget model (its ResNet finetuned under mean budgets drawn from a range; its curve on the run)."""
+    s, trial = sweep, trial_of(config)
+    lr, budgets = float(trial["lr"]), trial["budget_range"]
+    gamma = s.init_gamma if budgets is not None else float(trial["gamma"])
+    key = trial_key(trial)
     tracker = Tracker(s.mlflow_uri, s.experiment, source=s.source)
-    params = {"preset": s.preset, "stage": "finetune", "gamma": gamma, "lr": lr, "policy_lr": s.policy_lr or lr,
-              "epochs": s.epochs, "batch_size": s.batch_size, "workers": s.workers, "init": s.init_label,
-              "train_execution": s.execution}
+    what = ({"budget_range": ",".join(f"{b:g}" for b in budgets), "policy": "budget"} if budgets is not None
+            else {"gamma": gamma})
+    params = {"preset": s.preset, "stage": "finetune"} | what | {
+        "lr": lr, "policy_lr": s.policy_lr or lr, "epochs": s.epochs, "batch_size": s.batch_size, "workers": s.workers,
+        "init": s.init_label, "train_execution": s.execution}
     # the run's name says what differs between trials (the sweep's name is the parent's)
-    run_id, _ = tracker.job_run(f"{s.name}/{key}", f"gamma={gamma:g} lr={lr:g}", params, parent_id=s.parent_id)
+    title = (f"budgets {budgets[0]:g}-{budgets[1]:g} lr={lr:g}" if budgets is not None else f"gamma={gamma:g} lr={lr:g}")
+    run_id, _ = tracker.job_run(f"{s.name}/{key}", title, params, parent_id=s.parent_id)
     tracker.set_tag(run_id, TRIAL_TAG, key)
     cfg = StageConfig(preset=s.preset, stage="finetune", epochs=s.epochs, batch_size=s.batch_size, lr=lr,
                       weight_decay=s.weight_decay, gamma=gamma, drop_rate=0.0, dataset=s.dataset, data_dir=s.data_dir,
                       policy_lr=s.policy_lr, max_bad_images=s.max_bad_images, execution=s.execution,
-                      eval_every=s.eval_every, reference=s.reference)
+                      eval_every=s.eval_every, reference=s.reference, budget_range=budgets,
+                      budget=None if budgets is None else (budgets[0] + budgets[1]) / 2)
     try:
         checkpoint = run_stage(cfg, s.init_ref, s.workers, s.gpu, f"{s.name}-{key}", s.storage_path, max_failures=1,
                                callbacks=[tracker.epoch_logger(run_id), TuneReportCallback()], teacher_ref=s.teacher_ref)
@@ -107,7 +121,7 @@ def run_trial(config: dict, sweep: SweepSettings) -> None:
             tracker.log_metrics(run_id, comparison.metrics(), step=0)
         test = load_dataset(preset, "test", s.dataset, s.data_dir)
         report, _ = tracker.publish(run_id, checkpoint, trained, preset, input_example(preset, test),
-                                    {"preset": preset.name, "gamma": gamma, "lr": lr, "policy_lr": s.policy_lr or lr},
+                                    {"preset": preset.name, "lr": lr, "policy_lr": s.policy_lr or lr} | what,
                                     final=lambda r: {f"final_{k}": v for k, v in trial_result(r).items()})
         tracker.finish(run_id, ok=True)
     except BaseException:
@@ -139,32 +153,57 @@ class Progress(Callback):
         self.done += 1
         result = trial.last_result or {}
         if "test_accuracy" in result:
-            key = trial_key(trial.config["gamma"], trial.config["lr"])
+            key = trial_key(trial_of(trial.config))
             self.best.append((key, result["test_accuracy"], result["flops_per_image"]))
         print(self._line(trials, trial), file=sys.stderr, flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.failed += 1
-        print(f"[sweep] trial {trial_key(trial.config['gamma'], trial.config['lr'])} failed", file=sys.stderr)
+        print(f"[sweep] trial {trial_key(trial_of(trial.config))} failed", file=sys.stderr)
         print(self._line(trials, trial), file=sys.stderr, flush=True)
 
 
 def collect_front(tracker: Tracker, parent_id: str, reference: Point) -> tuple[list[Point], list[Point]]:
-    """The finished trials (child runs with final metrics) and their front."""
+    """The finished trials' points (child runs with final metrics; a budget model's run: a point per budget
+    of its curve) and their front."""
     points = []
     for run in tracker.children(parent_id):
-        m = run.data.metrics
+        m, params = run.data.metrics, run.data.params
         if run.info.status != "FINISHED" or "final_test_accuracy" not in m:
             continue
-        gamma, lr = float(run.data.params["gamma"]), float(run.data.params["lr"])
-        info = {"gamma": gamma, "lr": lr, "accuracy": m["final_test_accuracy"], "flops": m["final_flops_per_image"],
-                "speedup": m["final_speedup"], "blocks": m["final_blocks_used"],
-                "unique_policies": m.get("final_unique_policies"), "run_id": run.info.run_id}
-        static = {k: v for k, v in m.items() if k.startswith("baseline_") and k.endswith("_accuracy")}
-        if static and "gain_over_static" in m:  # the trial's own comparison, on its own finetuned ResNet
-            info |= {"best_static_accuracy": max(static.values()), "gain_over_static": m["gain_over_static"]}
-        points.append(Point(m["final_test_accuracy"], m["final_flops_per_image"], f"g={gamma:g}", info))
+        points += budget_trial_points(run) if "budget_range" in params else [gamma_trial_point(run)]
     return points, pareto_front(points)
+
+
+def gamma_trial_point(run) -> Point:
+    """A per-gamma trial's model, one point."""
+    m = run.data.metrics
+    gamma, lr = float(run.data.params["gamma"]), float(run.data.params["lr"])
+    info = {"gamma": gamma, "lr": lr, "accuracy": m["final_test_accuracy"], "flops": m["final_flops_per_image"],
+            "speedup": m["final_speedup"], "blocks": m["final_blocks_used"],
+            "unique_policies": m.get("final_unique_policies"), "run_id": run.info.run_id, "key": run.info.run_id}
+    static = {k: v for k, v in m.items() if k.startswith("baseline_") and k.endswith("_accuracy")}
+    if static and "gain_over_static" in m:  # the trial's own comparison, on its own finetuned ResNet
+        info |= {"best_static_accuracy": max(static.values()), "gain_over_static": m["gain_over_static"]}
+    return Point(m["final_test_accuracy"], m["final_flops_per_image"], f"g={gamma:g}", info)
+
+
+def budget_trial_points(run) -> list[Point]:
+    """A budget model's curve (its run's budget_B_* metrics: blockdrop.distributed.Worker.curve), a point per
+    budget; the full model's FLOPs per image from its final speedup."""
+    m = run.data.metrics
+    full = m["final_flops_per_image"] * m["final_speedup"]
+    low, high = (float(v) for v in run.data.params["budget_range"].split(","))
+    points = []
+    for c in budget_points(m):
+        if "test_accuracy" not in c:
+            continue
+        info = {"budget_range": f"{low:g}-{high:g}", "budget": c["budget"], "lr": float(run.data.params["lr"]),
+                "accuracy": c["test_accuracy"], "flops": c["flops_per_image"], "speedup": full / c["flops_per_image"],
+                "blocks": c["blocks_used"], "spent": c.get("spent"), "unique_policies": None,
+                "run_id": run.info.run_id, "key": f"{run.info.run_id}@{c['budget']:.2f}"}
+        points.append(Point(c["test_accuracy"], c["flops_per_image"], f"b={c['budget']:.2f}", info))
+    return points
 
 
 def front_gain(front: list[Point]) -> dict[str, float]:
@@ -183,23 +222,25 @@ def publish_front(tracker: Tracker, parent_id: str, points: list[Point], front: 
     """Tags, plot, table, metrics and registered models of the front; returns the table rows.
     `curves`: the image-blind baselines on --init's ResNet (name -> CurvePoints), drawn and kept."""
     on_front = {p.info["run_id"] for p in front}
-    for p in points:
-        tracker.set_tag(p.info["run_id"], "pareto_optimal", str(p.info["run_id"] in on_front).lower())
+    for run_id in {p.info["run_id"] for p in points}:  # a budget model's run: on it when one of its points is
+        tracker.set_tag(run_id, "pareto_optimal", str(run_id in on_front).lower())
     rows = [p.info for p in front]
     gain = front_gain(front)
     # the sweep's result on its own run: how many points, the best of each axis, and the front as a table
-    summary = {"trials_finished": len(points), "pareto_points": len(front),
+    summary = {"trials_finished": len({p.info["run_id"] for p in points}), "points": len(points),
+               "pareto_points": len(front),
                "best_accuracy": max(p.accuracy for p in points), "lowest_flops_per_image": min(p.flops for p in points),
                "best_speedup": max(p.info["speedup"] for p in points),
                "reference_accuracy": reference.accuracy, "full_model_accuracy": reference.info["init_resnet_accuracy"],
                "full_model_flops_per_image": reference.flops}
     tracker.log_metrics(parent_id, summary | gain, step=0)
-    columns = ["gamma", "lr", "accuracy", "flops", "speedup", "blocks", "unique_policies", "gain_over_static",
+    columns = ["gamma", "budget_range", "budget", "lr", "accuracy", "flops", "speedup", "blocks", "unique_policies", "gain_over_static",
                "gain_over_pruning", "gain_over_pruning_low", "gain_over_pruning_high", "run_id"]
     tracker.log_table(parent_id, pd.DataFrame([{k: r.get(k) for k in columns} for r in sorted(
         rows, key=lambda r: r["flops"])]), "pareto/front_table.json")
     with tempfile.TemporaryDirectory() as folder:
-        plot = plot_front(points, front, Path(folder) / "pareto_front.png", reference=reference, curves=curves)
+        plot = plot_front(points, front, Path(folder) / "pareto_front.png", reference=reference, curves=curves,
+                          lines=budget_lines(points))
         tracker.log_artifact(parent_id, plot, "pareto")
         table = Path(folder) / "pareto_front.json"
         baselines = {name: [asdict(c) for c in curve] for name, curve in (curves or {}).items() if name != PRUNED}
@@ -209,6 +250,15 @@ def publish_front(tracker: Tracker, parent_id: str, points: list[Point], front: 
         tracker.log_artifact(parent_id, table, "pareto")
     register(tracker, front, model_name, preset)
     return rows
+
+
+def budget_lines(points: list[Point]) -> dict[str, list[Point]]:
+    """Each budget model's curve, to draw as a line: {label: its points}."""
+    lines: dict[str, list[Point]] = {}
+    for p in points:
+        if "budget" in p.info:
+            lines.setdefault(f"budget model {p.info['budget_range']}, lr {p.info['lr']:g}", []).append(p)
+    return lines
 
 
 def recommend(front: list[Point], name: str) -> str:
@@ -226,24 +276,42 @@ def recommend(front: list[Point], name: str) -> str:
 
 
 def register(tracker: Tracker, front: list[Point], model_name: str, preset: str) -> None:
-    """Every front point a version of `model_name`, described; the aliases most_accurate and fastest."""
-    versions = {}
+    """Every model on the front a version of `model_name`, described (a budget model once, for all its points
+    on the front: one model serves its curve); the aliases most_accurate and fastest, and `budget` for the
+    budget model with the most points on the front."""
     by_flops = sorted(front, key=lambda p: p.flops)
     most_accurate = max(front, key=lambda p: p.accuracy)
-    for p in front:
-        i = by_flops.index(p)
-        role = " (fastest)" if i == 0 else ""
-        role += " (most accurate)" if p is most_accurate else ""
-        description = (f"Pareto point {i + 1} of {len(front)} by FLOPs{role}: accuracy {p.accuracy:.4f} at "
-                       f"{p.flops:.3E} FLOPs/img ({p.info['speedup']:.2f}x fewer than the full model), "
-                       f"{p.info['blocks']:.2f} blocks per image; finetuned with gamma {p.info['gamma']:g}, "
-                       f"lr {p.info['lr']:g}.")
-        tags = {"gamma": p.info["gamma"], "lr": p.info["lr"], "preset": preset,
-                "accuracy": p.accuracy, "flops_per_image": p.flops, "speedup": p.info["speedup"],
-                "blocks_used": p.info["blocks"], "front_position": f"{i + 1}/{len(front)}"}
-        versions[p.info["run_id"]] = tracker.register(model_name, p.info["run_id"], tags, description)
+    models: dict[str, list[Point]] = {}
+    for p in by_flops:
+        models.setdefault(p.info["run_id"], []).append(p)
+    versions = {}
+    for i, (run_id, owned) in enumerate(models.items()):
+        positions = [by_flops.index(p) + 1 for p in owned]
+        role = " (fastest)" if by_flops[0] in owned else ""
+        role += " (most accurate)" if most_accurate in owned else ""
+        first, best = owned[0], max(owned, key=lambda p: p.accuracy)
+        tags = {"preset": preset, "lr": first.info["lr"], "accuracy": best.accuracy, "flops_per_image": best.flops,
+                "speedup": best.info["speedup"], "blocks_used": best.info["blocks"],
+                "front_position": ",".join(f"{k}/{len(front)}" for k in positions)}
+        if "budget" in first.info:
+            points = "; ".join(f"budget {p.info['budget']:.2f}: {p.accuracy:.4f} at {p.flops:.3E}" for p in owned)
+            description = (f"Budget model{role}: one model for every budget, its ResNet finetuned under mean budgets "
+                           f"drawn from {first.info['budget_range']} of the full model's FLOPs (lr {first.info['lr']:g}); "
+                           f"{len(owned)} of the front's {len(front)} points: {points}. Serve it with a budget per "
+                           "request (mean_flops, max_flops).")
+            tags |= {"policy": "budget", "budget_range": first.info["budget_range"], "front_points": len(owned)}
+        else:
+            description = (f"Pareto point {positions[0]} of {len(front)} by FLOPs{role}: accuracy {first.accuracy:.4f} "
+                           f"at {first.flops:.3E} FLOPs/img ({first.info['speedup']:.2f}x fewer than the full model), "
+                           f"{first.info['blocks']:.2f} blocks per image; finetuned with gamma {first.info['gamma']:g}, "
+                           f"lr {first.info['lr']:g}.")
+            tags |= {"gamma": first.info["gamma"]}
+        versions[run_id] = tracker.register(model_name, run_id, tags, description)
     tracker.set_alias(model_name, "most_accurate", versions[most_accurate.info["run_id"]])
     tracker.set_alias(model_name, "fastest", versions[by_flops[0].info["run_id"]])
+    budget_models = [run_id for run_id, owned in models.items() if "budget" in owned[0].info]
+    if budget_models:
+        tracker.set_alias(model_name, "budget", versions[max(budget_models, key=lambda r: len(models[r]))])
 
 
 def prune_front(plan: SweepPlan, args: argparse.Namespace, tracker: Tracker, parent_id: str, name: str,
@@ -262,17 +330,25 @@ def prune_front(plan: SweepPlan, args: argparse.Namespace, tracker: Tracker, par
     pruned = prune_baseline(preset, runs, payloads, settings.reference, [p.flops for p in front], steps, seconds)
     if not pruned:
         return None
-    learned = []
-    for p in front:
-        trained = read_checkpoint(tracker.checkpoint(p.info["run_id"]))
-        learned.append((p.info["run_id"], {"backbone": trained.backbone, "policy": trained.policy}))
+    models, learned = {}, []
+    for p in front:  # a budget model once, at each of its budgets on the front
+        run_id = p.info["run_id"]
+        if run_id not in models:
+            trained = read_checkpoint(tracker.checkpoint(run_id))
+            models[run_id] = ray.put({"backbone": trained.backbone, "policy": trained.policy})
+        learned.append((p.info["key"], models[run_id], p.info.get("budget")))
     result = versus_pruned_remotely(preset.name, learned, pruned, args.dataset, settings.data_dir, args.gpu)
     for p in front:
-        v = result["versus"][p.info["run_id"]]
+        v = result["versus"][p.info["key"]]
         gain = {"gain_over_pruning": v["interval"]["difference"], "gain_over_pruning_low": v["interval"]["low"],
                 "gain_over_pruning_high": v["interval"]["high"]}
         p.info.update(gain | {"pruned_accuracy": v["accuracy"]})  # Point is frozen, its info a dict
-        tracker.log_metrics(p.info["run_id"], gain | {"baseline_prune_finetune_accuracy": v["accuracy"]}, step=0)
+        figures = gain | {"baseline_prune_finetune_accuracy": v["accuracy"]}
+        if "budget" in p.info:  # a budget model's: along its curve, the budget in percent as the step
+            tracker.log_metrics(p.info["run_id"], {f"curve_{k}": x for k, x in figures.items()},
+                                step=int(round(100 * p.info["budget"])))
+        else:
+            tracker.log_metrics(p.info["run_id"], figures, step=0)
     return [CurvePoint(**c) for c in result["curve"]]
 
 
@@ -308,7 +384,7 @@ def make_tuner(args: argparse.Namespace, plan: SweepPlan, settings: SweepSetting
     if args.resume:
         print(f"note: no Tune state at {path}; starting the sweep", file=sys.stderr)
     if args.num_samples is None:
-        space = {"gamma": tune.grid_search(args.penalties), "lr": tune.grid_search(plan.lrs)}
+        space = {"trial": tune.grid_search(plan.trials(args.penalties)), "lr": tune.grid_search(plan.lrs)}
         tune_config = tune.TuneConfig(max_concurrent_trials=args.max_concurrent)
     else:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -337,17 +413,21 @@ def fit(tuner: tune.Tuner, name: str) -> int:
 def print_front(name: str, points: list[Point], failed: int, front: list[Point], rows: list[dict],
                 reference: Point) -> None:
     """The front as a table, each point against the image-blind policies and prune-and-finetune."""
-    print(f"\n{name}: {len(points)} trials finished, {failed} failed; Pareto front "
+    trials = len({p.info["run_id"] for p in points})
+    curves = f" ({len(points)} points: a budget model is a point per budget)" if len(points) > trials else ""
+    print(f"\n{name}: {trials} trials finished{curves}, {failed} failed; Pareto front "
           f"(the reference, {reference.label}: accuracy {reference.accuracy:.3f}, FLOPs {reference.flops:.2E}; "
           f"--init's ResNet, all blocks: {reference.info['init_resnet_accuracy']:.3f}):")
-    print(f"{'gamma':>8} {'lr':>8} {'accuracy':>9} {'FLOPs/img':>10} {'speedup':>8} {'blocks':>7} {'policies':>8} "
+    print(f"{'model':>14} {'lr':>8} {'accuracy':>9} {'FLOPs/img':>10} {'speedup':>8} {'blocks':>7} {'policies':>8} "
           f"{'vs static':>9} {'vs prune and finetune':>27}  run")
     for r in rows:
+        model = f"{r['budget_range']} @{r['budget']:.2f}" if "budget" in r else f"gamma {r['gamma']:g}"
+        policies = "-" if r.get("unique_policies") is None else f"{r['unique_policies']:.0f}"
         gain = f"{100 * r['gain_over_static']:+8.2f}p" if "gain_over_static" in r else f"{'-':>9}"
         pruned = (f"{100 * r['gain_over_pruning']:+.2f} [{100 * r['gain_over_pruning_low']:+.2f}, "
                   f"{100 * r['gain_over_pruning_high']:+.2f}]" if "gain_over_pruning" in r else "-")
-        print(f"{r['gamma']:>8g} {r['lr']:>8g} {r['accuracy']:>9.3f} {r['flops']:>10.2E} {r['speedup']:>7.2f}x "
-              f"{r['blocks']:>7.2f} {r['unique_policies'] or 0:>8.0f} {gain} {pruned:>27}  {r['run_id']}")
+        print(f"{model:>14} {r['lr']:>8g} {r['accuracy']:>9.3f} {r['flops']:>10.2E} {r['speedup']:>7.2f}x "
+              f"{r['blocks']:>7.2f} {policies:>8} {gain} {pruned:>27}  {r['run_id']}")
     gain = front_gain(front)
     if "front_gain_over_static" in gain:
         print(f"vs static: accuracy minus the best image-blind policy's at the same FLOPs, on the model's own ResNet "
@@ -368,7 +448,7 @@ def settings_of(args: argparse.Namespace, plan: SweepPlan, name: str, uri: str, 
         experiment=args.experiment, parent_id=parent_id, source=tracker.source,
         init_ref=payloads.put(plan.init, plan.backbone, plan.policy), init_label=args.init, storage_path=storage,
         max_bad_images=args.max_bad_images, execution=args.train_execution, eval_every=args.eval_every,
-        reference=user,
+        reference=user, init_gamma=float(plan.policy.gamma) if plan.depth else -1.0,
         teacher_ref=payloads.user_resnet(user, "finetuning on the labels alone") if plan.depth else None)
 
 
@@ -387,6 +467,7 @@ def run(args: argparse.Namespace, plan: SweepPlan) -> None:
         "preset": preset.name, "init": args.init, "search": "grid" if args.num_samples is None else "optuna",
         "epochs": plan.epochs, "batch_size": plan.batch_size, "policy_lr": plan.policy_lr or "lr",
         "workers_per_trial": args.workers_per_trial, "penalties": ",".join(map(str, args.penalties or [])),
+        "budget_ranges": " ".join(",".join(f"{b:g}" for b in r) for r in plan.budget_ranges),
         "lrs": ",".join(map(str, plan.lrs))})
     print(f"{'continuing' if resumed else 'started'} sweep {name}: MLflow {tracker.run_url(parent_id)}", file=sys.stderr)
     try:  # whatever stops the sweep (an error, Ctrl-C), its parent run does not stay RUNNING
@@ -418,6 +499,8 @@ def run(args: argparse.Namespace, plan: SweepPlan) -> None:
         tracker.finish(parent_id, ok=False)
         raise
     print_front(name, points, failed, front, rows, reference)
-    print(f"\nregistered as {model_name} (aliases most_accurate, fastest): models:/{model_name}@most_accurate")
+    budget = any("budget" in p.info for p in front)
+    print(f"\nregistered as {model_name} (aliases most_accurate, fastest{', budget' if budget else ''}): "
+          f"models:/{model_name}@{'budget' if budget else 'most_accurate'}")
     print(f"MLflow: {tracker.run_url(parent_id)}")
     print(f"the front in MLflow's UI (accuracy vs FLOPs, a point per trial): {view}")

@@ -337,14 +337,126 @@ def test_the_served_budget_model_answers_each_request_at_its_budget_as_evaluate_
         assert status == 200 and meta["models"][0]["budget_model"] is True
 
 
-def test_a_sweep_from_a_budget_model_is_refused_with_what_to_do_instead(budget_file, tmp_path, monkeypatch):
+def test_a_sweep_plans_budget_models_next_to_gammas_from_a_depth_checkpoint_and_refuses_bad_ranges(
+        budget_file, tmp_path, monkeypatch):
     from blockdrop.errors import UserError
-    from blockdrop.parsers.sweep import parse_args
+    from blockdrop.parsers.sweep import parse_args, trial_key
     from blockdrop.plans import plan_sweep
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match="holds a budget policy.*train_job.py --policy budget"):
-        plan_sweep(parse_args(["--init", str(budget_file), "--penalties", "-1,-5"]))
+    plan = plan_sweep(parse_args(["--init", str(budget_file), "--penalties", "-1,-5", "--budget-ranges", "0.2,1",
+                                  "0.1,0.6", "--lrs", "0.01"]))
+    trials = plan.trials([-1.0, -5.0])
+    assert [trial_key(t | {"lr": 0.01}) for t in trials] == [
+        "gamma=-1,lr=0.01", "gamma=-5,lr=0.01", "budget=0.2-1,lr=0.01", "budget=0.1-0.6,lr=0.01"]
+    assert plan.depth and plan.budget_ranges == [[0.2, 1.0], [0.1, 0.6]]
+    for args, message in ((["--budget-ranges", "0.6,0.2"], "goes from low to high"),
+                          (["--budget-ranges", "0,0.5"], "low end must be a share"),
+                          (["--budget-ranges", "0.2,1", "0.20,1.0"], "lists 0.2-1 more than once"),
+                          (["--budget-ranges", "0.2,1", "--num-samples", "4"], "give one"),
+                          (["--budget-ranges", "x"], None)):
+        if message is None:  # argparse's own refusal: exit 2 with the form expected
+            with pytest.raises(SystemExit):
+                parse_args(["--init", str(budget_file), *args])
+            continue
+        with pytest.raises(UserError, match=message):
+            plan_sweep(parse_args(["--init", str(budget_file), *args]))
+
+
+def test_a_depth_checkpoint_becomes_a_budget_policy_and_a_budget_one_a_depth_policy(budget_file):
+    """Both kinds of trial start from either checkpoint: the network and keep order are the same."""
+    from blockdrop.checkpoints import read_checkpoint
+    from blockdrop.models.resnet import BudgetPolicy, DepthPolicy, depth_state
+    from blockdrop.presets import get_preset
+    from blockdrop.stages import StageConfig, setup_stage
+
+    preset = get_preset(PRESET)
+    saved = read_checkpoint(budget_file)
+    init = {"backbone": saved.backbone, "policy": saved.policy}
+    cfg = dict(preset=PRESET, stage="finetune", epochs=1, batch_size=8, lr=0.01, weight_decay=0.0, gamma=-3.0,
+               drop_rate=0.0, dataset=None, data_dir=None)
+    as_depth, _, _ = setup_stage(StageConfig(**cfg), preset, init, None, torch.device("cpu"))
+    assert type(as_depth.policy) is DepthPolicy and float(as_depth.policy.gamma) == -3.0
+    depth_init = {"backbone": saved.backbone, "policy": depth_state(saved.policy)}
+    as_budget, _, _ = setup_stage(StageConfig(**cfg, budget_range=[0.2, 0.8], budget=0.5), preset, depth_init, None,
+                                  torch.device("cpu"))
+    assert isinstance(as_budget.policy, BudgetPolicy) and float(as_budget.policy.budget) == 0.5
+    assert float(as_budget.policy.base) > 0  # set from the cost model; its table waits for the first epoch
+    for key, value in depth_init["policy"].items():  # the network and keep order (gamma: the stage's)
+        assert key == "gamma" or torch.equal(as_budget.policy.state_dict()[key].cpu(), value), key
+
+
+def test_a_budget_sweeps_front_takes_every_point_of_every_curve_and_registers_each_model_once(tmp_path):
+    """Trials as a sweep leaves them in a real MLflow store: two per-gamma models and a budget model's curve;
+    the front, its tags, Pareto JSON, plot and registered versions."""
+    from blockdrop.pareto import Point
+    from blockdrop.sweep import collect_front, publish_front
+    from blockdrop.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "budget-sweep")
+    parent, _ = tracker.job_run("s", "s", {"preset": PRESET})
+    full = 6e6
+
+    def trial(key, params, metrics):
+        run_id, _ = tracker.job_run(f"s/{key}", key, params | {"lr": 0.01}, parent_id=parent)
+        tracker.log_metrics(run_id, metrics, step=1)
+        tracker.finish(run_id, ok=True)
+        return run_id
+
+    def final(acc, flops):
+        return {"final_test_accuracy": acc, "final_flops_per_image": flops, "final_speedup": full / flops,
+                "final_blocks_used": flops / 5e5, "final_unique_policies": 3.0}
+
+    dominated = trial("gamma=-5", {"gamma": -5}, final(0.95, 3e6))
+    accurate = trial("gamma=-0.5", {"gamma": -0.5}, final(0.99, 5.5e6))
+    curve = {f"budget_{b:.2f}_{k}": v for b, acc, spent in ((0.2, 0.90, 0.2), (0.5, 0.96, 0.5), (1.0, 0.97, 0.8))
+             for k, v in (("test_accuracy", acc), ("flops_per_image", spent * full), ("blocks_used", 10 * spent),
+                          ("spent", spent))}
+    budget = trial("budget=0.2-1", {"budget_range": "0.2,1"}, final(0.96, 3e6) | curve)
+    reference = Point(0.99, full, "your ResNet", {"init_resnet_accuracy": 0.99, "flops": full, "speedup": 1.0})
+    points, front = collect_front(tracker, parent, reference)
+    assert len(points) == 5 and len(front) == 4
+    assert [(p.info["run_id"], p.info.get("budget")) for p in front] == [
+        (budget, 0.2), (budget, 0.5), (budget, 1.0), (accurate, None)]
+    rows = publish_front(tracker, parent, points, front, reference, "front-model", PRESET)
+    assert [r.get("budget_range") for r in rows] == ["0.2-1"] * 3 + [None]
+    client = tracker.client
+    tags = {r: client.get_run(r).data.tags["pareto_optimal"] for r in (dominated, accurate, budget)}
+    assert tags == {dominated: "false", accurate: "true", budget: "true"}
+    versions = client.search_model_versions("name = 'front-model'")
+    assert sorted(v.run_id for v in versions) == sorted([accurate, budget])  # the curve: one version
+    by_alias = {a: client.get_model_version_by_alias("front-model", a).run_id for a in ("budget", "fastest",
+                                                                                         "most_accurate")}
+    assert by_alias == {"budget": budget, "fastest": budget, "most_accurate": accurate}
+    mine = next(v for v in versions if v.run_id == budget)
+    assert mine.tags["front_points"] == "3" and "one model for every budget" in mine.description
+    table = json.loads(Path(client.download_artifacts(parent, "pareto/pareto_front.json", str(tmp_path))).read_text())
+    assert len(table["trials"]) == 5 and [r.get("budget") for r in table["front"]] == [0.2, 0.5, 1.0, None]
+    assert "pareto/pareto_front.png" in {a.path for a in client.list_artifacts(parent, "pareto")}
+    assert client.get_run(parent).data.metrics["trials_finished"] == 3
+
+
+def test_a_budget_model_meets_prune_and_finetune_at_each_of_its_budgets(budget_file):
+    """The sweep's paired comparison with pruning, at each front point's own budget."""
+    from blockdrop import inference
+    from blockdrop.checkpoints import read_checkpoint
+    from blockdrop.data import load_dataset
+    from blockdrop.distributed import _versus_pruned_task
+    from blockdrop.metrics import tally
+
+    saved = read_checkpoint(budget_file)
+    payload = {"backbone": saved.backbone, "policy": saved.policy}
+    rows = [[1] * 4 + [0] * 8, [1] * 12]
+    pruned = [(sum(r), saved.backbone, r) for r in rows]
+    out = _versus_pruned_task(PRESET, [("m@0.30", payload, 0.3), ("m@0.90", payload, 0.9), ("m", payload, None)],
+                              pruned, None, None)
+    assert set(out["versus"]) == {"m@0.30", "m@0.90", "m"} and len(out["curve"]) == 2
+    model = inference.load(budget_file)
+    test = DataLoader(load_dataset(model.preset, "test"), batch_size=256)
+    for key, budget in (("m@0.30", 0.3), ("m@0.90", 0.9), ("m", None)):  # each point's own accuracy, paired
+        v = out["versus"][key]
+        learned = tally(model.backbone, model.policy, test, model.costs, torch.device("cpu"), budget=budget)
+        assert v["interval"]["difference"] == pytest.approx(learned.report(model.costs.full).accuracy - v["accuracy"])
 
 
 @pytest.mark.parametrize("args, message", [

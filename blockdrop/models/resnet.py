@@ -273,3 +273,18 @@ class BudgetPolicy(DepthPolicy):
         if scores:
             return self.scores(x)
         return self.rows_at(x)
+
+    def fit_state(self, state: dict) -> dict:
+        """A depth policy's state dict (a depth job's checkpoint) as this one's: its spending table empty
+        until the first calibration (a finetune measures it every epoch)."""
+        own = self.state_dict()
+        return dict(state) | {k: own[k] for k in BUDGET_BUFFERS if k not in state}
+
+
+# what a budget policy holds beyond a depth policy's state: a depth policy loads a budget policy's state without them
+BUDGET_BUFFERS = ("prices", "spend", "base", "budget")
+
+
+def depth_state(state: dict) -> dict:
+    """A budget policy's state dict as a depth policy's (the same network and keep order)."""
+    return {k: v for k, v in state.items() if k not in BUDGET_BUFFERS}

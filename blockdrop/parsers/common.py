@@ -2,9 +2,33 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from blockdrop.choices import DATASETS, TRAIN_EXECUTIONS, add_unreadable_flag
 from blockdrop.errors import UserError
+
+
+def budget_range(text: str) -> tuple[float, float]:
+    """LOW,HIGH: the mean budgets a budget policy's finetune draws from (checked by check_budget_range)."""
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (shares of the full ResNet's FLOPs, e.g. 0.2,1.0), "
+                                         f"not {text!r}") from None
+    return low, high
+
+
+def check_budget_range(flag: str, low: float, high: float) -> None:
+    """A budget range: shares of the full ResNet's FLOPs in (0, 1], low before high."""
+    for what, value in ((f"{flag}'s low end", low), (f"{flag}'s high end", high)):
+        check_share(what, value)
+    if not low < high:
+        raise UserError(f"{flag} goes from low to high, not {low:g},{high:g}")
+
+
+def check_share(what: str, value: float) -> None:
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise UserError(f"{what} must be a share of the full ResNet's FLOPs in (0, 1] (0.25: 4x faster), not {value:g}")
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:

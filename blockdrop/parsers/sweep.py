@@ -7,7 +7,8 @@ import sys
 
 from blockdrop.choices import PRESET_NAMES, check_preset_name, check_unreadable_share
 from blockdrop.errors import UserError
-from blockdrop.parsers.common import add_cluster_args, add_training_args, check_training_args
+from blockdrop.parsers.common import (add_cluster_args, add_training_args, budget_range, check_budget_range,
+                                     check_training_args)
 
 
 def float_list(text: str) -> list[float]:
@@ -24,10 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sweep the penalty gamma (and the learning rate) of the finetuning stage on Ray Tune, starting\n"
                     "every trial from one checkpoint of the stage before it (depth policy: NAME-depth.pt; BlockDrop's\n"
                     "policy: NAME-curriculum.pt), and put the accuracy-vs-FLOPs Pareto\n"
-                    "front into MLflow: a parent run per sweep, a child run per trial, the front's models registered.",
+                    "front into MLflow: a parent run per sweep, a child run per trial, the front's models registered.\n"
+                    "From a depth checkpoint, --budget-ranges adds budget models (one model for every budget, its\n"
+                    "ResNet finetuned under mean budgets drawn from the range): each such trial is a whole curve,\n"
+                    "and the front is taken over every point of every trial.",
         epilog="Examples:\n"
                "  python tune_penalty.py --init checkpoints/JOB-depth.pt --penalties -5,-20,-100 --epochs 10\n"
                "  python tune_penalty.py --init runs:/<run id>/checkpoint --num-samples 12   # Optuna proposes gammas\n"
+               "  python tune_penalty.py --init checkpoints/JOB-depth.pt --budget-ranges 0.2,1.0 0.1,0.6 --lrs 0.01,0.03\n"
+               "  python tune_penalty.py --init checkpoints/JOB-depth.pt --penalties -5,-20 --budget-ranges 0.2,1.0\n"
                "  python tune_penalty.py ... --name my-sweep --resume                       # after an interruption",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -37,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(runs:/<id>/checkpoint/<file>)")
     parser.add_argument("--penalties", type=float_list, help="grid of gammas, negative (e.g. -5,-20,-100 for the depth "
                                                                  "policy, -1,-2,-5,-10 for BlockDrop's)")
+    parser.add_argument("--budget-ranges", type=budget_range, nargs="+", metavar="LOW,HIGH",
+                        help="budget models, one trial per range (and lr): the mean budgets, shares of the full "
+                             "ResNet's FLOPs, that its finetune draws from; each trial's curve (accuracy at 14 "
+                             "budgets) joins the front. Needs a depth policy's checkpoint (JOB-depth.pt of --policy "
+                             "depth or budget); its policy network stays as trained, so --policy-lr does not apply")
     parser.add_argument("--lrs", type=float_list, help="grid of learning rates (default: the preset's finetune lr)")
     parser.add_argument("--num-samples", type=int, help="instead of a gamma grid: this many trials whose gammas "
                                                         "Optuna's multi-objective sampler proposes in [--gamma-range]")
@@ -69,9 +80,16 @@ def grid_value(value: float) -> str:
     return f"{value:g}"
 
 
-def trial_key(gamma: float, lr: float) -> str:
-    """A sweep trial's name (Ray Tune's trial and the MLflow run's key)."""
-    return f"gamma={grid_value(gamma)},lr={grid_value(lr)}"
+def range_value(low: float, high: float) -> str:
+    return f"{grid_value(low)}-{grid_value(high)}"
+
+
+def trial_key(config: dict) -> str:
+    """A sweep trial's name (Ray Tune's trial and the MLflow run's key), from its config: a gamma or a
+    budget range, and an lr."""
+    budgets = config.get("budget_range")
+    what = f"budget={range_value(*budgets)}" if budgets is not None else f"gamma={grid_value(config['gamma'])}"
+    return f"{what},lr={grid_value(config['lr'])}"
 
 
 def check_distinct(flag: str, values: list[float]) -> None:
@@ -104,13 +122,17 @@ def check_flags(args: argparse.Namespace) -> None:
     check_preset_name(args.preset)
     check_training_args(args)
     if args.num_samples is None:
-        if not args.penalties:
-            raise UserError("give a grid of gammas (--penalties -1,-2,-5) or --num-samples N for a search")
-        bad = [g for g in args.penalties if not (g < 0 and math.isfinite(g))]
+        if not args.penalties and not args.budget_ranges:
+            raise UserError("give a grid of gammas (--penalties -1,-2,-5), budget ranges (--budget-ranges 0.2,1.0) "
+                            "or --num-samples N for a search of gammas")
+        bad = [g for g in args.penalties or [] if not (g < 0 and math.isfinite(g))]
         if bad:
             raise UserError(f"--penalties must all be negative numbers (the reward of a misclassified image): {bad}")
     elif args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, not {args.num_samples}")
+    elif args.budget_ranges:
+        raise UserError("--budget-ranges is a grid (a trial per range and lr), --num-samples a search of gammas: "
+                        "give one")
     elif args.penalties:
         raise UserError("--num-samples (Optuna proposes gammas in --gamma-range) and --penalties (a grid of gammas) "
                         "exclude each other: give one")
@@ -128,6 +150,12 @@ def check_flags(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     for flag, values in (("--penalties", args.penalties), ("--lrs", args.lrs)):
         check_distinct(flag, values or [])
+    for low, high in args.budget_ranges or []:
+        check_budget_range("--budget-ranges", low, high)
+    shown = [range_value(*r) for r in args.budget_ranges or []]
+    if len(set(shown)) != len(shown):
+        raise UserError(f"--budget-ranges lists {', '.join(sorted({v for v in shown if shown.count(v) > 1}))} more "
+                        "than once: give each range once")
     if args.resume and not args.name:
         raise UserError("--resume needs --name: the sweep to resume")
     if args.policy_lr is not None and not (args.policy_lr > 0 and math.isfinite(args.policy_lr)):

@@ -7,7 +7,8 @@ import math
 from blockdrop.choices import (CURRICULUM_PACE, DEFAULT_BUDGET_RANGE, DEPTH_STAGES, ENTROPIES, POLICIES, PRESET_NAMES, PRUNE, STAGES,
                                check_preset_name, check_unreadable_share)
 from blockdrop.errors import UserError
-from blockdrop.parsers.common import add_cluster_args, add_training_args, check_training_args
+from blockdrop.parsers.common import (add_cluster_args, add_training_args, budget_range, check_budget_range, check_share,
+                                     check_training_args)
 
 DEFAULT_PRESET = "R26_DIGITS"
 DEFAULT_POLICY = "depth"  # benchmarks/results/method_*.md: it reaches the FLOPs BlockDrop's policy cannot
@@ -114,15 +115,6 @@ def stage_list(text: str) -> list[str] | None:
     return names
 
 
-def budget_range(text: str) -> tuple[float, float]:
-    try:
-        low, high = (float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (shares of the full ResNet's FLOPs, e.g. 0.2,1.0), "
-                                         f"not {text!r}") from None
-    return low, high
-
-
 def epoch_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
@@ -162,9 +154,5 @@ def check_budget_flags(args: argparse.Namespace) -> None:
     if args.policy not in (None, "budget") and (args.budget_range is not None or args.budget is not None):
         raise UserError(f"--budget-range and --budget are for --policy budget, not --policy {args.policy}")
     low, high = args.budget_range or DEFAULT_BUDGET_RANGE
-    for what, value in (("--budget-range's low end", low), ("--budget-range's high end", high),
-                        ("--budget", args.budget if args.budget is not None else (low + high) / 2)):
-        if not (math.isfinite(value) and 0 < value <= 1):
-            raise UserError(f"{what} must be a share of the full ResNet's FLOPs in (0, 1] (0.25: 4x faster), not {value:g}")
-    if not low < high:
-        raise UserError(f"--budget-range goes from low to high, not {low:g},{high:g}")
+    check_budget_range("--budget-range", low, high)
+    check_share("--budget", args.budget if args.budget is not None else (low + high) / 2)
