@@ -28,7 +28,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
-from mlflow.types.schema import Schema, TensorSpec
+from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from blockdrop.checkpoints import Checkpoint
 from blockdrop.console import DropMessages
@@ -37,7 +37,7 @@ from blockdrop.flops import cost_model
 from blockdrop.metrics import Report, final_report
 from blockdrop.mlflow_views import save_sweep_view, view_location
 from blockdrop.preflight import resolve_uri  # noqa: F401 (where a tracking URI comes from)
-from blockdrop.pyfunc import BlockDropModel
+from blockdrop.pyfunc import BUDGET_PARAMS, BlockDropModel
 
 JOB_TAG = "blockdrop.job"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -169,6 +169,8 @@ class Tracker:
             signature = infer_signature(example, BlockDropModel.output_example(len(example)))
             # any height and width (the preset's evaluation transform resizes), the preset's channels
             signature.inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, example.shape[-1]))])
+            # the budgets predict takes (MLflow passes on only the params its signature names), none by default
+            signature.params = ParamSchema([ParamSpec(name, "double", None) for name in BUDGET_PARAMS])
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=BlockDropModel(),

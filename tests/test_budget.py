@@ -245,6 +245,19 @@ def test_the_mlflow_model_takes_the_budget_as_a_param(budget_file, tmp_path):
     for params, message in (({"budget": 2}, r"\(0, 1\]"), ({"budgett": 0.3}, "unknown param")):
         with pytest.raises(ValueError, match=message):
             model.predict(None, images, params)
+    # as MLflow logs and loads it: the signature names the budgets, so MLflow passes them on
+    import mlflow.pyfunc
+
+    from blockdrop.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "budget-model")
+    run_id, _ = tracker.job_run("m", "m", {})
+    uri = tracker.log_model(run_id, budget_file, "report", images[:2])
+    loaded = mlflow.pyfunc.load_model(uri)
+    assert {p.name for p in loaded.metadata.get_params_schema().params} == {"budget", "mean_flops", "max_flops"}
+    cheap, dear = (loaded.predict(images, params={"budget": b}) for b in (0.15, 0.9))
+    assert cheap["flops"].mean() < dear["flops"].mean()
+    assert loaded.predict(images, params={"max_flops": 2e6})["flops"].max() <= 2e6 * (1 + 1e-6)
 
 
 # ---------------------------------------------------------------- end to end: train, track, evaluate, serve

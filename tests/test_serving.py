@@ -450,6 +450,16 @@ def test_mlflow_models_serve_takes_raw_pixels_and_answers_like_evaluate(front, t
         assert status == 200, body
         expected = library_answers(front, version=2)
         assert [(p["prediction"], p["policy"]) for p in body["predictions"]] == [expected[f] for f in files]
+        # a per-image cap as the model's param (its signature names the budgets; MLflow passes on those alone)
+        flops = sorted(p["flops"] for p in body["predictions"])
+        cap = flops[len(flops) // 2]
+        status, capped = http("POST", f"{url}/invocations", json.dumps({"inputs": pixels.tolist(), "params": {
+            "max_flops": cap}}).encode(), "application/json")
+        assert status == 200, capped
+        assert max(p["flops"] for p in capped["predictions"]) <= cap * (1 + 1e-6) < flops[-1]
+        status, body = http("POST", f"{url}/invocations", json.dumps({"inputs": pixels.tolist(), "params": {
+            "budget": 0.5}}).encode(), "application/json")
+        assert 400 <= status < 500 and "needs a budget model" in json.dumps(body), (status, body)
         for bad, says in [((pixels / 255.0).tolist(), "uint8"), (pixels[:, :, :, 0:1].repeat(3, axis=3).tolist(), "shape")]:
             status, body = http("POST", f"{url}/invocations", json.dumps({"inputs": bad}).encode(), "application/json")
             assert 400 <= status < 500 and says in json.dumps(body), (status, body)
