@@ -13,6 +13,7 @@ Accepted inputs, detected by their keys:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -65,6 +66,7 @@ def save_checkpoint(path: str | os.PathLike, preset: Preset, backbone: nn.Module
         "backbone": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
         "policy": None if policy is None else {k: v.detach().cpu() for k, v in policy.state_dict().items()},
     }
+    payload["checksum"] = checksum(payload)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -75,6 +77,17 @@ def save_checkpoint(path: str | os.PathLike, preset: Preset, backbone: nn.Module
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def checksum(payload: dict) -> str:
+    """SHA-256 of what a file of this project's format holds (preset, metadata, every tensor's name, dtype,
+    shape and bytes): written with the file and checked on reading, so damage is found, not evaluated."""
+    digest = hashlib.sha256(f"{payload['format']}|{payload['preset']}|{payload['meta']}".encode())
+    for part in ("backbone", "policy"):
+        for name, tensor in sorted((payload.get(part) or {}).items()):
+            digest.update(f"|{part}.{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def _torch_load(path: Path) -> object:
@@ -153,6 +166,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 def _read(path: Path) -> Checkpoint:
     obj = _torch_load(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        if "checksum" in obj and obj["checksum"] != checksum(obj):  # files written before checksums have none
+            raise UserError(f"{path} is damaged: its contents no longer match the checksum written with it (a "
+                            "bad copy or disk?); use another copy of it, or train it again")
         return Checkpoint("blockdrop", obj["backbone"], obj["policy"], obj["preset"], json.loads(obj["meta"]))
 
     if isinstance(obj, dict) and any(k in obj for k in ("agent", "net", "resnet")):

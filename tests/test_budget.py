@@ -350,6 +350,42 @@ def test_the_served_budget_model_answers_each_request_at_its_budget_as_evaluate_
         assert status == 200 and meta["models"][0]["budget_model"] is True
 
 
+@pytest.mark.slow
+def test_a_sweep_puts_a_budget_models_curve_next_to_a_gamma_trial_on_one_front(trained):
+    """tune_penalty.py from the budget job's depth checkpoint: a gamma trial and a budget trial on real Ray
+    Tune and a real MLflow server; the front over every point of both, the budget model registered once."""
+    from blockdrop.pareto import Point, pareto_front
+
+    root, client = trained["root"], trained["client"]
+    depth = root / "ray" / "budget-e2e" / "checkpoints" / "budget-e2e-depth.pt"
+    proc = subprocess.run([sys.executable, str(REPO / "tune_penalty.py"), "--init", str(depth), "--penalties", "-1",
+                           "--budget-ranges", "0.2,1", "--epochs", "1", "--no-prune-baseline", "--name", "bsweep",
+                           "--experiment", "budget-sweeps", "--model-name", "budget-front", "--mlflow-uri",
+                           trained["uri"], "--storage-path", str(root / "ray-sweep")],
+                          cwd=root, env=clean_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 trials finished (" in proc.stdout and "0.2-1 @" in proc.stdout  # a budget point in the front's table
+    runs = client.search_runs([client.get_experiment_by_name("budget-sweeps").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("blockdrop.job") == "bsweep")
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    budget = next(r for r in trials if r.data.params.get("budget_range") == "0.2,1")
+    assert any(r.data.params.get("gamma") == "-1.0" for r in trials) and len(trials) == 2
+    steps = [m.step for m in client.get_metric_history(budget.info.run_id, "curve_test_accuracy")]
+    assert len(steps) >= 5 and steps == sorted(steps)
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "pareto/pareto_front.json",
+                                                      str(root))).read_text())
+    assert len(table["trials"]) == 1 + len(steps)  # the gamma model's point and every point of the curve
+    points = [Point(t["accuracy"], t["flops"], info=t) for t in table["trials"]]
+    assert [(p["run_id"], p.get("budget")) for p in table["front"]] == [
+        (p.info["run_id"], p.info.get("budget")) for p in pareto_front(points)]
+    assert table["baselines_on_init"]  # the image-blind curves beside them
+    on_front = {p["run_id"] for p in table["front"]}
+    versions = client.search_model_versions("name = 'budget-front'")
+    assert sorted(v.run_id for v in versions) == sorted(on_front)  # a budget model: one version for its points
+    if budget.info.run_id in on_front:
+        assert client.get_model_version_by_alias("budget-front", "budget").run_id == budget.info.run_id
+
+
 def test_a_sweep_plans_budget_models_next_to_gammas_from_a_depth_checkpoint_and_refuses_bad_ranges(
         budget_file, tmp_path, monkeypatch):
     from blockdrop.errors import UserError

@@ -23,6 +23,24 @@ def original_agent(policy_sd: dict, legacy_fc: bool = True) -> dict:
     return sd
 
 
+def test_a_damaged_checkpoint_is_refused_not_evaluated(tmp_path):
+    """4 KB overwritten inside a tensor's bytes: torch.load still reads the file; its checksum does not match."""
+    preset = get_preset("R26_DIGITS")
+    backbone = preset.build_backbone()
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, preset, backbone, preset.build_depth_policy(), {"stage": "finetune"})
+    read_checkpoint(path)  # intact: reads
+    data = bytearray(path.read_bytes())
+    largest = max(backbone.state_dict().values(), key=lambda t: t.numel())
+    start = data.find(largest.contiguous().view(-1).view(torch.uint8).numpy().tobytes()[:256])
+    assert start > 0
+    data[start + 512:start + 512 + 4096] = bytes(4096)
+    path.write_bytes(bytes(data))
+    torch.load(path, weights_only=True)  # what made the damage silent: the file still loads
+    with pytest.raises(UserError, match="is damaged"):
+        read_checkpoint(path)
+
+
 def drop_bn_counters(sd: dict) -> dict:
     """PyTorch 0.3 files have no BatchNorm `num_batches_tracked`."""
     return {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
@@ -33,7 +51,7 @@ def test_own_format_round_trips_weights_and_metadata(tmp_path):
     backbone, policy = randomize_batchnorm(preset.build_backbone()), preset.build_policy().eval()
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, preset, backbone, policy, {"stage": "finetune", "epoch": 7, "metrics": {"acc": 0.9}})
-    assert set(torch.load(path, weights_only=True)) == {"format", "preset", "meta", "backbone", "policy"}
+    assert set(torch.load(path, weights_only=True)) == {"format", "preset", "meta", "backbone", "policy", "checksum"}
     loaded_backbone, loaded_policy, ckpt = load_models(preset, path)
     assert ckpt.source == "blockdrop" and ckpt.meta == {"stage": "finetune", "epoch": 7, "metrics": {"acc": 0.9}}
     x = torch.randn(3, 3, 32, 32)
