@@ -51,3 +51,6 @@ def add_unreadable_flag(parser: argparse.ArgumentParser) -> None:
 def check_unreadable_share(share: float) -> None:
     if not 0 <= share < 1:
         raise UserError(f"--max-bad-images is a share of the dataset in [0, 1), not {share}")
+
+# Ray's run storage without --storage-path: in the working directory, next to ./checkpoints and ./mlflow.db
+DEFAULT_STORAGE = "ray_results"

@@ -107,3 +107,17 @@ def drop_harmless_worker_lines(needles: tuple[str, ...] = HARMLESS_WORKER_LINES)
         dispatcher.handlers = [(name, h if getattr(h, "blockdrop_filtered", False) else wrap(h))
                                for name, h in dispatcher.handlers]
     return True
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (what Kubernetes, systemd and Docker send) stops this process as Ctrl-C does, through its
+    KeyboardInterrupt paths: runs closed, Ray shut down, a line that says so. Call it after ray.init, whose
+    handler dumps a native stack and leaves Ray's dashboard and runtime-env agents behind."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)

@@ -9,6 +9,7 @@ the last reported checkpoint; running the same job name again against the same s
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -308,14 +309,55 @@ def train_loop_per_worker(config: dict) -> None:
         worker.report(epoch, worker.epoch(epoch), began)
 
 
+RUN_RECORD = "blockdrop-run.json"  # in a stage's Ray folder: what the run is (claim_storage)
+# StageConfig fields measured on the way (the same on a resume, but not what defines the run)
+NOT_IDENTITY = ("reference", "order", "static_policy", "progress_every_s")
+
+
+def run_identity(cfg: StageConfig, callbacks: list | None, extra: dict | None = None) -> dict:
+    """What defines a stage's Ray run: its settings (data, hyperparameters, the file it starts from), the
+    MLflow run it logs to, and `extra` (a sweep trial's --init)."""
+    identity = {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY}
+    runs = [f"{c.uri} run {c.run_id}" for c in callbacks or [] if hasattr(c, "run_id")]
+    return identity | ({"mlflow": runs[0]} if runs else {}) | (extra or {})
+
+
+def claim_storage(storage_path: str | None, name: str, identity: dict) -> None:
+    """Ray Train resumes any run it finds under `name`: only when that run is this one (its record, written
+    when it started, says the same), else a UserError that says what differs and how to start fresh."""
+    if not storage_path or "://" in storage_path:  # object storage: no record kept (Ray's own resume)
+        return
+    folder = Path(storage_path) / name
+    record = folder / RUN_RECORD
+    fresh = (f"give another --name for a new run, or delete {folder} to start this one over (its Ray state: "
+             "checkpoints to resume from)")
+    if record.is_file():
+        stored = json.loads(record.read_text())
+        changed = [f"{k} {json.dumps(stored.get(k))} there, {json.dumps(v)} here" for k, v in identity.items()
+                   if json.dumps(stored.get(k), sort_keys=True) != json.dumps(v, sort_keys=True)]
+        if changed:
+            raise UserError(f"Ray's state for {name} at {folder} is another run's: {'; '.join(changed)}. A resume "
+                            f"continues the same run only; {fresh}")
+        return
+    if folder.is_dir() and any(folder.iterdir()):
+        raise UserError(f"{folder} holds Ray state that no run of this project recorded as its own: {fresh}")
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{RUN_RECORD}.tmp"
+    partial.write_text(json.dumps(identity, indent=1, sort_keys=True, default=str))
+    partial.replace(record)
+
+
 def run_stage(cfg: StageConfig, init_ref, num_workers: int, use_gpu: bool, name: str,
-              storage_path: str | None, max_failures: int, callbacks: list | None = None, teacher_ref=None) -> Path:
+              storage_path: str | None, max_failures: int, callbacks: list | None = None, teacher_ref=None,
+              identity: dict | None = None) -> Path:
     """Fit one stage; returns a local copy of its final model checkpoint.
 
     `callbacks` are Ray Train callbacks, run where Train's controller runs, after each report (the MLflow
     run's epoch metrics, blockdrop.tracking; a Tune trial's forwarding to Tune); `teacher_ref` the user's
-    ResNet's state dict (the depth policy's stages learn from its soft labels).
+    ResNet's state dict (the depth policy's stages learn from its soft labels). Ray's state under `name`
+    is resumed only when it is this run's (claim_storage; `identity`: what else defines it).
     """
+    claim_storage(storage_path, name, run_identity(cfg, callbacks, identity))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"stage": asdict(cfg), "init": init_ref, "teacher": teacher_ref},

@@ -33,11 +33,18 @@ class EpochLogger(UserCallback):
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
         self._client: MlflowClient | None = None
+        self._logged: set[int] | None = None
 
     def __getstate__(self) -> dict:  # shipped to the controller without a client; it makes its own once
-        return {"uri": self.uri, "run_id": self.run_id, "_client": None}
+        return {"uri": self.uri, "run_id": self.run_id, "_client": None, "_logged": None}
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         self._client = self._client or MlflowClient(self.uri)
+        if self._logged is None:  # epochs a killed run logged before its checkpoint was kept: not twice
+            self._logged = {m.step for m in self._client.get_metric_history(self.run_id, "epoch")}
         row = metrics[0]  # every worker reports the same figures, merged over all of them
-        self._client.log_batch(self.run_id, metrics=metric_batch(row, int(row["epoch"])))
+        step = int(row["epoch"])
+        if step in self._logged:
+            return
+        self._client.log_batch(self.run_id, metrics=metric_batch(row, step))
+        self._logged.add(step)

@@ -61,7 +61,7 @@ class Job:
 
     @property
     def output(self) -> Path:
-        return output_folder(self.args.output, self.storage, self.name)
+        return output_folder(self.args.output, self.args.storage_path and self.storage, self.name)
 
     def open_run(self) -> bool:
         """The job's MLflow run, created or continued; whether it existed."""
@@ -201,8 +201,13 @@ def run(args: argparse.Namespace, plan: Plan) -> None:
         report, model_uri = tracker.publish(job.run_id, path, trained, plan.preset, input_example(plan.preset, test),
                                             params)
         ok = True
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM: what is trained is kept, and how to go on is said
+        print(f"stopped: job {name}'s finished stages and last epoch checkpoints are kept; continue it with the "
+              f"same command{'' if args.name else f' and --name {name}'}", file=sys.stderr)
+        raise
     finally:
         if not ok:  # a rerun of a finished job that fails leaves the earlier record as it was
+            tracker.close_running_children(job.run_id)
             tracker.finish(job.run_id, ok=False, restore=resumed)
     tracker.finish(job.run_id, ok=True)
     print(f"\n{plan.preset.name} {' -> '.join(plan.names)} ({name})")

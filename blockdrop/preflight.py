@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from blockdrop.errors import UserError
+from blockdrop.choices import DEFAULT_STORAGE
 
 TIMEOUT_S = 5.0  # how long a server gets to answer a check
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
@@ -60,6 +61,8 @@ def _writable(folder: Path, what: str) -> None:
     """The folder exists and can be written, or can be created; what the check creates, it removes (a
     refused command leaves nothing behind)."""
     folder = folder.absolute()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what} is a file, not a folder; give a folder (it is made if missing)")
     missing = [p for p in [folder, *folder.parents] if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -97,6 +100,9 @@ def check_cluster_flags(args, tracking_uri: str) -> None:
     source = ("--mlflow-uri" if args.mlflow_uri else
               "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default tracking URI")
     check_tracking_uri(tracking_uri, source)
-    check_storage(args.storage_path)
+    check_storage(args.storage_path or DEFAULT_STORAGE, "--storage-path" if args.storage_path else
+                  f"the run storage ./{DEFAULT_STORAGE} (--storage-path)")
+    if getattr(args, "output", None):  # train_job.py: where its checkpoints go
+        _writable(Path(args.output), f"--output {args.output}")
     check_ray_address(args.address or os.environ.get("RAY_ADDRESS"),
                       "--address" if args.address else "RAY_ADDRESS")

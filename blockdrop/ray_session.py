@@ -9,7 +9,8 @@ from pathlib import Path
 
 import ray
 
-from blockdrop.console import drop_harmless_worker_lines, quiet_ray
+from blockdrop.console import drop_harmless_worker_lines, quiet_ray, stop_on_sigterm
+from blockdrop.choices import DEFAULT_STORAGE
 from blockdrop.errors import UserError
 
 # Ray Train's controller polls workers every 2 s by default and each report waits for it:
@@ -54,6 +55,7 @@ def start_ray(address: str | None, use_gpu: bool, num_workers: int, storage_path
     if not ray.is_initialized():
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env())
     drop_harmless_worker_lines()
+    stop_on_sigterm()
     resources = ray.cluster_resources()
     if use_gpu and resources.get("GPU", 0) < 1:
         raise UserError("--gpu was given but the Ray cluster has no GPU")
@@ -63,15 +65,17 @@ def start_ray(address: str | None, use_gpu: bool, num_workers: int, storage_path
               f"{resources.get(need, 0):g} now (an autoscaling cluster adds them)", file=sys.stderr)
     nodes = sum(node["Alive"] for node in ray.nodes())
     if nodes > 1 and not storage_path:
-        print(f"note: {nodes} nodes and no --storage-path: checkpoints go to ~/ray_results on each worker's node; "
+        print(f"note: {nodes} nodes and no --storage-path: checkpoints go to ./{DEFAULT_STORAGE} on each worker's node; "
               "give shared storage (NFS path or s3://...) so every node and this driver see them", file=sys.stderr)
 
 
-def storage_location(path: str | None) -> str | None:
-    """Ray run storage as Ray wants it: an absolute local path (workers chdir elsewhere) or a URI."""
-    if not path or "://" in path:
+def storage_location(path: str | None) -> str:
+    """Ray run storage as Ray wants it: an absolute local path (workers chdir elsewhere) or a URI. Default:
+    ./ray_results, so a job's Ray state belongs to the folder it ran in, not to a folder shared by unrelated
+    work (~/ray_results, Ray's own default)."""
+    if path and "://" in path:
         return path
-    return str(Path(path).resolve())
+    return str(Path(path or DEFAULT_STORAGE).resolve())
 
 
 def output_folder(flag: str | None, storage: str | None, name: str) -> Path:

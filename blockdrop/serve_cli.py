@@ -11,7 +11,7 @@ import time
 import ray
 from ray import serve
 
-from blockdrop.console import drop_harmless_worker_lines, quiet_ray, quiet_serve
+from blockdrop.console import drop_harmless_worker_lines, quiet_ray, quiet_serve, stop_on_sigterm
 from blockdrop.errors import UserError
 from blockdrop.parsers.serve import check_flags
 from blockdrop.serve_app import build
@@ -42,7 +42,7 @@ def _wait_until_interrupted() -> None:
     if port:  # Ray's metrics agent: blockdrop_* (requests, blocks used, FLOPs saved, batch sizes) and Serve's own
         print(f"metrics (Prometheus): http://127.0.0.1:{port}/metrics (blockdrop_* series, updated every ~10 s)",
               flush=True)
-    print("Ctrl-C stops the server", flush=True)
+    print("Ctrl-C (or SIGTERM) stops the server", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> None:
     # no address: a Ray of its own ("local"), never whichever cluster happens to run on this machine
     ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=False)
     drop_harmless_worker_lines()
+    stop_on_sigterm()
     if args.gpu and ray.cluster_resources().get("GPU", 0) < 1:
         raise UserError("--gpu was given but the Ray cluster has no GPU")
     if address is None:  # a local Ray: no node will join, so a replica that does not fit would wait forever

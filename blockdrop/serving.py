@@ -88,6 +88,8 @@ def _from_version(client, mv, uri: str) -> ModelSource:
 
 
 def _from_models_uri(client, uri: str) -> list[ModelSource]:
+    from blockdrop.tracking import quoted
+
     rest = uri[len("models:/"):]
     try:
         if "@" in rest:
@@ -96,7 +98,7 @@ def _from_models_uri(client, uri: str) -> list[ModelSource]:
         if "/" in rest:
             name, version = rest.split("/", 1)
             return [_from_version(client, client.get_model_version(name, version), uri)]
-        versions = client.search_model_versions(f"name = '{rest}'")
+        versions = client.search_model_versions(f"name = {quoted(rest)}")
     except MlflowException as err:
         raise UserError(f"{uri}: not found in the MLflow registry ({err.message.splitlines()[0]})") from None
     if not versions:

@@ -110,7 +110,8 @@ def run_trial(config: dict, sweep: SweepSettings) -> None:
                       budget=None if budgets is None else (budgets[0] + budgets[1]) / 2)
     try:
         checkpoint = run_stage(cfg, s.init_ref, s.workers, s.gpu, f"{s.name}-{key}", s.storage_path, max_failures=1,
-                               callbacks=[tracker.epoch_logger(run_id), TuneReportCallback()], teacher_ref=s.teacher_ref)
+                               callbacks=[tracker.epoch_logger(run_id), TuneReportCallback()], teacher_ref=s.teacher_ref,
+                               identity={"init": s.init_label})
         trained = read_checkpoint(checkpoint)
         preset = get_preset(s.preset)
         if s.analysis:  # onto the trial's run: metrics gain_over_static, baseline_*; policy/ pictures
@@ -459,7 +460,7 @@ def run(args: argparse.Namespace, plan: SweepPlan) -> None:
     preset = plan.preset
     name = args.name or f"{preset.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = resolve_uri(args.mlflow_uri)
-    storage = storage_location(args.storage_path) or str(Path.home() / "ray_results")
+    storage = storage_location(args.storage_path)
     tracker = Tracker(uri, args.experiment)
     refuse(tracker, args, name, f"{storage.rstrip('/')}/{name}")
     start_ray(args.address, args.gpu, args.workers_per_trial, args.storage_path)

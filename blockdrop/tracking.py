@@ -40,6 +40,23 @@ from blockdrop.preflight import resolve_uri  # noqa: F401 (where a tracking URI 
 from blockdrop.pyfunc import BUDGET_PARAMS, BlockDropModel
 
 JOB_TAG = "blockdrop.job"
+# params that say how a run runs, not what it computes: a resume may change them (more workers, a GPU)
+OPERATIONAL_PARAMS = frozenset({"num_workers", "gpu", "workers", "workers_per_trial", "max_concurrent"})
+
+
+def quoted(value: str) -> str:
+    """A string as a value in an MLflow filter (a name with an apostrophe is double-quoted)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise UserError(f"the name {value!r} holds both kinds of quote, which MLflow's search cannot match: drop one")
+
+
+def differences(stored: dict, current: dict, ignore=OPERATIONAL_PARAMS) -> list[str]:
+    """`key: stored -> current` for each key both name with other values (as strings; `ignore` left out)."""
+    return [f"{k} {stored[k]!r} there, {str(v)!r} here" for k, v in current.items()
+            if k in stored and k not in ignore and stored[k] != str(v)]
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 # The model class is ours and travels as code: MLflow's generic cloudpickle caution is noise here.
@@ -100,28 +117,36 @@ class Tracker:
         except Exception as err:  # unreachable server, bad URI scheme, ...
             raise UserError(f"cannot reach MLflow at {uri} ({type(err).__name__}: {err}); "
                             "check --mlflow-uri / MLFLOW_TRACKING_URI") from None
+        if found is not None and found.lifecycle_stage == "deleted":
+            raise UserError(f"MLflow experiment {experiment!r} ({uri}) was deleted: restore it (mlflow experiments "
+                            f"restore --experiment-id {found.experiment_id}) or give another --experiment")
         self.experiment = experiment
         self._before: dict[str, tuple[str, int | None]] = {}  # runs reopened here: their earlier status, end time
 
     def finished_job(self, job: str) -> str | None:
         """The id of `job`'s top-level run if it finished, else None."""
-        runs = self.client.search_runs([self.experiment_id], f"tags.`{JOB_TAG}` = '{job}'", max_results=10,
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{JOB_TAG}` = {quoted(job)}", max_results=10,
                                        order_by=["attributes.start_time DESC"])
         top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
         return top[0].info.run_id if top and top[0].info.status == "FINISHED" else None
 
     def job_exists(self, job: str) -> bool:
-        return bool(self.client.search_runs([self.experiment_id], f"tags.`{JOB_TAG}` = '{job}'", max_results=1))
+        return bool(self.client.search_runs([self.experiment_id], f"tags.`{JOB_TAG}` = {quoted(job)}", max_results=1))
 
     def job_run(self, job: str, run_name: str, params: dict, parent_id: str | None = None) -> tuple[str, bool]:
         """The run of `job` (under `parent_id`), created or continued; True if it already existed."""
-        query = f"tags.`{JOB_TAG}` = '{job}'"
+        query = f"tags.`{JOB_TAG}` = {quoted(job)}"
         if parent_id:
             query += f" and tags.`mlflow.parentRunId` = '{parent_id}'"
         existing = self.client.search_runs([self.experiment_id], query, max_results=1,
                                            order_by=["attributes.start_time DESC"])
         if existing:
             run_id = existing[0].info.run_id
+            changed = differences(existing[0].data.params, params)
+            if changed:  # another experiment under the same name: never reported as this one
+                raise UserError(f"{job!r} is an MLflow run already (run {run_id}, experiment {self.experiment!r}, "
+                                f"{self.uri}) made with other settings: {'; '.join(changed)}. Give another --name "
+                                "for a new run, or the same settings to continue that one")
             self._before[run_id] = (existing[0].info.status, existing[0].info.end_time)
             self.client.update_run(run_id, status="RUNNING")
             return run_id, True

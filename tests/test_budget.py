@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -320,8 +321,10 @@ def test_the_served_budget_model_answers_each_request_at_its_budget_as_evaluate_
     dataset = load_dataset(model.preset, "test", "imagefolder", root)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     order = [Path(p) for p, _ in dataset.samples]
+    ended = {}
     with running_server(root, "--model-uri", f"runs:/{trained['parent'].info.run_id}", "--mlflow-uri",
-                        trained["uri"], "--max-batch-size", "32", "--batch-wait-ms", "50") as url:
+                        trained["uri"], "--max-batch-size", "32", "--batch-wait-ms", "50", stop=signal.SIGTERM,
+                        ended=ended) as url:
         def ask(fields):
             return http("POST", f"{url}/predict", as_json(files, **fields), "application/json")
 
@@ -348,6 +351,10 @@ def test_the_served_budget_model_answers_each_request_at_its_budget_as_evaluate_
             assert got == status and message in body["error"], (fields, body)
         status, meta = http("GET", f"{url}/metadata")
         assert status == 200 and meta["models"][0]["budget_model"] is True
+    # SIGTERM (Kubernetes, Docker, systemd) stops it as Ctrl-C does: a line, exit 0, none of Ray's processes left
+    log = (root / "serve.log").read_text()
+    assert ended["returncode"] == 0 and "stopping" in log and "SIGTERM received" not in log, log[-2000:]
+    assert ended["seconds"] < 30 and not ended["left"], ended
 
 
 @pytest.mark.slow

@@ -105,9 +105,12 @@ def http(method: str, url: str, body: bytes | None = None, content_type: str | N
 
 
 @contextlib.contextmanager
-def running_server(root: Path, *args: str):
-    """serve_policy.py in the foreground on a free port (its console in root/serve.log); stopped with Ctrl-C
-    (SIGINT) at the end whatever happened, then killed if it lingers. Yields its URL."""
+def running_server(root: Path, *args: str, stop: int = signal.SIGINT, ended: dict | None = None):
+    """serve_policy.py in the foreground on a free port (its console in root/serve.log); stopped at the end
+    whatever happened, then killed if it lingers. Yields its URL. `stop`: SIGINT goes to its whole process
+    group (Ctrl-C in a terminal), SIGTERM to its main process alone (what Kubernetes, Docker and systemd
+    send). `ended` gets its exit status, seconds to exit and the processes of its session still alive 20 s
+    after (Ray's, had it left any)."""
     port = _free_port()
     log = open(root / "serve.log", "w")
     proc = subprocess.Popen(serve_cmd(*args, "--port", str(port)), cwd=root, env=clean_env(), stdout=log,
@@ -119,7 +122,7 @@ def running_server(root: Path, *args: str):
             # Ready once /healthz answers and the console has said what it serves (printed after serve.run
             # returns, which can be a moment after the endpoint first answers).
             try:
-                if http("GET", f"{url}/healthz")[0] == 200 and "Ctrl-C stops the server" in (root / "serve.log").read_text():
+                if http("GET", f"{url}/healthz")[0] == 200 and "stops the server" in (root / "serve.log").read_text():
                     break
             except OSError:
                 pass
@@ -128,8 +131,12 @@ def running_server(root: Path, *args: str):
             time.sleep(1)
         yield url
     finally:
+        began = time.time()
         try:
-            os.killpg(proc.pid, signal.SIGINT)
+            if stop == signal.SIGINT:
+                os.killpg(proc.pid, stop)
+            else:
+                os.kill(proc.pid, stop)
             proc.wait(timeout=60)
         except ProcessLookupError:
             pass
@@ -137,6 +144,31 @@ def running_server(root: Path, *args: str):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+        if ended is not None:
+            seconds = time.time() - began
+            left = session_processes(proc.pid)
+            for _ in range(20):
+                if not left:
+                    break
+                time.sleep(1)
+                left = session_processes(proc.pid)
+            ended |= {"returncode": proc.returncode, "seconds": seconds, "left": left}
+            for pid in left:  # the test says so; the machine is not left with them
+                os.kill(pid, signal.SIGKILL)
+
+
+def session_processes(sid: int) -> list[int]:
+    """The live processes of session `sid` (a process started with start_new_session and its children)."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":  # after the name: state, ppid, pgrp, session
+                alive.append(int(entry.name))
+    return alive
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +182,7 @@ def server(front):
 @pytest.mark.slow
 def test_the_servers_console_says_what_it_serves_without_serves_notices(front, server):
     log = (front["root"] / "serve.log").read_text()
-    assert "serving R26_DIGITS on http://127.0.0.1:" in log and "Ctrl-C stops the server" in log
+    assert "serving R26_DIGITS on http://127.0.0.1:" in log and "Ctrl-C (or SIGTERM) stops the server" in log
     assert "Connecting to existing Serve app" not in log  # blockdrop.console.quiet_serve
 
 

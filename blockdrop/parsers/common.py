@@ -43,7 +43,19 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                              "an evaluation is 50k images, and on CIFAR's curriculum a third of an epoch's time")
 
 
+def check_run_name(name: str | None) -> None:
+    """--name names Ray's folders, MLflow runs (searched by it) and checkpoint files: one path part, printable,
+    not both kinds of quote."""
+    if name is None:
+        return
+    if (not name.strip() or name in (".", "..") or any(c in name for c in "/\\`") or not name.isprintable()
+            or ("'" in name and '"' in name) or len(name) > 200):
+        raise UserError(f"--name {name!r}: a name is one folder name of printable characters (no / \\ or `, not "
+                        "both ' and \", at most 200), e.g. r32-c10-run1")
+
+
 def check_training_args(args: argparse.Namespace) -> None:
+    check_run_name(args.name)
     if args.eval_every < 1:
         raise UserError(f"--eval-every is a number of epochs >= 1, not {args.eval_every}")
 

@@ -1,0 +1,102 @@
+"""A run is its name AND what defines it: resumes check both, in MLflow and in Ray's run storage; an epoch
+reaches MLflow once; names, experiments and folders a command will touch are checked before the work."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blockdrop.errors import UserError
+
+from conftest import REPO, clean_env
+
+
+def tracker(tmp_path: Path, experiment: str = "identity"):
+    from blockdrop.tracking import Tracker
+
+    return Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment)
+
+
+def test_a_run_of_the_same_name_with_other_settings_is_refused_not_continued(tmp_path):
+    t = tracker(tmp_path)
+    first, resumed = t.job_run("x", "x", {"preset": "R26_DIGITS", "data_dir": "/data/a", "epochs": 5, "num_workers": 2})
+    assert not resumed
+    again, resumed = t.job_run("x", "x", {"preset": "R26_DIGITS", "data_dir": "/data/a", "epochs": 5, "num_workers": 4})
+    assert resumed and again == first  # more workers: the same run, continued
+    with pytest.raises(UserError, match=r"other settings: data_dir '/data/a' there, '/data/b' here.*another --name"):
+        t.job_run("x", "x", {"preset": "R26_DIGITS", "data_dir": "/data/b", "epochs": 5})
+    child, _ = t.job_run("x/gamma=-1", "c", {"gamma": -1.0}, parent_id=first)
+    with pytest.raises(UserError, match="gamma '-1.0' there, '-2.0' here"):
+        t.job_run("x/gamma=-1", "c", {"gamma": -2.0}, parent_id=first)
+
+
+def test_names_with_an_apostrophe_are_found_and_unusable_names_refused_at_once(tmp_path):
+    t = tracker(tmp_path)
+    run_id, _ = t.job_run("it's", "it's", {"preset": "R26_DIGITS"})
+    t.finish(run_id, ok=True)
+    assert t.finished_job("it's") == run_id and t.job_exists("it's")
+    for bad in ("a/b", "x'y\"z", "..", " "):
+        for command in ("train_job.py", "tune_penalty.py"):
+            extra = ["--init", "x.pt", "--penalties", "-1"] if command == "tune_penalty.py" else []
+            proc = subprocess.run([sys.executable, str(REPO / command), "--name", bad, *extra], cwd=tmp_path,
+                                  env=clean_env(), capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 2 and "a name is one folder name" in proc.stderr, (bad, proc.stderr[-1500:])
+
+
+def test_a_deleted_experiment_is_named_with_how_to_restore_it(tmp_path):
+    t = tracker(tmp_path, "gone")
+    t.client.delete_experiment(t.experiment_id)
+    with pytest.raises(UserError, match=r"'gone' .* was deleted: restore it \(mlflow experiments restore"):
+        tracker(tmp_path, "gone")
+
+
+def test_ray_state_of_another_run_is_never_resumed(tmp_path):
+    from blockdrop.distributed import RUN_RECORD, claim_storage
+
+    identity = {"preset": "R26_DIGITS", "data_dir": "/data/a", "lr": 0.1, "mlflow": "sqlite:///a.db run 1"}
+    claim_storage(str(tmp_path), "x-finetune", identity)
+    record = tmp_path / "x-finetune" / RUN_RECORD
+    assert json.loads(record.read_text()) == identity
+    (tmp_path / "x-finetune" / "checkpoint_000001").mkdir()  # Ray's state of that run
+    claim_storage(str(tmp_path), "x-finetune", dict(identity))  # the same run: resumed
+    other = identity | {"data_dir": "/data/b", "mlflow": "sqlite:///b.db run 7"}
+    with pytest.raises(UserError, match=r'data_dir "/data/a" there, "/data/b" here.*another --name.*delete'):
+        claim_storage(str(tmp_path), "x-finetune", other)
+    foreign = tmp_path / "y-finetune"
+    (foreign / "checkpoint_000003").mkdir(parents=True)  # Ray state nobody recorded (another tool, an old run)
+    with pytest.raises(UserError, match="no run of this project recorded"):
+        claim_storage(str(tmp_path), "y-finetune", identity)
+    claim_storage("s3://bucket/runs", "x-finetune", other)  # object storage: Ray's own resume, nothing kept here
+
+
+def test_an_epoch_reaches_mlflow_once_whatever_was_killed_when(tmp_path):
+    """A run killed after its epoch's metrics were logged but before Ray kept the checkpoint redoes that
+    epoch: the callback of the new controller (a new instance) skips the steps the run already has."""
+    import pickle
+
+    from blockdrop.epoch_logger import EpochLogger
+
+    t = tracker(tmp_path)
+    run_id, _ = t.job_run("x", "x", {})
+    logger = EpochLogger(t.uri, run_id)
+    for epoch in (0, 1):
+        logger.after_report(None, [{"epoch": epoch, "test_accuracy": 0.5 + epoch / 10}], None)
+    restarted = pickle.loads(pickle.dumps(logger))  # what a new controller unpickles
+    for epoch in (1, 2):  # epoch 1 again, with other figures
+        restarted.after_report(None, [{"epoch": epoch, "test_accuracy": 0.9 + epoch / 100}], None)
+    history = [(m.step, m.value) for m in t.client.get_metric_history(run_id, "test_accuracy")]
+    assert sorted(history) == [(0, 0.5), (1, 0.6), (2, 0.92)]
+
+
+def test_an_output_or_storage_path_that_is_a_file_is_refused_before_ray(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    for flags in (["--output", str(taken)], ["--storage-path", str(taken)]):
+        proc = subprocess.run([sys.executable, str(REPO / "train_job.py"), "--epochs", "1", *flags], cwd=tmp_path,
+                              env=clean_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "is a file, not a folder" in proc.stderr, proc.stderr[-1500:]
+        assert "Started a local Ray" not in proc.stderr
+    assert taken.read_text() == "a file"
