@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import multiprocessing
+import os
 import socket
 import sys
 from pathlib import Path
@@ -124,13 +125,21 @@ def _image_folder(preset: Preset, name: str, root: Path, train: bool, augment: b
         want = f"{root}/train/ and {root}/val/" if name == "imagenet" else f"{root}/ (class subfolders)"
         raise UserError(f"{name} data not found: expected class folders under {want}; pass --data-dir")
     try:
-        ds = SkipUnreadable(_datasets().ImageFolder(str(folder), transform=_folder_transform(preset, augment,
+        ds = SkipUnreadable(_image_folder_class()(str(folder), transform=_folder_transform(preset, augment,
                                                                                           name == "imagenet")), folder)
     except (FileNotFoundError, RuntimeError) as err:
         raise UserError(f"{folder} holds no images in class subfolders ({err})") from None
     if len(ds.classes) != preset.num_classes:
         raise UserError(f"{folder} has {len(ds.classes)} class folders; preset {preset.name} has "
                         f"{preset.num_classes} classes")
+    train_folder = root / "train"
+    if not train and not whole and train_folder.is_dir():  # the test's classes are the training's, by name
+        trained = sorted(d.name for d in train_folder.iterdir() if d.is_dir())
+        if trained != ds.classes:
+            only_test, only_train = sorted(set(ds.classes) - set(trained)), sorted(set(trained) - set(ds.classes))
+            raise UserError(f"{folder}'s class folders are not {train_folder}'s (a class is the same folder name in "
+                            f"both): only in {folder.name}/: {', '.join(only_test[:5]) or '-'}; only in train/: "
+                            f"{', '.join(only_train[:5]) or '-'}")
     if whole:  # a deterministic split: every 10th image of each class is held out
         held_out = [i for i, _ in enumerate(ds.samples) if i % 10 == 9]
         keep = set(held_out) if not train else set(range(len(ds))) - set(held_out)
@@ -138,6 +147,56 @@ def _image_folder(preset: Preset, name: str, root: Path, train: bool, augment: b
     return ds
 
 
+
+
+def scan_folder(directory: str | Path, class_to_idx: dict[str, int], extensions=None, is_valid_file=None,
+                allow_empty: bool = False) -> list[tuple[str, int]]:
+    """torchvision's DatasetFolder.make_dataset (every image file under each class folder, symbolic links
+    followed), but each real folder walked once: a link loop (a folder linking to itself or above) would
+    walk forever or list the same images many times, under wrong labels. What it skipped it says."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    extensions = extensions or IMG_EXTENSIONS
+    valid = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions))
+    def key(path) -> tuple[int, int]:
+        stat = os.stat(path)
+        return stat.st_dev, stat.st_ino
+
+    # the split's folder and its class folders are each reached once, from where they are: a link to one of
+    # them from inside a class would give its images that class's label
+    tops = {name: key(Path(directory) / name) for name in class_to_idx}
+    samples, looped = [], []
+    for name in sorted(class_to_idx):
+        seen = {key(directory)} | {k for other, k in tops.items() if other != name}
+        for top, folders, files in os.walk(Path(directory) / name, followlinks=True):
+            if key(top) in seen:
+                looped.append(top)
+                folders[:] = []
+                continue
+            seen.add(key(top))
+            folders.sort()
+            samples += [(os.path.join(top, f), class_to_idx[name]) for f in sorted(files) if valid(os.path.join(top, f))]
+    if looped:
+        print(f"warning: {len(looped)} folder(s) under {directory} reached again through symbolic links (a link "
+              f"loop?), each read once: {', '.join(looped[:3])}", file=sys.stderr)
+    if not samples and not allow_empty:
+        raise FileNotFoundError(f"no image files ({', '.join(extensions)}) under {directory}")
+    return samples
+
+
+@functools.cache
+def _image_folder_class() -> type:
+    """torchvision's ImageFolder with scan_folder's walk, made on first use (torchvision's import is slow) and
+    found by pickle as blockdrop.data.LoopSafeImageFolder (a DataLoader's spawned workers unpickle it)."""
+    folder = type("LoopSafeImageFolder", (_datasets().ImageFolder,), {"make_dataset": staticmethod(scan_folder),
+                                                                       "__module__": __name__})
+    return folder
+
+
+def __getattr__(name: str):
+    if name == "LoopSafeImageFolder":
+        return _image_folder_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class SkipUnreadable(Dataset):

@@ -68,7 +68,8 @@ class Job:
         args, plan = self.args, self.plan
         label = "all" if args.stage is None else ",".join(args.stage)
         self.common = {"preset": plan.preset.name, "num_workers": args.num_workers, "gpu": args.gpu,
-                       "dataset": args.dataset or plan.preset.dataset, "init": args.init or "",
+                       "dataset": args.dataset or plan.preset.dataset, "data_dir": self.data_dir or "",
+                       "init": args.init or "",
                        "train_execution": args.train_execution, "policy": args.policy}
         params = self.common | {"stage": label, "stages": ",".join(plan.names)}
         if len(plan.stages) == 1:

@@ -266,3 +266,27 @@ def test_loader_options_are_accepted_by_the_dataloader_with_and_without_workers(
         loader = DataLoader(data, batch_size=4, **loader_options("cpu", workers))
         for _ in range(2):  # persistent workers serve a second epoch
             assert sorted(int(i) for batch, _ in loader for i in batch) == list(range(8))
+
+
+def test_symlink_loops_in_an_image_folder_are_read_once_and_said(tmp_path, capsys):
+    """A folder linking to itself and one linking to its parent: the scan ends, each image counted once."""
+    import pickle
+
+    write_images(tmp_path / "train", 10, 2, size=(8, 8))
+    write_images(tmp_path / "test", 10, 1, size=(8, 8))
+    (tmp_path / "train" / "class_0000" / "again").symlink_to(tmp_path / "train" / "class_0000")
+    (tmp_path / "test" / "class_0003" / "up").symlink_to(tmp_path / "test")
+    preset = get_preset("R26_DIGITS")
+    train = load_dataset(preset, "train", "imagefolder", tmp_path)
+    test = load_dataset(preset, "test", "imagefolder", tmp_path)
+    assert len(train) == 20 and len(test) == 10  # test/class_0003/up/: the test set again, not read twice
+    assert "reached again through symbolic links" in capsys.readouterr().err
+    assert len(pickle.loads(pickle.dumps(train))) == 20  # what a spawned DataLoader worker receives
+
+
+def test_test_class_folders_that_are_not_the_training_ones_are_refused(tmp_path):
+    write_images(tmp_path / "train", 10, 1, size=(8, 8))
+    write_images(tmp_path / "test", 10, 1, size=(8, 8))
+    (tmp_path / "test" / "class_0009").rename(tmp_path / "test" / "nine")
+    with pytest.raises(UserError, match=r"only in test/: nine; only in train/: class_0009"):
+        load_dataset(get_preset("R26_DIGITS"), "test", "imagefolder", tmp_path)
