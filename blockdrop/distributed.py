@@ -358,6 +358,10 @@ def run_stage(cfg: StageConfig, init_ref, num_workers: int, use_gpu: bool, name:
     is resumed only when it is this run's (claim_storage; `identity`: what else defines it).
     """
     claim_storage(storage_path, name, run_identity(cfg, callbacks, identity))
+    loggers = [c for c in callbacks or [] if hasattr(c, "flush") and hasattr(c, "spool")]  # EpochLoggers
+    if storage_path and "://" not in storage_path:  # metrics MLflow could not take wait next to Ray's state
+        for c in loggers:
+            c.spool = str(Path(storage_path) / name / "mlflow-waiting.jsonl")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"stage": asdict(cfg), "init": init_ref, "teacher": teacher_ref},
@@ -373,6 +377,12 @@ def run_stage(cfg: StageConfig, init_ref, num_workers: int, use_gpu: bool, name:
         ),
     )
     result = trainer.fit()
+    for c in loggers:  # what waited for MLflow (also from an earlier, killed run of this stage)
+        try:
+            c.flush()
+        except RuntimeError as err:
+            raise UserError(f"{err}; the stage's model is kept in Ray's run folder: rerun the same command "
+                            "once MLflow answers (the stage is not trained again, its metrics are written)") from None
     if result.checkpoint is None:
         raise RuntimeError(f"stage {cfg.stage} finished without a checkpoint")
     local = Path(tempfile.mkdtemp(prefix=f"blockdrop-{cfg.stage}-"))

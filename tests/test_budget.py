@@ -537,3 +537,11 @@ def test_a_budget_plan_runs_the_depth_stages_with_its_range(tmp_path):
     settings = dict(plan.stages)
     assert settings["finetune"]["budget_range"] == [0.25, 0.75] and settings["finetune"]["budget"] == 0.5
     assert "budget_range" not in settings["pretrain"]
+
+
+def test_a_served_file_for_another_preset_is_refused_before_serving(budget_file, tmp_path):
+    from blockdrop.errors import UserError
+    from blockdrop.serving import Engine, resolve
+
+    with pytest.raises(UserError, match="was saved for preset R26_DIGITS, not R32_C10; pass --preset R26_DIGITS"):
+        Engine(resolve([str(budget_file)], f"sqlite:///{tmp_path / 'unused.db'}"), "R32_C10")

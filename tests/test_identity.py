@@ -100,3 +100,44 @@ def test_an_output_or_storage_path_that_is_a_file_is_refused_before_ray(tmp_path
         assert proc.returncode == 2 and "is a file, not a folder" in proc.stderr, proc.stderr[-1500:]
         assert "Started a local Ray" not in proc.stderr
     assert taken.read_text() == "a file"
+
+
+@pytest.mark.slow
+def test_metrics_wait_while_the_mlflow_server_is_down_and_are_written_when_it_answers(tmp_path, capsys, monkeypatch):
+    """A real `mlflow server` stopped mid-stage and started again on the same store: training does not wait
+    on it (MLflow's retries bounded: here to 1+2 s, by default 15 s a call), one line says so, and every epoch
+    reaches the run once."""
+    import time
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+
+    from blockdrop.epoch_logger import EpochLogger
+    from blockdrop.tracking import Tracker
+    from conftest import _free_port, start_mlflow_server, stop_process_group
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port)
+    run_id, _ = Tracker(uri, "down").job_run("x", "x", {})
+    logger = EpochLogger(uri, run_id, spool=str(tmp_path / "waiting.jsonl"))
+    logger.after_report(None, [{"epoch": 0, "test_accuracy": 0.5}], None)
+    stop_process_group(server)
+    began = time.time()
+    logger.after_report(None, [{"epoch": 1, "test_accuracy": 0.6}], None)  # down: kept, not raised
+    logger.after_report(None, [{"epoch": 2, "test_accuracy": 0.7}], None)
+    assert time.time() - began < 30  # bounded: MLflow's default retries would take about 8 minutes here
+    err = capsys.readouterr().err
+    assert err.count("does not answer") == 1 and "training goes on" in err
+    with pytest.raises(RuntimeError, match="does not answer"):
+        EpochLogger(uri, run_id, spool=logger.spool).flush()  # the stage's end, MLflow still down
+    server = start_mlflow_server(tmp_path, port)
+    try:
+        logger.after_report(None, [{"epoch": 3, "test_accuracy": 0.8}], None)
+        assert "answers again: 3 epochs' metrics written" in capsys.readouterr().err
+        from mlflow.tracking import MlflowClient
+
+        history = [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "test_accuracy")]
+        assert sorted(history) == [(0, 0.5), (1, 0.6), (2, 0.7), (3, 0.8)]
+        assert not Path(logger.spool).exists()
+    finally:
+        stop_process_group(server)
