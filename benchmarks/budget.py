@@ -1,7 +1,7 @@
 """One budget model against a front of per-gamma models: accuracy at equal FLOPs and training compute.
 
     scripts/with-venv python benchmarks/budget.py --data digits|shapes|mixed [--gammas=-0.3,-1,-3,-10]
-        [--seed 0] [--no-prune] [--quick] [--workdir DIR] [--output FILE]
+        [--samplings uniform,log] [--seed 0] [--no-prune] [--quick] [--workdir DIR] [--output FILE]
 
 In-process, with benchmarks/method.py's stages (the stages' own code, train_job.py's settings for an
 image folder, preset R32_C10), from one user's ResNet-32, same seed and data for everything:
@@ -11,7 +11,8 @@ image folder, preset R32_C10), from one user's ResNet-32, same seed and data for
    runs, one trial per gamma);
 3. the budget model: ONE finetune of the same network as a budget policy (train_job.py --policy budget:
    mean budgets drawn per image from --budget-range), then evaluated at every per-gamma point's FLOPs
-   (its mean budget set to that point's share) and along blockdrop.budget.CURVE;
+   (its mean budget set to that point's share) and along blockdrop.budget.CURVE; one such model per
+   --samplings (--budget-sampling: uniform or log-uniform draws), compared with each other image by image;
 4. at each per-gamma point: budget model minus that model, image by image (95% paired bootstrap), and
    both against prune-and-finetune at those FLOPs (the user's ResNet finetuned under a static greedy
    policy at the bracketing block counts: the strongest image-blind competitor) and against the greedy
@@ -36,6 +37,7 @@ from method import PRESET, models_of, payload, plan_for, train, user_resnet  # n
 from results_table import emit  # noqa: E402
 
 from blockdrop.analysis import holdout, pruned_curve  # noqa: E402
+from blockdrop.models.resnet import depth_state  # noqa: E402
 from blockdrop.baselines import from_order, greedy_order  # noqa: E402
 from blockdrop.budget import CURVE, curve_budgets  # noqa: E402
 from blockdrop.checkpoints import read_checkpoint  # noqa: E402
@@ -48,12 +50,11 @@ from blockdrop.sample_data import write_folder  # noqa: E402
 from blockdrop.stats import paired_difference  # noqa: E402
 
 CPU = torch.device("cpu")
-BUDGET_KEYS = ("prices", "spend", "base", "budget")
 
 
 def as_depth_policy(state: dict) -> dict:
     """A budget policy's payload as the plain depth policy's (the same network, no spending table)."""
-    return {"backbone": state["backbone"], "policy": {k: v for k, v in state["policy"].items() if k not in BUDGET_KEYS}}
+    return {"backbone": state["backbone"], "policy": depth_state(state["policy"])}
 
 
 def outcome(backbone, policy, test, budget: float | None = None, chooser=None):
@@ -72,6 +73,8 @@ def main() -> None:
     parser.add_argument("--gammas", default="-0.3,-1,-3,-10", help="the per-gamma front (default -0.3,-1,-3,-10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-range", default="0.2,1.0")
+    parser.add_argument("--samplings", default="uniform,log",
+                        help="a budget model per way of drawing its budgets (--budget-sampling), default uniform,log")
     parser.add_argument("--no-prune", action="store_true", help="leave out prune-and-finetune (saves its runs)")
     parser.add_argument("--pretrain-epochs", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="every stage at a tenth of its length: a smoke test")
@@ -115,15 +118,18 @@ def main() -> None:
         front.append({"gamma": gamma, "seconds": seconds, "correct": correct, "report": report})
         print(f"gamma {gamma:g}: {100 * report.accuracy:.2f}% at {report.flops_mean:.2E} ({seconds:.0f} s)", flush=True)
 
-    # 3. the budget model: one finetune
-    models, budget_seconds = train("finetune", plan["finetune"], data, shared, user, seed, scale=scale)
-    budget_state = payload(models)
-    backbone, policy = models_of(budget_state)
+    # 3. the budget models: one finetune each (one per way of drawing the budgets)
     full = cost_model(PRESET).full
-    curve = budget_curve(backbone, policy, DataLoader(test, batch_size=256), cost_model(PRESET, policy), CPU,
-                         curve_budgets(float(policy.base), CURVE))
-    print(f"budget model: {budget_seconds:.0f} s; mean |spent - asked| {np.mean([p.gap for p in curve]):.4f}",
-          flush=True)
+    models = {}
+    for sampling in args.samplings.split(","):
+        settings = dict(plan_for("budget", user_path, data, gammas[0], extra + ["--budget-sampling", sampling]))
+        trained_models, seconds = train("finetune", settings["finetune"], data, shared, user, seed, scale=scale)
+        backbone, policy = models_of(payload(trained_models))
+        curve = budget_curve(backbone, policy, DataLoader(test, batch_size=256), cost_model(PRESET, policy), CPU,
+                             curve_budgets(float(policy.base), CURVE))
+        models[sampling] = {"backbone": backbone, "policy": policy, "seconds": seconds, "curve": curve}
+        print(f"budget model ({sampling}): {seconds:.0f} s; mean |spent - asked| "
+              f"{np.mean([p.gap for p in curve]):.4f}", flush=True)
 
     # 4. prune-and-finetune at the block counts that bracket the front
     pruned = None
@@ -139,66 +145,85 @@ def main() -> None:
             runs.append((keep, m.backbone, torch.tensor(static, dtype=torch.float32)))
         pruned = pruned_curve(runs, test, cost_model(PRESET), CPU)
 
-    rows = []
-    own_order = greedy_order(backbone, DataLoader(holdout(load_dataset(PRESET, "train", "imagefolder", data,
-                                                                       augment=False)), batch_size=256), CPU)
-    for f in front:
-        share = f["report"].flops_mean / full
-        correct, report = outcome(backbone, policy, test, budget=share)
-        versus_gamma = paired_difference(correct, f["correct"])
-        row = {"gamma": f["gamma"], "share": share, "front": f["report"], "budget": report, "vs_gamma": versus_gamma}
-        keep = keeps_bracketing(cost_model(PRESET), own_order, report.flops_mean)[0]
-        static_correct, static_report = outcome(backbone, None, test,
-                                                chooser=static_chooser(from_order(keep, own_order)))
-        row["vs_static"] = (keep, paired_difference(correct, static_correct), static_report)
-        if pruned is not None:
-            scores, where = pruned.at(report.flops_mean)
-            row["vs_prune"] = (paired_difference(correct, scores), where)
-            front_scores, front_where = pruned.at(f["report"].flops_mean)
-            row["front_vs_prune"] = (paired_difference(f["correct"], front_scores), front_where)
-        rows.append(row)
-    write(args, tag, user_report, rows, curve, sum(f["seconds"] for f in front), budget_seconds, s_nest + s_depth,
-          len(test), train_size, full)
+    variants = {}
+    for sampling, m in models.items():
+        backbone, policy = m["backbone"], m["policy"]
+        own_order = greedy_order(backbone, DataLoader(holdout(load_dataset(PRESET, "train", "imagefolder", data,
+                                                                           augment=False)), batch_size=256), CPU)
+        rows = []
+        for f in front:
+            share = f["report"].flops_mean / full
+            correct, report = outcome(backbone, policy, test, budget=share)
+            row = {"gamma": f["gamma"], "share": share, "front": f["report"], "budget": report, "correct": correct,
+                   "vs_gamma": paired_difference(correct, f["correct"])}
+            keep = keeps_bracketing(cost_model(PRESET), own_order, report.flops_mean)[0]
+            static_correct, _ = outcome(backbone, None, test, chooser=static_chooser(from_order(keep, own_order)))
+            row["vs_static"] = (keep, paired_difference(correct, static_correct))
+            if pruned is not None:
+                scores, where = pruned.at(report.flops_mean)
+                row["vs_prune"] = (paired_difference(correct, scores), where)
+                front_scores, _ = pruned.at(f["report"].flops_mean)
+                row["front_vs_prune"] = paired_difference(f["correct"], front_scores)
+            rows.append(row)
+        variants[sampling] = rows
+    write(args, tag, user_report, variants, models, sum(f["seconds"] for f in front), s_nest + s_depth, len(test),
+          train_size, full)
 
 
-def write(args, tag, user_report, rows, curve, front_seconds, budget_seconds, shared_seconds, test_size, train_size,
+def write(args, tag, user_report, variants, models, front_seconds, shared_seconds, test_size, train_size,
           full) -> None:
-    n = len(rows)
+    first = next(iter(variants.values()))
+    n = len(first)
+    seconds = ", ".join(f"{s} {m['seconds']:.0f} s ({m['seconds'] / front_seconds:.2f}x)" for s, m in models.items())
     lines = [f"### One budget model against {n} per-gamma models: {tag} (32x32 RGB folder, {train_size} train / "
              f"{test_size} test images), ResNet-32", "",
              f"{time.strftime('%Y-%m-%d')}, {platform.node()}: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
              f"in-process (benchmarks/budget.py, the stages' own code), seed {args.seed}, gammas {args.gammas}, budget "
-             f"range {args.budget_range}{', quick' if args.quick else ''}. Command: `python benchmarks/budget.py --data "
-             f"{args.data} --gammas={args.gammas}{' --no-prune' if args.no_prune else ''}"
-             f"{' --quick' if args.quick else ''}`", "",
-             f"The user's ResNet-32: {100 * user_report.accuracy:.2f}%, {full:.2E} FLOPs. Nest + depth, shared by both: "
-             f"{shared_seconds:.0f} s. Training compute: the {n} per-gamma finetunes {front_seconds:.0f} s, the one "
-             f"budget finetune {budget_seconds:.0f} s: **{budget_seconds / front_seconds:.2f}x** "
-             f"({(shared_seconds + budget_seconds) / (shared_seconds + front_seconds):.2f}x with the shared stages).", "",
-             "At each per-gamma model's FLOPs (the budget model's mean budget set to that model's share):", "",
-             "| gamma | share | per-gamma model | budget model | budget minus per-gamma | budget minus greedy static "
-             "on its ResNet | budget minus prune-and-finetune | per-gamma minus prune-and-finetune |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"range {args.budget_range}, samplings {args.samplings}{', quick' if args.quick else ''}. Command: "
+             f"`python benchmarks/budget.py --data {args.data} --gammas={args.gammas} --samplings {args.samplings}"
+             f"{' --no-prune' if args.no_prune else ''}{' --quick' if args.quick else ''}`", "",
+             f"The user's ResNet-32: {100 * user_report.accuracy:.2f}%, {full:.2E} FLOPs. Nest + depth, shared by all: "
+             f"{shared_seconds:.0f} s. Training compute (seconds, and against the {n} per-gamma finetunes' "
+             f"{front_seconds:.0f} s; by optimisation steps each budget finetune is 1/{n} of them): {seconds}.", ""]
 
     def point(r) -> str:
         return (f"{100 * r.accuracy:.2f}%, {r.blocks_mean:.2f} +- {r.blocks_std:.2f} blocks, {r.unique_policies} "
                 f"policies, {r.flops_mean:.2E}")
 
-    for row in rows:
-        keep, static, _ = row["vs_static"]
-        prune = f"{row['vs_prune'][0].text()} ({row['vs_prune'][1]})" if "vs_prune" in row else "not run"
-        front_prune = f"{row['front_vs_prune'][0].text()}" if "front_vs_prune" in row else ""
-        lines.append(f"| {row['gamma']:g} | {row['share']:.3f} | {point(row['front'])} | {point(row['budget'])} | "
-                     f"{row['vs_gamma'].text()} ({row['vs_gamma'].verdict}) | {static.text()} (K={keep}) | {prune} | "
-                     f"{front_prune} |")
-    lines += ["", "The budget model's curve (mean budgets; spent: the mean share of the full ResNet's FLOPs on the "
-              "test images, the table measured on the training images):", "",
-              "| asked | spent | max image | accuracy | blocks | unique policies | speedup |", "|---|---|---|---|---|---|---|"]
-    for p in curve:
-        r = p.report
-        lines.append(f"| {p.budget:.2f} | {p.spent:.3f} | {p.flops_max / full:.3f} | {100 * r.accuracy:.2f}% | "
-                     f"{r.blocks_mean:.2f} +- {r.blocks_std:.2f} | {r.unique_policies} | {r.speedup:.2f}x |")
-    lines.append(f"\nMean |spent - asked| over the curve: {np.mean([p.gap for p in curve]):.4f}.")
+    for sampling, rows in variants.items():
+        lines += [f"**Budgets drawn {sampling}**: at each per-gamma model's FLOPs (the budget model's mean budget set "
+                  "to that model's share):", "",
+                  "| gamma | share | per-gamma model | budget model | budget minus per-gamma | budget minus greedy "
+                  "static on its ResNet | budget minus prune-and-finetune | per-gamma minus prune-and-finetune |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in rows:
+            keep, static = row["vs_static"]
+            prune = f"{row['vs_prune'][0].text()} ({row['vs_prune'][1]})" if "vs_prune" in row else "not run"
+            front_prune = row["front_vs_prune"].text() if "front_vs_prune" in row else ""
+            lines.append(f"| {row['gamma']:g} | {row['share']:.3f} | {point(row['front'])} | {point(row['budget'])} | "
+                         f"{row['vs_gamma'].text()} ({row['vs_gamma'].verdict}) | {static.text()} (K={keep}) | "
+                         f"{prune} | {front_prune} |")
+        lines.append("")
+    names = list(variants)
+    if len(names) > 1:
+        a, b = names[1], names[0]
+        lines += [f"**{a} minus {b}**, image by image at each point:", "", "| gamma | share | difference |",
+                  "|---|---|---|"]
+        for ra, rb in zip(variants[a], variants[b]):
+            d = paired_difference(ra["correct"], rb["correct"])
+            lines.append(f"| {ra['gamma']:g} | {ra['share']:.3f} | {d.text()} ({d.verdict}) |")
+        lines.append("")
+    for sampling, m in models.items():
+        curve = m["curve"]
+        lines += [f"The budget model's curve, budgets drawn {sampling} (mean budgets; spent: the mean share of the "
+                  "full ResNet's FLOPs on the test images, the table measured on the training images):", "",
+                  "| asked | spent | max image | accuracy | blocks | unique policies | speedup |",
+                  "|---|---|---|---|---|---|---|"]
+        for p in curve:
+            r = p.report
+            lines.append(f"| {p.budget:.2f} | {p.spent:.3f} | {p.flops_max / full:.3f} | {100 * r.accuracy:.2f}% | "
+                         f"{r.blocks_mean:.2f} +- {r.blocks_std:.2f} | {r.unique_policies} | {r.speedup:.2f}x |")
+        lines.append(f"\nMean |spent - asked| over the curve: {np.mean([p.gap for p in curve]):.4f}.\n")
     output = args.output or str(Path(__file__).parent / "results" / f"budget_{tag}.md")
     emit(lines, output)
 

@@ -82,7 +82,8 @@ def train(stage: str, settings: dict, data: Path, init: dict | None, teacher: di
     began = time.time()
     for epoch in range(cfg.epochs):
         stats = train_epoch(stage, models, loader, optimizer, epoch, cfg.gamma, CPU, cfg.drop_rate, cfg.pace,
-                            cfg.entropy, static=row, budget_range=cfg.budget_range)
+                            cfg.entropy, static=row, budget_range=cfg.budget_range,
+                            budget_sampling=cfg.budget_sampling)
         if stats.spent is not None:  # a budget policy: its spending table, as the workers measure it
             models.policy.calibrate(stats.spent, stats.images)
         schedule.step()

@@ -198,7 +198,7 @@ class Worker:
         on_step = StepProgress(cfg.stage, epoch, cfg.epochs, self.world, cfg.progress_every_s) if self.rank == 0 else None
         stats = train_epoch(cfg.stage, self.models, self.data.loader, self.optimizer, epoch, cfg.gamma, self.device,
                             cfg.drop_rate, cfg.pace, cfg.entropy, on_step=on_step, static=self.static,
-                            budget_range=cfg.budget_range)
+                            budget_range=cfg.budget_range, budget_sampling=cfg.budget_sampling)
         trained = time.time()
         lr = self.optimizer.param_groups[-1]["lr"]  # finetune: the ResNet's
         self.schedule.step()

@@ -151,7 +151,8 @@ def describe(stage: str, settings: dict, workers: int) -> str:
         parts.append(f"policy lr {settings['policy_lr']:g}, gamma {settings['gamma']:g}")
     elif stage in ("depth", "finetune") and "budget_range" in settings:
         low, high = settings["budget_range"]
-        parts.append(f"budget policy, mean budgets drawn from {low:g}-{high:g} of the FLOPs"
+        how = " log-uniformly" if settings.get("budget_sampling") == "log" else ""
+        parts.append(f"budget policy, mean budgets drawn{how} from {low:g}-{high:g} of the FLOPs"
                      if stage == "finetune" else "budget policy (the depth policy's network)")
     elif stage in ("depth", "finetune"):
         parts.append(f"depth policy, gamma {settings['gamma']:g}")
@@ -227,7 +228,8 @@ def budget_settings(args: argparse.Namespace) -> dict:
     """A budget policy's stages: the range of mean budgets its finetuning draws from, and the budget it
     answers at when a request names none."""
     low, high = args.budget_range or DEFAULT_BUDGET_RANGE
-    return {"budget_range": [low, high], "budget": args.budget if args.budget is not None else (low + high) / 2}
+    return {"budget_range": [low, high], "budget": args.budget if args.budget is not None else (low + high) / 2,
+            "budget_sampling": args.budget_sampling}
 
 
 @dataclass

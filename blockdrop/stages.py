@@ -164,13 +164,15 @@ def depth_finetune_step(policy: DepthPolicy, executor: nn.Module, images: torch.
 
 
 def budget_finetune_step(policy: BudgetPolicy, executor: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                         teacher_logits: torch.Tensor | None, budget_range=None) -> StepOut:
+                         teacher_logits: torch.Tensor | None, budget_range=None, sampling: str = "uniform") -> StepOut:
     """The ResNet under the budget policy's choices at a mean budget drawn per image from `budget_range`
-    (priced on this batch's own spending); soft labels. Also what the policy spends at each price."""
+    (`sampling`: uniformly, or log-uniformly; priced on this batch's own spending); soft labels. Also what
+    the policy spends at each price."""
     with torch.no_grad():
         prob = policy.correct_prob(images)
         low, high = budget_range or BU.DEFAULT_RANGE
-        budgets = low + (high - low) * torch.rand(len(images), device=images.device, dtype=torch.float64)
+        draw = torch.rand(len(images), device=images.device, dtype=torch.float64)
+        budgets = low * (high / low) ** draw if sampling == "log" else low + (high - low) * draw
         depths = BU.batch_depths(prob, policy.costs, float(policy.base), budgets)
         spent = BU.spend(prob, policy.costs)
     logits = executor(images, D.rows(depths, policy.rank))
@@ -279,11 +281,12 @@ def set_modes(stage: str, models: Models) -> None:
 def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.optim.Optimizer, epoch: int,
                 gamma: float, device: torch.device, drop_rate: float = 0.0, pace: int = 0,
                 entropy: str = "original", on_step=None, static: torch.Tensor | None = None,
-                budget_range: tuple[float, float] | None = None) -> EpochStats:
+                budget_range: tuple[float, float] | None = None, budget_sampling: str = "uniform") -> EpochStats:
     """One pass over `loader` (this worker's shard) of `stage`. Curriculum: a new block is decided
     every `pace` optimisation steps (0: every epoch, as the original). Prune: `static` is the 0/1 policy
     every image runs. `on_step(step, steps, images)` after each optimisation step (progress within long
-    epochs). `budget_range`: a budget policy's finetune, the mean budgets it draws from."""
+    epochs). `budget_range`, `budget_sampling`: a budget policy's finetune, the mean budgets it draws from
+    and how."""
     stats = EpochStats()
     keep = survival(models.backbone.num_blocks, drop_rate, device) if drop_rate > 0 else None
     if static is not None:
@@ -309,7 +312,8 @@ def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.o
         elif stage == "depth":
             out = depth_step(models.policy_train, models.policy, models.backbone, images, labels)
         elif isinstance(models.policy, BudgetPolicy):
-            out = budget_finetune_step(models.policy, models.executor_train, images, labels, teacher, budget_range)
+            out = budget_finetune_step(models.policy, models.executor_train, images, labels, teacher, budget_range,
+                                       budget_sampling)
         elif depth:
             out = depth_finetune_step(models.policy, models.executor_train, images, labels, teacher)
         else:
@@ -352,6 +356,7 @@ class StageConfig:
     order: list[int] | None = None  # nest: the greedy static order of the user's ResNet (the depth policy's)
     budget_range: list[float] | None = None  # the budget policy: the mean budgets its finetune draws from
     budget: float | None = None  # ... and the one it runs at when a request names none
+    budget_sampling: str = "uniform"  # ... and how it draws them (blockdrop.choices.BUDGET_SAMPLINGS)
     # a progress line within an epoch every this many seconds (ImageNet: an epoch is an hour)
     progress_every_s: float = field(default_factory=lambda: float(os.environ.get("BLOCKDROP_PROGRESS_EVERY_S", "30")))
 

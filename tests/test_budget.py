@@ -358,6 +358,25 @@ def test_the_served_budget_model_answers_each_request_at_its_budget_as_evaluate_
 
 
 @pytest.mark.slow
+def test_the_same_name_with_another_mlflow_store_is_refused_not_resumed_from_that_runs_state(trained, tmp_path):
+    """The job's name again, its Ray storage shared, another MLflow store: Ray's state is the other run's, so
+    nothing is resumed, copied or reported as this job's."""
+    from mlflow.tracking import MlflowClient
+
+    root, store = trained["root"], f"sqlite:///{tmp_path / 'other.db'}"
+    proc = subprocess.run([sys.executable, str(REPO / "train_job.py"), "--policy", "budget", "--epochs", "5,3,2,2",
+                           "--num-workers", "1", "--name", "budget-e2e", "--no-prune-baseline", "--no-analysis",
+                           "--experiment", "budget-tests", "--mlflow-uri", store, "--storage-path", str(root / "ray")],
+                          cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = next((x for x in proc.stderr.splitlines() if "is another run's" in x), "")
+    assert "mlflow" in line and store in line and "give another --name" in line, proc.stderr[-2000:]
+    assert "resumes after" not in proc.stderr and not list(tmp_path.glob("**/*.pt"))
+    runs = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("budget-tests").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]  # not FINISHED with the other job's figures
+
+
+@pytest.mark.slow
 def test_a_sweep_puts_a_budget_models_curve_next_to_a_gamma_trial_on_one_front(trained):
     """tune_penalty.py from the budget job's depth checkpoint: a gamma trial and a budget trial on real Ray
     Tune and a real MLflow server; the front over every point of both, the budget model registered once."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from blockdrop.choices import (CURRICULUM_PACE, DEFAULT_BUDGET_RANGE, DEPTH_STAGES, ENTROPIES, POLICIES, PRESET_NAMES, PRUNE, STAGES,
+from blockdrop.choices import (BUDGET_SAMPLINGS, CURRICULUM_PACE, DEFAULT_BUDGET_RANGE, DEPTH_STAGES, ENTROPIES, POLICIES, PRESET_NAMES, PRUNE, STAGES,
                                check_preset_name, check_unreadable_share)
 from blockdrop.errors import UserError
 from blockdrop.parsers.common import (add_cluster_args, add_training_args, budget_range, check_budget_range, check_share,
@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=float, metavar="SHARE",
                         help="--policy budget: the mean budget the model runs at when a request names none "
                              "(default: the middle of --budget-range)")
+    parser.add_argument("--budget-sampling", choices=BUDGET_SAMPLINGS, default="uniform",
+                        help="--policy budget: how its finetuning draws the budgets from --budget-range: uniform "
+                             "(default), or log (log-uniform: as much training per factor of speedup, so more at "
+                             "the low end)")
     parser.add_argument("--keep", type=int, metavar="K",
                         help="--stage prune: the blocks the pruned ResNet keeps, chosen by the greedy static order "
                              "on --init's ResNet")
@@ -151,8 +155,10 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def check_budget_flags(args: argparse.Namespace) -> None:
     """--budget-range and --budget: shares in (0, 1], for --policy budget only."""
-    if args.policy not in (None, "budget") and (args.budget_range is not None or args.budget is not None):
-        raise UserError(f"--budget-range and --budget are for --policy budget, not --policy {args.policy}")
+    if args.policy not in (None, "budget") and (args.budget_range is not None or args.budget is not None
+                                                or args.budget_sampling != "uniform"):
+        raise UserError(f"--budget-range, --budget and --budget-sampling are for --policy budget, not --policy "
+                        f"{args.policy}")
     low, high = args.budget_range or DEFAULT_BUDGET_RANGE
     check_budget_range("--budget-range", low, high)
     check_share("--budget", args.budget if args.budget is not None else (low + high) / 2)
