@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 # The test files that take longest, handed out first: pytest-xdist (pytest.ini: -n 2 --dist loadfile
 # --no-loadscope-reorder) gives each worker whole files in this order, so that the two longest never
 # wait for the end of the run. Most of their time is Ray starting and stopping processes, not CPU.
-LONGEST_FIRST = ("test_train_job.py", "test_sweep.py", "test_cluster.py", "test_serving.py", "test_budget.py")
+LONGEST_FIRST = ("test_train_job.py", "test_sweep.py", "test_cluster.py", "test_budget.py", "test_serving.py",
+                 "test_identity.py")
 
 
 def pytest_collection_modifyitems(config, items):
