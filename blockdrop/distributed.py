@@ -310,8 +310,9 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 RUN_RECORD = "blockdrop-run.json"  # in a stage's Ray folder: what the run is (claim_storage)
-# StageConfig fields measured on the way (the same on a resume, but not what defines the run)
-NOT_IDENTITY = ("reference", "order", "static_policy", "progress_every_s")
+# StageConfig fields measured on the way (the same on a resume, but not what defines the run), and those a
+# resume may change (more epochs continue from the stored checkpoint)
+NOT_IDENTITY = ("reference", "order", "static_policy", "progress_every_s", "epochs", "eval_every")
 
 
 def run_identity(cfg: StageConfig, callbacks: list | None, extra: dict | None = None) -> dict:

@@ -40,8 +40,10 @@ from blockdrop.preflight import resolve_uri  # noqa: F401 (where a tracking URI 
 from blockdrop.pyfunc import BUDGET_PARAMS, BlockDropModel
 
 JOB_TAG = "blockdrop.job"
-# params that say how a run runs, not what it computes: a resume may change them (more workers, a GPU)
-OPERATIONAL_PARAMS = frozenset({"num_workers", "gpu", "workers", "workers_per_trial", "max_concurrent"})
+# params that say how a run runs, not what it computes: a resume may change them (more workers, a GPU, more
+# epochs: the same name with more epochs continues training from the stored checkpoint)
+OPERATIONAL_PARAMS = frozenset({"num_workers", "gpu", "workers", "workers_per_trial", "max_concurrent", "epochs",
+                                "eval_every"})
 
 
 def quoted(value: str) -> str:

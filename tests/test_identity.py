@@ -24,8 +24,8 @@ def test_a_run_of_the_same_name_with_other_settings_is_refused_not_continued(tmp
     t = tracker(tmp_path)
     first, resumed = t.job_run("x", "x", {"preset": "R26_DIGITS", "data_dir": "/data/a", "epochs": 5, "num_workers": 2})
     assert not resumed
-    again, resumed = t.job_run("x", "x", {"preset": "R26_DIGITS", "data_dir": "/data/a", "epochs": 5, "num_workers": 4})
-    assert resumed and again == first  # more workers: the same run, continued
+    again, resumed = t.job_run("x", "x", {"preset": "R26_DIGITS", "data_dir": "/data/a", "epochs": 7, "num_workers": 4})
+    assert resumed and again == first  # more workers, more epochs: the same run, continued
     with pytest.raises(UserError, match=r"other settings: data_dir '/data/a' there, '/data/b' here.*another --name"):
         t.job_run("x", "x", {"preset": "R26_DIGITS", "data_dir": "/data/b", "epochs": 5})
     child, _ = t.job_run("x/gamma=-1", "c", {"gamma": -1.0}, parent_id=first)
