@@ -380,8 +380,8 @@ def test_the_same_name_with_another_mlflow_store_is_refused_not_resumed_from_tha
 @pytest.mark.slow
 def test_a_sweep_trains_a_budget_model_whose_curve_is_its_points_on_the_front(trained):
     """tune_penalty.py --budget-ranges from the budget job's depth checkpoint, on real Ray Tune and a real MLflow
-    server: the trial's curve in MLflow, every point of it in the Pareto JSON, the front over all points, the
-    model registered once (the image-blind baselines beside a sweep's front: tests/test_sweep.py). (A sweep of gammas and budget models together, its
+    server: the trial's curve in MLflow, every point of it in the Pareto JSON next to the image-blind baselines,
+    the front over all points, the model registered once. (A sweep of gammas and budget models together, its
     front and registry: test_a_budget_sweeps_front_takes_every_point_of_every_curve...; per-gamma sweeps end to
     end: tests/test_sweep.py.)"""
     from blockdrop.pareto import Point, pareto_front
@@ -389,7 +389,7 @@ def test_a_sweep_trains_a_budget_model_whose_curve_is_its_points_on_the_front(tr
     root, client = trained["root"], trained["client"]
     depth = root / "ray" / "budget-e2e" / "checkpoints" / "budget-e2e-depth.pt"
     proc = subprocess.run([sys.executable, str(REPO / "tune_penalty.py"), "--init", str(depth), "--budget-ranges",
-                           "0.2,1", "--epochs", "1", "--no-analysis", "--name", "bsweep", "--experiment",
+                           "0.2,1", "--epochs", "1", "--no-prune-baseline", "--name", "bsweep", "--experiment",
                            "budget-sweeps", "--model-name", "budget-front", "--mlflow-uri", trained["uri"],
                            "--storage-path", str(root / "ray-sweep")],
                           cwd=root, env=clean_env(), capture_output=True, text=True, timeout=900)
@@ -406,7 +406,7 @@ def test_a_sweep_trains_a_budget_model_whose_curve_is_its_points_on_the_front(tr
     assert len(table["trials"]) == len(steps)  # every point of the curve
     points = [Point(t["accuracy"], t["flops"], info=t) for t in table["trials"]]
     assert [p["budget"] for p in table["front"]] == [p.info["budget"] for p in pareto_front(points)]
-    assert len(table["front"]) >= 2
+    assert len(table["front"]) >= 2 and table["baselines_on_init"]  # the image-blind curves beside it
     versions = client.search_model_versions("name = 'budget-front'")
     assert [v.run_id for v in versions] == [trial.info.run_id]  # one version for all its points
     assert client.get_model_version_by_alias("budget-front", "budget").version == versions[0].version
