@@ -25,7 +25,12 @@ DEPTH_POLICIES = ("depth", "budget")  # those trained by the depth policy's stag
 # how its finetune draws them: uniformly, or log-uniformly (as much training per factor of speedup: 4x-8x
 # as much as 1x-2x); benchmarks/results/budget_digits.md compares them
 BUDGET_SAMPLINGS = ("uniform", "log")
-DEFAULT_BUDGET_RANGE = (0.2, 1.0)  # the mean budgets a budget policy's finetuning draws from (shares of the FLOPs)
+DEFAULT_BUDGET_RANGE = (0.2, 1.0)
+
+
+def default_budget(low: float, high: float) -> float:
+    """The mean budget a budget model runs at when a request names none: the middle of its range."""
+    return (low + high) / 2  # the mean budgets a budget policy's finetuning draws from (shares of the FLOPs)
 # Not a BlockDrop stage: the competitor it must beat, the ResNet finetuned under one image-blind policy (a
 # static set of K blocks, greedy order) for as many steps as the policy's stages train it (blockdrop.prune).
 PRUNE = "prune"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from blockdrop.checkpoints import Checkpoint, load_models, read_checkpoint
-from blockdrop.choices import DEFAULT_BUDGET_RANGE, DEPTH_POLICIES, DEPTH_STAGES, PRUNE, STAGES
+from blockdrop.choices import DEFAULT_BUDGET_RANGE, DEPTH_POLICIES, DEPTH_STAGES, PRUNE, STAGES, default_budget
 from blockdrop.data import load_dataset
 from blockdrop.errors import UserError
 from blockdrop.models.resnet import FlatResNet, PolicyNet
@@ -228,7 +228,7 @@ def budget_settings(args: argparse.Namespace) -> dict:
     """A budget policy's stages: the range of mean budgets its finetuning draws from, and the budget it
     answers at when a request names none."""
     low, high = args.budget_range or DEFAULT_BUDGET_RANGE
-    return {"budget_range": [low, high], "budget": args.budget if args.budget is not None else (low + high) / 2,
+    return {"budget_range": [low, high], "budget": args.budget if args.budget is not None else default_budget(low, high),
             "budget_sampling": args.budget_sampling}
 
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from blockdrop.baselines import CurvePoint
 from blockdrop.checkpoints import read_checkpoint
-from blockdrop.choices import PRUNED
+from blockdrop.choices import PRUNED, default_budget
 from blockdrop.competitors import PruneRuns, prune_baseline
 from blockdrop.data import load_dataset
 from blockdrop.distributed import Payloads, analyse_remotely, curves_remotely, run_stage, versus_pruned_remotely
@@ -107,7 +107,7 @@ def run_trial(config: dict, sweep: SweepSettings) -> None:
                       weight_decay=s.weight_decay, gamma=gamma, drop_rate=0.0, dataset=s.dataset, data_dir=s.data_dir,
                       policy_lr=s.policy_lr, max_bad_images=s.max_bad_images, execution=s.execution,
                       eval_every=s.eval_every, reference=s.reference, budget_range=budgets,
-                      budget=None if budgets is None else (budgets[0] + budgets[1]) / 2)
+                      budget=None if budgets is None else default_budget(*budgets))
     try:
         checkpoint = run_stage(cfg, s.init_ref, s.workers, s.gpu, f"{s.name}-{key}", s.storage_path, max_failures=1,
                                callbacks=[tracker.epoch_logger(run_id), TuneReportCallback()], teacher_ref=s.teacher_ref,

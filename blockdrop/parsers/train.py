@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from blockdrop.choices import (BUDGET_SAMPLINGS, CURRICULUM_PACE, DEFAULT_BUDGET_RANGE, DEPTH_STAGES, ENTROPIES, POLICIES, PRESET_NAMES, PRUNE, STAGES,
+from blockdrop.choices import (BUDGET_SAMPLINGS, CURRICULUM_PACE, DEFAULT_BUDGET_RANGE, default_budget, DEPTH_STAGES, ENTROPIES, POLICIES, PRESET_NAMES, PRUNE, STAGES,
                                check_preset_name, check_unreadable_share)
 from blockdrop.errors import UserError
 from blockdrop.parsers.common import (add_cluster_args, add_training_args, budget_range, check_budget_range, check_share,
@@ -161,4 +161,4 @@ def check_budget_flags(args: argparse.Namespace) -> None:
                         f"{args.policy}")
     low, high = args.budget_range or DEFAULT_BUDGET_RANGE
     check_budget_range("--budget-range", low, high)
-    check_share("--budget", args.budget if args.budget is not None else (low + high) / 2)
+    check_share("--budget", args.budget if args.budget is not None else default_budget(low, high))
