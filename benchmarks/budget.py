@@ -1,7 +1,7 @@
 """One budget model against a front of per-gamma models: accuracy at equal FLOPs and training compute.
 
     scripts/with-venv python benchmarks/budget.py --data digits|shapes|mixed [--gammas=-0.3,-1,-3,-10]
-        [--samplings uniform,log] [--seed 0] [--no-prune] [--quick] [--workdir DIR] [--output FILE]
+        [--samplings uniform,log,sandwich] [--seed 0] [--no-prune] [--quick] [--workdir DIR] [--output FILE]
 
 In-process, with benchmarks/method.py's stages (the stages' own code, train_job.py's settings for an
 image folder, preset R32_C10), from one user's ResNet-32, same seed and data for everything:
@@ -12,7 +12,8 @@ image folder, preset R32_C10), from one user's ResNet-32, same seed and data for
 3. the budget model: ONE finetune of the same network as a budget policy (train_job.py --policy budget:
    mean budgets drawn per image from --budget-range), then evaluated at every per-gamma point's FLOPs
    (its mean budget set to that point's share) and along blockdrop.budget.CURVE; one such model per
-   --samplings (--budget-sampling: uniform or log-uniform draws), compared with each other image by image;
+   --samplings (--budget-sampling: uniform, log-uniform or sandwich draws), each compared with the first
+   image by image;
 4. at each per-gamma point: budget model minus that model, image by image (95% paired bootstrap), and
    both against prune-and-finetune at those FLOPs (the user's ResNet finetuned under a static greedy
    policy at the bracketing block counts: the strongest image-blind competitor) and against the greedy
@@ -73,8 +74,9 @@ def main() -> None:
     parser.add_argument("--gammas", default="-0.3,-1,-3,-10", help="the per-gamma front (default -0.3,-1,-3,-10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-range", default="0.2,1.0")
-    parser.add_argument("--samplings", default="uniform,log",
-                        help="a budget model per way of drawing its budgets (--budget-sampling), default uniform,log")
+    parser.add_argument("--samplings", default="uniform,log,sandwich",
+                        help="a budget model per way of drawing its budgets (--budget-sampling), each compared with "
+                             "the first (default uniform,log,sandwich)")
     parser.add_argument("--no-prune", action="store_true", help="leave out prune-and-finetune (saves its runs)")
     parser.add_argument("--pretrain-epochs", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="every stage at a tenth of its length: a smoke test")
@@ -204,12 +206,11 @@ def write(args, tag, user_report, variants, models, front_seconds, shared_second
                          f"{row['vs_gamma'].text()} ({row['vs_gamma'].verdict}) | {static.text()} (K={keep}) | "
                          f"{prune} | {front_prune} |")
         lines.append("")
-    names = list(variants)
-    if len(names) > 1:
-        a, b = names[1], names[0]
-        lines += [f"**{a} minus {b}**, image by image at each point:", "", "| gamma | share | difference |",
+    first, *others = list(variants)
+    for other in others:
+        lines += [f"**{other} minus {first}**, image by image at each point:", "", "| gamma | share | difference |",
                   "|---|---|---|"]
-        for ra, rb in zip(variants[a], variants[b]):
+        for ra, rb in zip(variants[other], variants[first]):
             d = paired_difference(ra["correct"], rb["correct"])
             lines.append(f"| {ra['gamma']:g} | {ra['share']:.3f} | {d.text()} ({d.verdict}) |")
         lines.append("")

@@ -126,6 +126,20 @@ def depths(correct_prob: torch.Tensor, costs: torch.Tensor, base: float, mean_sp
     return choose(correct_prob, costs, price, None if cap is None else cap - base)
 
 
+def draw_budgets(n: int, budget_range: tuple[float, float], sampling: str = "uniform",
+                 device: torch.device | None = None) -> torch.Tensor:
+    """Training's mean budgets for `n` images drawn from `budget_range`: "uniform", "log" (log-uniform: as
+    much training per factor of speedup) or "sandwich" (uniform, then each image again at the range's low
+    end: 2n budgets, the cheapest configuration trained at every step, as slimmable networks' sandwich
+    rule does for their smallest width)."""
+    low, high = budget_range
+    draw = torch.rand(n, device=device, dtype=torch.float64)
+    if sampling == "log":
+        return low * (high / low) ** draw
+    budgets = low + (high - low) * draw
+    return torch.cat([budgets, torch.full_like(budgets, low)]) if sampling == "sandwich" else budgets
+
+
 def batch_depths(correct_prob: torch.Tensor, costs: torch.Tensor, base: float, budget: torch.Tensor) -> torch.Tensor:
     """Training: each image's depth under its mean `budget`, priced on its batch's own spending table (the
     policy's table is measured after training)."""

@@ -22,9 +22,10 @@ DEPTH_STAGES = ("pretrain", "nest", "depth", "finetune")
 # for the whole front: blockdrop.budget)
 POLICIES = ("blocks", "depth", "budget")
 DEPTH_POLICIES = ("depth", "budget")  # those trained by the depth policy's stages
-# how its finetune draws them: uniformly, or log-uniformly (as much training per factor of speedup: 4x-8x
-# as much as 1x-2x); benchmarks/results/budget_digits.md compares them
-BUDGET_SAMPLINGS = ("uniform", "log")
+# how its finetune draws them: uniformly, log-uniformly (as much training per factor of speedup: 4x-8x
+# as much as 1x-2x), or sandwich (uniformly, and each image again at the range's low end);
+# benchmarks/budget.py compares them (blockdrop.budget.draw_budgets)
+BUDGET_SAMPLINGS = ("uniform", "log", "sandwich")
 DEFAULT_BUDGET_RANGE = (0.2, 1.0)
 
 

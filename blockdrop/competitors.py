@@ -3,7 +3,6 @@ both train (blockdrop.prune holds its math) at the block counts that bracket the
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -80,10 +79,8 @@ def _prune(preset: Preset, runs: PruneRuns, start, reference: dict, settings: di
     cfg = StageConfig(preset=preset.name, stage=PRUNE, dataset=runs.dataset, data_dir=runs.data_dir, seed=runs.seed,
                       max_bad_images=runs.max_bad_images, execution=runs.execution, eval_every=settings["epochs"],
                       reference=reference, static_policy=row, **({"gamma": 0.0} | settings))
-    checkpoint = run_stage(cfg, start, runs.workers, runs.gpu, run_name, runs.storage, runs.max_failures,
-                           callbacks=[runs.tracker.epoch_logger(child)], teacher_ref=start)
-    out = runs.output / f"{run_name}.pt"
-    shutil.copyfile(checkpoint, out)
+    out = run_stage(cfg, start, runs.workers, runs.gpu, run_name, runs.storage, runs.max_failures,
+                    runs.output / f"{run_name}.pt", callbacks=[runs.tracker.epoch_logger(child)], teacher_ref=start)
     runs.tracker.log_artifact(child, out, "checkpoint")
     runs.tracker.finish(child, ok=True)
     return keep, read_checkpoint(out).backbone, row

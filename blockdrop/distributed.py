@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -349,9 +350,9 @@ def claim_storage(storage_path: str | None, name: str, identity: dict) -> None:
 
 
 def run_stage(cfg: StageConfig, init_ref, num_workers: int, use_gpu: bool, name: str,
-              storage_path: str | None, max_failures: int, callbacks: list | None = None, teacher_ref=None,
-              identity: dict | None = None) -> Path:
-    """Fit one stage; returns a local copy of its final model checkpoint.
+              storage_path: str | None, max_failures: int, out: Path, callbacks: list | None = None,
+              teacher_ref=None, identity: dict | None = None) -> Path:
+    """Fit one stage; its final model checkpoint is copied to `out` (returned).
 
     `callbacks` are Ray Train callbacks, run where Train's controller runs, after each report (the MLflow
     run's epoch metrics, blockdrop.tracking; a Tune trial's forwarding to Tune); `teacher_ref` the user's
@@ -386,11 +387,11 @@ def run_stage(cfg: StageConfig, init_ref, num_workers: int, use_gpu: bool, name:
                             "once MLflow answers (the stage is not trained again, its metrics are written)") from None
     if result.checkpoint is None:
         raise RuntimeError(f"stage {cfg.stage} finished without a checkpoint")
-    local = Path(tempfile.mkdtemp(prefix=f"blockdrop-{cfg.stage}-"))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as folder:
-        target = local / MODEL_FILE
-        target.write_bytes((Path(folder) / MODEL_FILE).read_bytes())
-    return target
+        shutil.copyfile(Path(folder) / MODEL_FILE, out)
+    return out
 
 
 class Payloads:

@@ -6,7 +6,6 @@ The job was planned before (blockdrop.plans.validate: flags, --init, data); here
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -114,13 +113,10 @@ class Job:
         start_ref = self.payloads.of_file(start) if start else None
         cfg, taught = self.stage_config(stage, settings, start, start_ref)
         began = time.time()
-        checkpoint = run_stage(cfg, start_ref, self.args.num_workers, self.args.gpu, f"{self.name}-{stage}",
-                               self.storage, self.args.max_failures, callbacks=[self.tracker.epoch_logger(stage_run)],
-                               teacher_ref=taught)
+        out = run_stage(cfg, start_ref, self.args.num_workers, self.args.gpu, f"{self.name}-{stage}", self.storage,
+                        self.args.max_failures, self.output / f"{self.name}-{stage}.pt",
+                        callbacks=[self.tracker.epoch_logger(stage_run)], teacher_ref=taught)
         self.seconds += time.time() - began
-        out = self.output / f"{self.name}-{stage}.pt"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(checkpoint, out)
         if stage_run != self.run_id:
             self.tracker.log_artifact(stage_run, out, "checkpoint")
             self.tracker.finish(stage_run, ok=True)

@@ -151,7 +151,8 @@ def describe(stage: str, settings: dict, workers: int) -> str:
         parts.append(f"policy lr {settings['policy_lr']:g}, gamma {settings['gamma']:g}")
     elif stage in ("depth", "finetune") and "budget_range" in settings:
         low, high = settings["budget_range"]
-        how = " log-uniformly" if settings.get("budget_sampling") == "log" else ""
+        how = {"log": " log-uniformly", "sandwich": " uniformly and at the low end (sandwich)"}.get(
+            settings.get("budget_sampling"), "")
         parts.append(f"budget policy, mean budgets drawn{how} from {low:g}-{high:g} of the FLOPs"
                      if stage == "finetune" else "budget policy (the depth policy's network)")
     elif stage in ("depth", "finetune"):

@@ -166,19 +166,21 @@ def depth_finetune_step(policy: DepthPolicy, executor: nn.Module, images: torch.
 def budget_finetune_step(policy: BudgetPolicy, executor: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                          teacher_logits: torch.Tensor | None, budget_range=None, sampling: str = "uniform") -> StepOut:
     """The ResNet under the budget policy's choices at a mean budget drawn per image from `budget_range`
-    (`sampling`: uniformly, or log-uniformly; priced on this batch's own spending); soft labels. Also what
-    the policy spends at each price."""
+    (`sampling`: blockdrop.budget.draw_budgets; priced on this batch's own spending); soft labels. Also
+    what the policy spends at each price. "sandwich" adds each image at the range's low end to the same
+    batch (one pass, twice the rows; the added rows run few blocks)."""
+    n = len(images)
     with torch.no_grad():
         prob = policy.correct_prob(images)
-        low, high = budget_range or BU.DEFAULT_RANGE
-        draw = torch.rand(len(images), device=images.device, dtype=torch.float64)
-        budgets = low * (high / low) ** draw if sampling == "log" else low + (high - low) * draw
-        depths = BU.batch_depths(prob, policy.costs, float(policy.base), budgets)
+        budgets = BU.draw_budgets(n, budget_range or BU.DEFAULT_RANGE, sampling, images.device)
+        copies = len(budgets) // n  # each image's rows: one per budget drawn for it
+        depths = BU.batch_depths(torch.cat([prob] * copies), policy.costs, float(policy.base), budgets)
         spent = BU.spend(prob, policy.costs)
-    logits = executor(images, D.rows(depths, policy.rank))
-    loss = D.distill_loss(logits, labels, teacher_logits)
+    logits = executor(torch.cat([images] * copies), D.rows(depths, policy.rank))
+    teacher = None if teacher_logits is None else torch.cat([teacher_logits] * copies)
+    loss = D.distill_loss(logits, torch.cat([labels] * copies), teacher)
     loss.backward()
-    return StepOut(loss.detach(), logits.argmax(1) == labels, blocks=depths.float(), spent=spent)
+    return StepOut(loss.detach(), logits[:n].argmax(1) == labels, blocks=depths[:n].float(), spent=spent)
 
 
 def uses_sgd(stage: str, depth: bool = False) -> bool:

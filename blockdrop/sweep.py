@@ -32,7 +32,7 @@ from blockdrop.checkpoints import read_checkpoint
 from blockdrop.choices import PRUNED, default_budget
 from blockdrop.competitors import PruneRuns, prune_baseline
 from blockdrop.data import load_dataset
-from blockdrop.distributed import Payloads, analyse_remotely, curves_remotely, run_stage, versus_pruned_remotely
+from blockdrop.distributed import MODEL_FILE, Payloads, analyse_remotely, curves_remotely, run_stage, versus_pruned_remotely
 from blockdrop.errors import UserError
 from blockdrop.metrics import evaluate
 from blockdrop.flops import cost_model
@@ -109,22 +109,23 @@ def run_trial(config: dict, sweep: SweepSettings) -> None:
                       eval_every=s.eval_every, reference=s.reference, budget_range=budgets,
                       budget=None if budgets is None else default_budget(*budgets))
     try:
-        checkpoint = run_stage(cfg, s.init_ref, s.workers, s.gpu, f"{s.name}-{key}", s.storage_path, max_failures=1,
-                               callbacks=[tracker.epoch_logger(run_id), TuneReportCallback()], teacher_ref=s.teacher_ref,
-                               identity={"init": s.init_label})
-        trained = read_checkpoint(checkpoint)
-        preset = get_preset(s.preset)
-        if s.analysis:  # onto the trial's run: metrics gain_over_static, baseline_*; policy/ pictures
-            comparison, files = analyse_remotely(preset.name, ray.put({"backbone": trained.backbone,
-                                                                       "policy": trained.policy}),
-                                                 s.dataset, s.data_dir, s.gpu)
-            tracker.log_files(run_id, files, "policy")
-            tracker.log_metrics(run_id, comparison.metrics(), step=0)
-        test = load_dataset(preset, "test", s.dataset, s.data_dir)
-        report, _ = tracker.publish(run_id, checkpoint, trained, preset, input_example(preset, test),
-                                    {"preset": preset.name, "lr": lr, "policy_lr": s.policy_lr or lr} | what,
-                                    final=lambda r: {f"final_{k}": v for k, v in trial_result(r).items()})
-        tracker.finish(run_id, ok=True)
+        with tempfile.TemporaryDirectory(prefix="blockdrop-trial-") as local:  # the model, until MLflow holds it
+            checkpoint = run_stage(cfg, s.init_ref, s.workers, s.gpu, f"{s.name}-{key}", s.storage_path, 1,
+                                   Path(local) / MODEL_FILE, callbacks=[tracker.epoch_logger(run_id), TuneReportCallback()],
+                                   teacher_ref=s.teacher_ref, identity={"init": s.init_label})
+            trained = read_checkpoint(checkpoint)
+            preset = get_preset(s.preset)
+            if s.analysis:  # onto the trial's run: metrics gain_over_static, baseline_*; policy/ pictures
+                comparison, files = analyse_remotely(preset.name, ray.put({"backbone": trained.backbone,
+                                                                           "policy": trained.policy}),
+                                                     s.dataset, s.data_dir, s.gpu)
+                tracker.log_files(run_id, files, "policy")
+                tracker.log_metrics(run_id, comparison.metrics(), step=0)
+            test = load_dataset(preset, "test", s.dataset, s.data_dir)
+            report, _ = tracker.publish(run_id, checkpoint, trained, preset, input_example(preset, test),
+                                        {"preset": preset.name, "lr": lr, "policy_lr": s.policy_lr or lr} | what,
+                                        final=lambda r: {f"final_{k}": v for k, v in trial_result(r).items()})
+            tracker.finish(run_id, ok=True)
     except BaseException:
         tracker.finish(run_id, ok=False)
         raise

@@ -79,6 +79,47 @@ def test_bad_budgets_are_refused_with_what_a_budget_is(bad):
         B.check_budget(bad)
 
 
+def test_training_budgets_are_drawn_in_the_range_log_more_at_the_low_end_sandwich_also_at_it():
+    torch.manual_seed(0)
+    uniform, log = B.draw_budgets(4000, (0.2, 1.0)), B.draw_budgets(4000, (0.2, 1.0), "log")
+    for drawn in (uniform, log):
+        assert len(drawn) == 4000 and drawn.min() >= 0.2 and drawn.max() <= 1.0
+    assert abs(uniform.median() - 0.6) < 0.03 and abs(log.median() - 0.2 * 5 ** 0.5) < 0.03  # geometric middle
+    sandwich = B.draw_budgets(100, (0.2, 1.0), "sandwich")
+    assert len(sandwich) == 200 and torch.all(sandwich[100:] == 0.2) and sandwich[:100].std() > 0.1
+
+
+def test_a_sandwich_step_trains_each_image_at_its_budget_and_at_the_low_end_in_one_pass():
+    """The added rows are the same images at the range's low end (the depths the policy picks there); the
+    step reports the drawn budgets' rows only."""
+    from blockdrop import depth as D
+    from blockdrop.execution import Executor
+    from blockdrop.stages import budget_finetune_step
+
+    preset, backbone, policy = budget_models(seed=1)
+    seen = []
+
+    class Recording(Executor):
+        def forward(self, x, policy=None):
+            seen.append((x, policy))
+            return super().forward(x, policy)
+
+    images = torch.randn(16, preset.in_channels, preset.image_size, preset.image_size)
+    labels = torch.randint(preset.num_classes, (16,))
+    backbone.train()
+    torch.manual_seed(3)
+    out = budget_finetune_step(policy, Recording(backbone, "sparse"), images, labels, None, (0.2, 0.9), "sandwich")
+    (ran, rows), = seen
+    assert ran.shape[0] == 32 and torch.equal(ran[:16], images) and torch.equal(ran[16:], images)
+    with torch.no_grad():
+        low = B.batch_depths(policy.correct_prob(images), policy.costs, float(policy.base), torch.full((16,), 0.2,
+                                                                                                        dtype=torch.float64))
+    assert torch.equal(rows[16:], D.rows(low, policy.rank))
+    assert torch.equal(out.blocks, rows[:16].sum(1)) and len(out.correct) == 16
+    assert out.blocks.mean() > rows[16:].sum(1).mean()  # the drawn budgets run more blocks than the low end
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone.parameters())
+
+
 # ---------------------------------------------------------------- a budget model, untrained but calibrated
 
 def budget_models(seed: int = 0, scale: float = 4.0):

@@ -86,6 +86,11 @@ def grid_sweep(tmp_path_factory, curriculum_checkpoint):
     finished = [c for c in before if c.info.status == "FINISHED"]
     assert len(finished) == 1
 
+    # resuming it with another grid is refused (the old grid is not restored silently), the sweep kept
+    other = subprocess.run([*cmd[:cmd.index("--penalties") + 1], "-0.5,-7", *cmd[cmd.index("--penalties") + 2:],
+                            "--resume"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "penalties '-0.5,-20.0' there, '-0.5,-7.0' here" in other.stderr, \
+        other.stderr[-2000:]
     again = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     return tmp_path, finished[0], again

@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: the middle of --budget-range)")
     parser.add_argument("--budget-sampling", choices=BUDGET_SAMPLINGS, default="uniform",
                         help="--policy budget: how its finetuning draws the budgets from --budget-range: uniform "
-                             "(default), or log (log-uniform: as much training per factor of speedup, so more at "
-                             "the low end)")
+                             "(default), log (log-uniform: as much training per factor of speedup, so more at "
+                             "the low end), or sandwich (uniform, and every image also at the range's low end in "
+                             "the same batch: about a quarter more compute)")
     parser.add_argument("--keep", type=int, metavar="K",
                         help="--stage prune: the blocks the pruned ResNet keeps, chosen by the greedy static order "
                              "on --init's ResNet")
