@@ -11,7 +11,7 @@ from pathlib import Path
 from blockdrop.baselines import from_order
 from blockdrop.checkpoints import read_checkpoint
 from blockdrop.choices import PRUNE
-from blockdrop.distributed import Payloads, order_remotely, run_stage
+from blockdrop.distributed import Payloads, run_stage
 from blockdrop.flops import cost_model
 from blockdrop.plans import prune_settings
 from blockdrop.presets import Preset
@@ -51,7 +51,7 @@ def prune_baseline(preset: Preset, runs: PruneRuns, payloads: Payloads, referenc
     start = payloads.user_resnet(reference, "prune-and-finetune left out")
     if start is None:
         return []
-    order = order_remotely(preset.name, start, runs.dataset, runs.data_dir, runs.gpu)
+    order = payloads.order(start, runs.dataset, runs.data_dir, runs.gpu)
     plain = argparse.Namespace(dataset=runs.dataset, preset=preset.name, epochs=None, lr=None, batch_size=None)
     settings = prune_settings(preset, plain, runs.train_size, steps)
     keeps = sorted({keep for f in flops for keep in keeps_bracketing(cost_model(preset), order, f)})

@@ -401,6 +401,7 @@ class Payloads:
     def __init__(self, preset: Preset):
         self.preset = preset
         self._refs: dict[str, ray.ObjectRef] = {}
+        self._orders: dict[str, list[int]] = {}
 
     def put(self, path: str | Path, backbone: dict | torch.nn.Module, policy: dict | torch.nn.Module | None):
         """The models of file `path`, already in memory (modules or state dicts), put in the store."""
@@ -419,6 +420,14 @@ class Payloads:
             backbone, policy, _ = load_models(self.preset, path)
             self.put(path, backbone, policy)
         return self._refs[key]
+
+    def order(self, ref, dataset: str | None, data_dir: str | None, use_gpu: bool) -> list[int]:
+        """The greedy static order of the ResNet in `ref` (one of these payloads), measured once: a job's nest
+        and its prune-and-finetune runs start from the same ResNet."""
+        key = ref.hex()
+        if key not in self._orders:
+            self._orders[key] = order_remotely(self.preset.name, ref, dataset, data_dir, use_gpu)
+        return self._orders[key]
 
     def user_resnet(self, reference: dict | None, missing: str):
         """The ResNet the user started from (the file a reference names), or None with a note that says

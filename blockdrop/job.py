@@ -19,7 +19,7 @@ from blockdrop.checkpoints import Checkpoint, read_checkpoint
 from blockdrop.choices import PRUNE
 from blockdrop.competitors import PruneRuns, prune_baseline
 from blockdrop.data import load_dataset
-from blockdrop.distributed import Payloads, analyse_remotely, order_remotely, run_stage
+from blockdrop.distributed import Payloads, analyse_remotely, run_stage
 from blockdrop.errors import UserError
 from blockdrop.plans import Plan, describe, finetune_gamma, resnet_steps
 from blockdrop.pyfunc import input_example
@@ -85,7 +85,7 @@ class Job:
         args, preset = self.args, self.plan.preset
         order = static = None
         if stage in (PRUNE, "nest"):  # the greedy static order of the starting ResNet
-            order = order_remotely(preset.name, start_ref, args.dataset, self.data_dir, args.gpu)
+            order = self.payloads.order(start_ref, args.dataset, self.data_dir, args.gpu)
         if stage == PRUNE:
             static = from_order(settings["keep"], order).int().tolist()
         taught = None

@@ -82,6 +82,40 @@ def write_cifar(root: Path, name: str = "cifar10", per_batch: int = 20, test: in
     return test_labels
 
 
+def pretrain_digits(epochs: int = 6, seed: int = 0) -> nn.Module:
+    """An R26_DIGITS ResNet trained in-process as the pretrain stage trains it (stochastic depth, SGD): a
+    user's ResNet made in seconds, without Ray."""
+    from torch.utils.data import DataLoader
+
+    from blockdrop.data import load_dataset
+    from blockdrop.execution import Executor
+    from blockdrop.presets import get_preset
+    from blockdrop.stages import Models, make_optimizer, train_epoch
+
+    preset = get_preset("R26_DIGITS")
+    torch.manual_seed(seed)
+    backbone = preset.build_backbone()
+    loader = DataLoader(load_dataset(preset, "train"), batch_size=64, shuffle=True)
+    optimizer = make_optimizer("pretrain", backbone.parameters(), 0.05, 5e-4)
+    for epoch in range(epochs):
+        train_epoch("pretrain", Models(backbone, None, executor_train=Executor(backbone)), loader, optimizer, epoch,
+                    -5.0, torch.device("cpu"), drop_rate=0.5)
+    return backbone.eval()
+
+
+@pytest.fixture(scope="session")
+def user_resnet(tmp_path_factory) -> Path:
+    """A user's pretrained R26_DIGITS ResNet as a file (blockdrop's checkpoint format, no policy): where jobs
+    that test what comes after the pretrain stage start (--init), as users with their own ResNet do."""
+    from blockdrop.checkpoints import save_checkpoint
+    from blockdrop.presets import get_preset
+
+    path = tmp_path_factory.mktemp("user-resnet") / "user.pt"
+    save_checkpoint(path, get_preset("R26_DIGITS"), pretrain_digits(), None,
+                    {"stage": "pretrain", "config": {"stage": "pretrain", "drop_rate": 0.5}})  # as the stage writes it
+    return path
+
+
 @pytest.fixture
 def cifar10_dir(tmp_path: Path) -> Path:
     write_cifar(tmp_path)

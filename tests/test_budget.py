@@ -304,15 +304,20 @@ def test_the_mlflow_model_takes_the_budget_as_a_param(budget_file, tmp_path):
 
 # ---------------------------------------------------------------- end to end: train, track, evaluate, serve
 
+def budget_job(user_resnet: Path, store: str, root: Path, cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+    """train_job.py --policy budget from the user's ResNet (nest -> depth -> budget finetune), one worker,
+    short stages."""
+    return subprocess.run([sys.executable, str(REPO / "train_job.py"), "--policy", "budget", "--init", str(user_resnet),
+                           "--epochs", "3,2,2", "--num-workers", "1", "--name", "budget-e2e", "--no-prune-baseline",
+                           "--no-analysis", "--experiment", "budget-tests", "--mlflow-uri", store, "--storage-path",
+                           str(root / "ray")], cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture(scope="module")
-def trained(mlflow_server, tmp_path_factory):  # noqa: F811
-    """train_job.py --policy budget on a real local Ray, logging to a real MLflow server: pretrain -> nest ->
-    depth -> budget finetune, one worker, short stages."""
+def trained(mlflow_server, tmp_path_factory, user_resnet):  # noqa: F811
+    """A budget job on a real local Ray, logging to a real MLflow server."""
     root = tmp_path_factory.mktemp("budget-job")
-    proc = subprocess.run([sys.executable, str(REPO / "train_job.py"), "--policy", "budget", "--epochs", "5,3,2,2",
-                           "--num-workers", "1", "--name", "budget-e2e", "--no-prune-baseline", "--no-analysis",
-                           "--experiment", "budget-tests", "--mlflow-uri", mlflow_server, "--storage-path",
-                           str(root / "ray")], cwd=root, env=clean_env(), capture_output=True, text=True, timeout=900)
+    proc = budget_job(user_resnet, mlflow_server, root, root, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     from mlflow.tracking import MlflowClient
 
@@ -321,13 +326,14 @@ def trained(mlflow_server, tmp_path_factory):  # noqa: F811
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("blockdrop.job") == "budget-e2e")
     return {"root": root, "proc": proc, "client": client, "parent": parent, "runs": runs, "uri": mlflow_server,
-            "checkpoint": root / "ray" / "budget-e2e" / "checkpoints" / "budget-e2e-finetune.pt"}
+            "checkpoint": root / "ray" / "budget-e2e" / "checkpoints" / "budget-e2e-finetune.pt",
+            "user_resnet": user_resnet}
 
 
 @pytest.mark.slow
 def test_a_budget_job_trains_the_depth_stages_and_logs_its_curve_to_mlflow(trained):
     proc, client, parent = trained["proc"], trained["client"], trained["parent"]
-    assert "plan: pretrain -> nest -> depth -> finetune" in proc.stderr
+    assert "plan: nest -> depth -> finetune" in proc.stderr
     assert "budget policy, mean budgets drawn from 0.2-1 of the FLOPs" in proc.stderr
     assert parent.data.params["policy"] == "budget"
     # the curve: curve_* metrics whose step is the budget in percent, and budget_curve.json
@@ -405,10 +411,7 @@ def test_the_same_name_with_another_mlflow_store_is_refused_not_resumed_from_tha
     from mlflow.tracking import MlflowClient
 
     root, store = trained["root"], f"sqlite:///{tmp_path / 'other.db'}"
-    proc = subprocess.run([sys.executable, str(REPO / "train_job.py"), "--policy", "budget", "--epochs", "5,3,2,2",
-                           "--num-workers", "1", "--name", "budget-e2e", "--no-prune-baseline", "--no-analysis",
-                           "--experiment", "budget-tests", "--mlflow-uri", store, "--storage-path", str(root / "ray")],
-                          cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
+    proc = budget_job(trained["user_resnet"], store, root, tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     line = next((x for x in proc.stderr.splitlines() if "is another run's" in x), "")
     assert "mlflow" in line and store in line and "give another --name" in line, proc.stderr[-2000:]

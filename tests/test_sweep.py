@@ -15,11 +15,10 @@ from torch.utils.data import DataLoader
 
 from blockdrop.checkpoints import save_checkpoint
 from blockdrop.data import load_dataset
-from blockdrop.execution import Executor
 from blockdrop.presets import get_preset
 from blockdrop.stages import Models, make_optimizer, train_epoch
 
-from conftest import REPO, clean_env
+from conftest import REPO, clean_env, pretrain_digits
 
 PRESET = get_preset("R26_DIGITS")
 K = PRESET.num_blocks
@@ -28,14 +27,9 @@ K = PRESET.num_blocks
 @pytest.fixture(scope="module")
 def curriculum_checkpoint(tmp_path_factory) -> Path:
     """A small pretrain + curriculum run in-process (the library needs no Ray)."""
-    torch.manual_seed(0)
-    backbone, policy = PRESET.build_backbone(), PRESET.build_policy()
+    backbone, policy = pretrain_digits(), PRESET.build_policy()
     loader = DataLoader(load_dataset(PRESET, "train"), batch_size=64, shuffle=True)
     device = torch.device("cpu")
-    pretrain = make_optimizer("pretrain", backbone.parameters(), 0.05, 5e-4)
-    for epoch in range(6):
-        train_epoch("pretrain", Models(backbone, None, executor_train=Executor(backbone)), loader, pretrain,
-                    epoch, -5.0, device, drop_rate=0.5)
     backbone.requires_grad_(False)
     curriculum = make_optimizer("curriculum", policy.parameters(), 1e-3, 0.0)
     for epoch in range(PRESET.num_blocks):

@@ -273,15 +273,15 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
 
 
 @pytest.mark.slow
-def test_blockdrops_own_policy_trains_on_request(tmp_path):
-    """--policy blocks: the paper's per-block policy, pretrain -> curriculum -> finetune (the digits preset
-    pretrains with stochastic depth: no adapt), compared with the image-blind policies."""
-    proc = train_job(tmp_path, "--policy", "blocks", "--epochs", "6,12,2", "--num-workers", "1", "--name", "bd",
-                     "--no-prune-baseline", timeout=600)
+def test_blockdrops_own_policy_trains_on_request(tmp_path, user_resnet):
+    """--policy blocks from the user's ResNet: the paper's per-block policy, curriculum -> finetune (a ResNet
+    pretrained with stochastic depth needs no adapt stage), compared with the image-blind policies."""
+    proc = train_job(tmp_path, "--policy", "blocks", "--init", str(user_resnet), "--epochs", "12,2",
+                     "--num-workers", "1", "--name", "bd", "--no-prune-baseline", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "ray" / "bd" / "checkpoints"
-    assert sorted(p.name for p in out.iterdir()) == ["bd-curriculum.pt", "bd-finetune.pt", "bd-pretrain.pt"]
-    assert "plan: pretrain -> curriculum -> finetune" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["bd-curriculum.pt", "bd-finetune.pt"]
+    assert "plan: curriculum -> finetune" in proc.stderr
     assert "At the learned policy's FLOPs" in proc.stdout and "prune and finetune" not in proc.stdout
     client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("blockdrop").experiment_id])
@@ -330,13 +330,26 @@ def test_killed_worker_is_replaced_and_training_resumes_in_the_same_mlflow_run(t
     assert sorted({s for s, _ in history(client, runs[0].info.run_id, "test_accuracy")}) == list(range(7))
 
 
+@pytest.fixture(scope="module")
+def folder_job(tmp_path_factory, mlflow_server):  # noqa: F811
+    """A pretrain job on an image folder holding one garbage file among good PNGs, logging to a real
+    `mlflow server`: (its folder, the process, the bad file)."""
+    from test_evaluate import digit_folder
+
+    root = tmp_path_factory.mktemp("folder-job")
+    bad = digit_folder(root / "data", per_class=6, corrupt="train")
+    proc = train_job(root, "--stage", "pretrain", "--epochs", "2", "--num-workers", "1", "--dataset", "imagefolder",
+                     "--data-dir", str(root / "data"), "--max-bad-images", "0.05", "--name", "remote",
+                     "--mlflow-uri", mlflow_server, "--experiment", "server-test", "--no-analysis", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, proc, bad
+
+
 @pytest.mark.slow
-def test_logs_to_a_real_mlflow_server(tmp_path, mlflow_server):  # noqa: F811
-    proc = train_job(tmp_path, "--stage", "pretrain", "--epochs", "2", "--num-workers", "1", "--name", "remote",
-                     "--mlflow-uri", mlflow_server, "--experiment", "server-test")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_logs_to_a_real_mlflow_server(folder_job, mlflow_server):  # noqa: F811
+    root, proc, _ = folder_job
     assert f"{mlflow_server}/#/experiments/" in proc.stdout
-    assert not (tmp_path / "mlflow.db").exists()
+    assert not (root / "mlflow.db").exists()
     client = client_for(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("server-test").experiment_id])
     assert len(runs) == 1
@@ -363,17 +376,11 @@ def test_checkpoints_go_where_the_run_storage_is_unless_told(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_corrupt_training_image_is_skipped_and_counted_not_a_restart_loop(tmp_path):
+def test_a_corrupt_training_image_is_skipped_and_counted_not_a_restart_loop(folder_job, mlflow_server):  # noqa: F811
     """One garbage file among good PNGs: training goes on (the next image stands in), the warning names
     the file, and the epoch's metrics count it (skipped_images)."""
-    from test_evaluate import digit_folder
-
-    bad = digit_folder(tmp_path / "data", per_class=6, corrupt="train")
-    proc = train_job(tmp_path, "--stage", "pretrain", "--epochs", "2", "--num-workers", "1", "--dataset", "imagefolder",
-                     "--data-dir", str(tmp_path / "data"), "--max-bad-images", "0.05", "--name", "corrupt",
-                     "--no-analysis", timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _, proc, bad = folder_job
     assert f"unreadable image {bad}" in proc.stdout + proc.stderr
-    client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = client.search_runs([client.get_experiment_by_name("blockdrop").experiment_id])[0]
+    client = client_for(mlflow_server)
+    run = client.search_runs([client.get_experiment_by_name("server-test").experiment_id])[0]
     assert [v for _, v in history(client, run.info.run_id, "skipped_images")] == [1.0, 1.0]
