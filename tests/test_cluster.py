@@ -567,7 +567,7 @@ def test_a_sweep_submitted_the_same_way(cluster, train_submission, shared, mlflo
     depth = next(r for r in runs if r.data.tags.get("mlflow.runName") == "two-nodes-depth")
     # the sweep fetches its starting point from MLflow, as it would on a cluster without shared files
     sweep = cluster.submit(shared, "python", "tune_penalty.py", "--init", f"runs:/{depth.info.run_id}/checkpoint",
-                           "--penalties", "-1,-10", "--epochs", "2", "--max-concurrent", "2", "--no-prune-baseline",
+                           "--penalties", "-1,-10", "--epochs", "2", "--max-concurrent", "2", "--no-prune-baseline", "--no-analysis",
                            "--name", "two-nodes-sweep", "--experiment", "cluster-sweeps", "--mlflow-uri", mlflow_server,
                            "--storage-path", str(shared / "ray_results"))
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
