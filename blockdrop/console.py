@@ -86,26 +86,32 @@ def harmless_line_filter(needles: tuple[str, ...] = HARMLESS_WORKER_LINES,
 
 
 def drop_harmless_worker_lines(needles: tuple[str, ...] = HARMLESS_WORKER_LINES) -> bool:
-    """Filter the worker output Ray forwards to this driver's console: the lines above go (they stay in
-    Ray's log files), everything else, errors included, is printed as before. Call after ray.init.
-    Ray has no public hook for this; if its internals change, nothing is filtered (False)."""
+    """Filter the worker output Ray forwards to this driver's console, and the raylet's messages about this
+    job's tasks (printed even with log_to_driver=False): the lines above go (they stay in Ray's log files),
+    everything else, errors included, is printed as before. Call after ray.init. Ray has no public hook for
+    this; if its internals change, nothing is filtered (False)."""
     try:
+        import ray._private.worker as ray_worker
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
         return False
     keep = harmless_line_filter(needles)
 
     def wrap(handler):
-        def filtered(data):
+        if getattr(handler, "blockdrop_filtered", False):
+            return handler
+
+        def filtered(data, *args, **kwargs):
             lines = keep(data.get("pid"), data.get("lines", []))
             if lines:
-                handler({**data, "lines": lines})
+                handler({**data, "lines": lines}, *args, **kwargs)
         filtered.blockdrop_filtered = True
         return filtered
 
     with dispatcher._lock:
-        dispatcher.handlers = [(name, h if getattr(h, "blockdrop_filtered", False) else wrap(h))
-                               for name, h in dispatcher.handlers]
+        dispatcher.handlers = [(name, wrap(h)) for name, h in dispatcher.handlers]
+    if hasattr(ray_worker, "print_to_stdstream"):  # the raylet's messages: listen_error_messages calls it by name
+        ray_worker.print_to_stdstream = wrap(ray_worker.print_to_stdstream)
     return True
 
 

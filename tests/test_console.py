@@ -39,3 +39,21 @@ def test_every_worker_of_a_job_finds_its_own_cluster_unless_the_submitted_job_se
     submitted = {"runtime_env": {"worker_process_setup_hook": "theirs.setup", "env_vars": dict(TRAIN_ENV)}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(submitted))
     assert runtime_env() == {"env_vars": {}}  # theirs are kept: Ray refuses to merge the same keys
+
+
+def test_the_raylets_notice_that_serves_shutdown_killed_its_own_controller_is_dropped(monkeypatch, capsys):
+    """serve.shutdown() ends with its controller killed while its graceful-shutdown call is pending; the
+    raylet tells the driver (even with log_to_driver=False) as if a task had failed. Its other messages,
+    real failures among them, are printed."""
+    import ray._private.worker as ray_worker
+
+    from blockdrop.console import drop_harmless_worker_lines
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # restored afterwards
+    assert drop_harmless_worker_lines()
+    for message in ("Task ServeController.graceful_shutdown failed. There are infinite retries remaining, so the task "
+                    "will be retried. Error: The actor is dead because it was killed by `ray.kill`.",
+                    "A worker died or was killed while executing a task by an unexpected system error."):
+        ray_worker.print_to_stdstream({"lines": [message], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    out = capsys.readouterr().out
+    assert "graceful_shutdown" not in out and "A worker died or was killed" in out
