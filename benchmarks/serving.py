@@ -152,7 +152,7 @@ def main() -> None:
     if args.checkpoint:
         models.append((f"{read_checkpoint(args.checkpoint).preset}, trained ({Path(args.checkpoint).name})",
                        Path(args.checkpoint)))
-    ray.init(logging_level="WARNING", log_to_driver=False)
+    ray.init(address="local", logging_level="WARNING", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config={"log_level": "WARNING"})
     lines = [f"### Serving on CPU: BlockDrop vs the full model, same server ({platform.node() or 'host'}, "
              f"{os.cpu_count()} cores, torch {torch.__version__}, one replica of one CPU (1 PyTorch thread), batch <= 32, "

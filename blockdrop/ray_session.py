@@ -51,7 +51,9 @@ def start_ray(address: str | None, use_gpu: bool, num_workers: int, storage_path
     quiet_ray()
     for key, value in TRAIN_ENV.items():  # a local Ray started here passes them on to its controller
         os.environ.setdefault(key, value)
-    address = address or os.environ.get("RAY_ADDRESS")
+    # no address: a Ray of its own ("local"); ray.init(address=None) would join whichever Ray a `ray start`
+    # left running on this machine, unasked (another user's cluster, another job's CPUs)
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     if not ray.is_initialized():
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env())
     drop_harmless_worker_lines()

@@ -67,5 +67,7 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="dataset folder; on a cluster, shared storage every node sees")
     add_unreadable_flag(parser)
     parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    parser.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--storage-path", help="Ray run storage (default ~/ray_results; shared storage on a cluster)")
+    parser.add_argument("--address", help="Ray cluster address: HOST:PORT, ray://HOST:PORT, or auto (the Ray a "
+                                          "`ray start` runs on this machine); default $RAY_ADDRESS, else a local "
+                                          "Ray of this command's own, even where another runs")
+    parser.add_argument("--storage-path", help="Ray run storage (default ./ray_results; shared storage on a cluster)")
