@@ -144,10 +144,10 @@ def test_metrics_wait_while_the_mlflow_server_is_down_and_are_written_when_it_an
 
 
 @pytest.mark.slow
-def test_a_job_without_an_address_starts_its_own_ray_beside_one_that_ray_start_left_running(tmp_path):
-    """A workstation where `ray start --head` runs (here with no CPU to give): a job with no --address and no
-    RAY_ADDRESS starts a Ray of its own, as documented, instead of joining that one (ray.init's own default),
-    where it would wait for a CPU, share another job's cluster and print its PlacementGroupCleaner's notices."""
+def test_without_an_address_a_command_starts_its_own_ray_beside_one_that_ray_start_left_running(tmp_path):
+    """A workstation where `ray start --head` runs: a job or sweep with no --address and no RAY_ADDRESS starts a
+    Ray of its own, as documented, instead of joining that one (ray.init's own default: another job's CPUs,
+    its PlacementGroupCleaner's notices on this console); `--address auto` joins it on purpose."""
     import shutil
     import tempfile
 
@@ -156,17 +156,22 @@ def test_a_job_without_an_address_starts_its_own_ray_beside_one_that_ray_start_l
     temp = Path(tempfile.mkdtemp(prefix="bd-", dir="/tmp"))  # short: Ray's socket paths
     env = clean_env(RAY_TMPDIR=str(temp), RAY_USAGE_STATS_ENABLED="0")  # where ray.init looks for a running Ray
     ray = str(Path(sys.executable).parent / "ray")
-    started = subprocess.run([ray, "start", "--head", f"--port={_free_port()}", "--num-cpus=0",
-                              "--include-dashboard=false"], env=env, capture_output=True, text=True, timeout=120)
+    port = _free_port()
+    started = subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    code = ("import ray\nfrom blockdrop.ray_session import start_ray\n"
+            "for address in (None, 'auto'):\n"
+            "    start_ray(address, False, 1)\n"
+            "    print('joined', ray.get_runtime_context().gcs_address, flush=True)\n"
+            "    ray.shutdown()\n")
     try:
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
         assert (temp / "ray" / "ray_current_cluster").exists()  # what ray.init(address=None) would join
-        proc = subprocess.run([sys.executable, str(REPO / "train_job.py"), "--stage", "pretrain", "--epochs", "1",
-                               "--num-workers", "1", "--no-analysis", "--name", "beside"], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=600)
-        output = proc.stdout + proc.stderr
-        assert proc.returncode == 0, output[-3000:]
-        assert "workers need 1 CPUs" not in output and "PlacementGroupCleaner" not in output, output[-3000:]
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        own, chosen = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("joined")]
+        assert not own.endswith(f":{port}") and chosen.endswith(f":{port}"), proc.stdout
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
