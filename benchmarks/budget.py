@@ -53,6 +53,14 @@ from blockdrop.stats import paired_difference  # noqa: E402
 CPU = torch.device("cpu")
 
 
+def cpu_timed(fn, *args, **kwargs):
+    """fn's first result and the CPU seconds this process spent in it (all threads): compute, whatever else
+    runs on the machine (a wall clock counts the other work too)."""
+    began = time.process_time()
+    result = fn(*args, **kwargs)[0]
+    return result, time.process_time() - began
+
+
 def as_depth_policy(state: dict) -> dict:
     """A budget policy's payload as the plain depth policy's (the same network, no spending table)."""
     return {"backbone": state["backbone"], "policy": depth_state(state["policy"])}
@@ -80,10 +88,13 @@ def main() -> None:
     parser.add_argument("--no-prune", action="store_true", help="leave out prune-and-finetune (saves its runs)")
     parser.add_argument("--pretrain-epochs", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="every stage at a tenth of its length: a smoke test")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                        help="torch threads (default: 2 or the machine's cores); compute is counted in CPU seconds, "
+                             "so two runs can share a machine")
     parser.add_argument("--workdir")
     parser.add_argument("--output")
     args = parser.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     gammas = [float(g) for g in args.gammas.split(",")]
     scale = 0.1 if args.quick else 1.0
     tag = args.data
@@ -114,23 +125,26 @@ def main() -> None:
     front = []
     for gamma in gammas:
         settings = dict(plan_for("depth", user_path, data, gamma))["finetune"]
-        models, seconds = train("finetune", settings, data, as_depth_policy(shared), user, seed, scale=scale)
+        models, seconds = cpu_timed(train, "finetune", settings, data, as_depth_policy(shared), user, seed,
+                                    scale=scale)
         backbone, policy = models_of(payload(models))
         correct, report = outcome(backbone, policy, test)
         front.append({"gamma": gamma, "seconds": seconds, "correct": correct, "report": report})
-        print(f"gamma {gamma:g}: {100 * report.accuracy:.2f}% at {report.flops_mean:.2E} ({seconds:.0f} s)", flush=True)
+        print(f"gamma {gamma:g}: {100 * report.accuracy:.2f}% at {report.flops_mean:.2E} ({seconds:.0f} CPU s)",
+              flush=True)
 
     # 3. the budget models: one finetune each (one per way of drawing the budgets)
     full = cost_model(PRESET).full
     models = {}
     for sampling in args.samplings.split(","):
         settings = dict(plan_for("budget", user_path, data, gammas[0], extra + ["--budget-sampling", sampling]))
-        trained_models, seconds = train("finetune", settings["finetune"], data, shared, user, seed, scale=scale)
+        trained_models, seconds = cpu_timed(train, "finetune", settings["finetune"], data, shared, user, seed,
+                                            scale=scale)
         backbone, policy = models_of(payload(trained_models))
         curve = budget_curve(backbone, policy, DataLoader(test, batch_size=256), cost_model(PRESET, policy), CPU,
                              curve_budgets(float(policy.base), CURVE))
         models[sampling] = {"backbone": backbone, "policy": policy, "seconds": seconds, "curve": curve}
-        print(f"budget model ({sampling}): {seconds:.0f} s; mean |spent - asked| "
+        print(f"budget model ({sampling}): {seconds:.0f} CPU s; mean |spent - asked| "
               f"{np.mean([p.gap for p in curve]):.4f}", flush=True)
 
     # 4. prune-and-finetune at the block counts that bracket the front
@@ -177,16 +191,19 @@ def write(args, tag, user_report, variants, models, front_seconds, shared_second
     first = next(iter(variants.values()))
     n = len(first)
     seconds = ", ".join(f"{s} {m['seconds']:.0f} s ({m['seconds'] / front_seconds:.2f}x)" for s, m in models.items())
+    threads = f"{args.threads} torch thread{'s' if args.threads > 1 else ''}"
     lines = [f"### One budget model against {n} per-gamma models: {tag} (32x32 RGB folder, {train_size} train / "
              f"{test_size} test images), ResNet-32", "",
              f"{time.strftime('%Y-%m-%d')}, {platform.node()}: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
              f"in-process (benchmarks/budget.py, the stages' own code), seed {args.seed}, gammas {args.gammas}, budget "
              f"range {args.budget_range}, samplings {args.samplings}{', quick' if args.quick else ''}. Command: "
-             f"`python benchmarks/budget.py --data {args.data} --gammas={args.gammas} --samplings {args.samplings}"
+             f"`python benchmarks/budget.py --data {args.data} --gammas={args.gammas} --samplings {args.samplings} "
+             f"--threads {args.threads}"
              f"{' --no-prune' if args.no_prune else ''}{' --quick' if args.quick else ''}`", "",
              f"The user's ResNet-32: {100 * user_report.accuracy:.2f}%, {full:.2E} FLOPs. Nest + depth, shared by all: "
-             f"{shared_seconds:.0f} s. Training compute (seconds, and against the {n} per-gamma finetunes' "
-             f"{front_seconds:.0f} s; by optimisation steps each budget finetune is 1/{n} of them): {seconds}.", ""]
+             f"{shared_seconds:.0f} s (wall). Training compute (the process's CPU seconds, {threads}; against the {n} "
+             f"per-gamma finetunes' {front_seconds:.0f} s; by optimisation steps each budget finetune is 1/{n} of "
+             f"them, a sandwich step trains twice the rows, the added ones at the range's low end): {seconds}.", ""]
 
     def point(r) -> str:
         return (f"{100 * r.accuracy:.2f}%, {r.blocks_mean:.2f} +- {r.blocks_std:.2f} blocks, {r.unique_policies} "
