@@ -38,7 +38,7 @@ def quiet_serve() -> None:
 
 # Lines Ray's workers print that are known to be harmless here, and read like failures on a console:
 HARMLESS_WORKER_LINES = (
-    # Ray Train V2 starts its PreemptionWatcher (spot-node preemption handling, kept) with restarts on;
+    # Ray Train V2 starts its PreemptionWatcher (spot-node preemption handling, kept on a cluster) with restarts on;
     # the core worker then logs at ERROR level that restarting would need its constructor arguments.
     "has constructor arguments in the object store and max_restarts > 0",
     # Serve's shutdown kills its controller while a graceful-shutdown call is pending, and says so.

@@ -16,6 +16,9 @@ from blockdrop.errors import UserError
 # Ray Train's controller polls workers every 2 s by default and each report waits for it:
 # 2 s lost per epoch. Set where the controller runs, through the job's runtime environment.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# A Ray of this process's own (no address) runs on this machine alone: no spot node to lose, so none of Ray
+# Train's preemption watchers (an actor, a process, per stage) that a cluster's stages keep.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def job_env_vars() -> dict[str, str]:
@@ -49,11 +52,12 @@ def start_ray(address: str | None, use_gpu: bool, num_workers: int, storage_path
     """Join the cluster at `address` (else $RAY_ADDRESS, else a local Ray started here) and say what it
     lacks for `num_workers` workers; a UserError for --gpu on a cluster without GPUs."""
     quiet_ray()
-    for key, value in TRAIN_ENV.items():  # a local Ray started here passes them on to its controller
-        os.environ.setdefault(key, value)
     # no address: a Ray of its own ("local"); ray.init(address=None) would join whichever Ray a `ray start`
     # left running on this machine, unasked (another user's cluster, another job's CPUs)
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    local = LOCAL_TRAIN_ENV if address == "local" else {}
+    for key, value in (TRAIN_ENV | local).items():  # a local Ray started here passes them on to its controller
+        os.environ.setdefault(key, value)
     if not ray.is_initialized():
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env())
     drop_harmless_worker_lines()

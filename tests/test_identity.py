@@ -147,7 +147,8 @@ def test_metrics_wait_while_the_mlflow_server_is_down_and_are_written_when_it_an
 def test_without_an_address_a_command_starts_its_own_ray_beside_one_that_ray_start_left_running(tmp_path):
     """A workstation where `ray start --head` runs: a job or sweep with no --address and no RAY_ADDRESS starts a
     Ray of its own, as documented, instead of joining that one (ray.init's own default: another job's CPUs,
-    its PlacementGroupCleaner's notices on this console); `--address auto` joins it on purpose."""
+    its PlacementGroupCleaner's notices on this console); `--address auto` joins it on purpose. A Ray of its own
+    has no spot nodes: its stages start no preemption watcher."""
     import shutil
     import tempfile
 
@@ -159,19 +160,22 @@ def test_without_an_address_a_command_starts_its_own_ray_beside_one_that_ray_sta
     port = _free_port()
     started = subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
                              env=env, capture_output=True, text=True, timeout=120)
-    code = ("import ray\nfrom blockdrop.ray_session import start_ray\n"
-            "for address in (None, 'auto'):\n"
-            "    start_ray(address, False, 1)\n"
-            "    print('joined', ray.get_runtime_context().gcs_address, flush=True)\n"
-            "    ray.shutdown()\n")
+    code = ("import os, sys, ray\nfrom blockdrop.ray_session import start_ray\n"
+            "start_ray(sys.argv[1] or None, False, 1)\n"
+            "print(ray.get_runtime_context().gcs_address, os.environ.get('RAY_TRAIN_ENABLE_PREEMPTION_WATCHER'))\n")
+
+    def joined(address: str) -> list[str]:  # the GCS it joined; whether its stages watch for preemption
+        proc = subprocess.run([sys.executable, "-c", code, address], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout.split()[-2:]
+
     try:
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
         assert (temp / "ray" / "ray_current_cluster").exists()  # what ray.init(address=None) would join
-        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        own, chosen = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("joined")]
-        assert not own.endswith(f":{port}") and chosen.endswith(f":{port}"), proc.stdout
+        (own, watcher), (chosen, kept) = joined(""), joined("auto")
+        assert not own.endswith(f":{port}") and chosen.endswith(f":{port}"), (own, chosen)
+        assert watcher == "0" and kept == "None"  # no spot node to lose on a Ray of its own; a cluster keeps it
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
