@@ -20,7 +20,7 @@ from blockdrop.errors import UserError
 from blockdrop.models.resnet import FlatResNet, PolicyNet
 from blockdrop.parsers.sweep import check_flags as check_sweep_flags
 from blockdrop.preflight import resolve_uri
-from blockdrop.parsers.train import DEFAULT_POLICY, build_parser, check_flags
+from blockdrop.parsers.train import DEFAULT_POLICY, build_parser, check_budget_flags, check_flags
 from blockdrop.presets import CURRICULUM_PACE, OTHER_DATA_STAGES, Preset, get_preset
 
 
@@ -208,6 +208,7 @@ def validate(args: argparse.Namespace) -> Plan:
     preset = get_preset(args.preset)
     init = read_checkpoint(args.init) if args.init else None
     policy = args.policy = policy_kind(args, init)  # resolved: the run records it
+    check_budget_flags(args)  # again, now that the policy is known (no --policy: --init's, or the default)
     stages = plan_stages(preset, args, policy, init)
     check_stages(preset, args, policy, stages)
     if stages == [PRUNE]:

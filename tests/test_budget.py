@@ -581,6 +581,8 @@ def test_a_budget_model_meets_prune_and_finetune_at_each_of_its_budgets(budget_f
 
 @pytest.mark.parametrize("args, message", [
     (["--policy", "depth", "--budget-range", "0.2,0.8"], "are for --policy budget"),
+    (["--budget-sampling", "sandwich"], "are for --policy budget, not --policy depth"),  # the default policy
+    (["--budget", "0.3", "--stage", "curriculum"], "are for --policy budget, not --policy blocks"),
     (["--policy", "budget", "--budget-range", "0.8,0.2"], "goes from low to high"),
     (["--policy", "budget", "--budget-range", "0,0.5"], "low end must be a share"),
     (["--policy", "budget", "--budget", "1.2"], "--budget must be a share"),
@@ -601,6 +603,14 @@ def test_a_budget_plan_runs_the_depth_stages_with_its_range(tmp_path):
     settings = dict(plan.stages)
     assert settings["finetune"]["budget_range"] == [0.25, 0.75] and settings["finetune"]["budget"] == 0.5
     assert "budget_range" not in settings["pretrain"]
+
+
+def test_budget_flags_without_policy_go_with_an_init_that_holds_a_budget_model(budget_file, tmp_path):
+    from blockdrop.parsers.train import build_parser
+    from blockdrop.plans import validate
+
+    plan = validate(build_parser().parse_args(["--init", str(budget_file), "--budget-sampling", "sandwich"]))
+    assert plan.policy == "budget" and dict(plan.stages)["finetune"]["budget_sampling"] == "sandwich"
 
 
 def test_a_served_file_for_another_preset_is_refused_before_serving(budget_file, tmp_path):
