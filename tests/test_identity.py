@@ -149,7 +149,9 @@ def test_without_an_address_a_command_starts_its_own_ray_beside_one_that_ray_sta
     Ray of its own, as documented, instead of joining that one (ray.init's own default: another job's CPUs,
     its PlacementGroupCleaner's notices on this console); `--address auto` joins it on purpose. A Ray of its own
     has no spot nodes: its stages start no preemption watcher."""
+    import os
     import shutil
+    import signal
     import tempfile
 
     from conftest import _free_port
@@ -158,8 +160,12 @@ def test_without_an_address_a_command_starts_its_own_ray_beside_one_that_ray_sta
     env = clean_env(RAY_TMPDIR=str(temp), RAY_USAGE_STATS_ENABLED="0")  # where ray.init looks for a running Ray
     ray = str(Path(sys.executable).parent / "ray")
     port = _free_port()
-    started = subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
-                             env=env, capture_output=True, text=True, timeout=120)
+    # In a process group of its own: the teardown stops this head's processes only. (`ray stop` stops every Ray
+    # of the machine's user: the other test worker's jobs and sweeps with it.)
+    head = subprocess.Popen([ray, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    out, _ = head.communicate(timeout=120)
     code = ("import os, sys, ray\nfrom blockdrop.ray_session import start_ray\n"
             "start_ray(sys.argv[1] or None, False, 1)\n"
             "print(ray.get_runtime_context().gcs_address, os.environ.get('RAY_TRAIN_ENABLE_PREEMPTION_WATCHER'))\n")
@@ -171,11 +177,14 @@ def test_without_an_address_a_command_starts_its_own_ray_beside_one_that_ray_sta
         return proc.stdout.split()[-2:]
 
     try:
-        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        assert head.returncode == 0, out[-3000:]
         assert (temp / "ray" / "ray_current_cluster").exists()  # what ray.init(address=None) would join
         (own, watcher), (chosen, kept) = joined(""), joined("auto")
         assert not own.endswith(f":{port}") and chosen.endswith(f":{port}"), (own, chosen)
         assert watcher == "0" and kept == "None"  # no spot node to lose on a Ray of its own; a cluster keeps it
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # its GCS, raylet, agents and workers share the group
+        except ProcessLookupError:
+            pass
         shutil.rmtree(temp, ignore_errors=True)
