@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from blockdrop.checkpoints import Checkpoint, load_models, read_checkpoint
-from blockdrop.choices import DEFAULT_BUDGET_RANGE, DEPTH_POLICIES, DEPTH_STAGES, PRUNE, STAGES, default_budget
+from blockdrop.choices import DEFAULT_BUDGET_RANGE, DEFAULT_BUDGET_SAMPLING, DEPTH_POLICIES, DEPTH_STAGES, PRUNE, STAGES, default_budget
 from blockdrop.data import load_dataset
 from blockdrop.errors import UserError
 from blockdrop.models.resnet import FlatResNet, PolicyNet
@@ -231,7 +231,7 @@ def budget_settings(args: argparse.Namespace) -> dict:
     answers at when a request names none."""
     low, high = args.budget_range or DEFAULT_BUDGET_RANGE
     return {"budget_range": [low, high], "budget": args.budget if args.budget is not None else default_budget(low, high),
-            "budget_sampling": args.budget_sampling}
+            "budget_sampling": args.budget_sampling or DEFAULT_BUDGET_SAMPLING}
 
 
 @dataclass
@@ -251,6 +251,7 @@ class SweepPlan:
     weight_decay: float
     train_size: int
     budget_ranges: list[list[float]]  # budget models: one trial per range (and lr)
+    budget_sampling: str = DEFAULT_BUDGET_SAMPLING  # ... and how their finetunes draw the budgets
 
     def trials(self, penalties: list[float] | None) -> list[dict]:
         """The grid's trials but for the lr: a gamma each, then a budget range each."""
@@ -281,7 +282,8 @@ def plan_sweep(args: argparse.Namespace) -> SweepPlan:
     epochs = args.epochs or (defaults.epochs if own else math.ceil(defaults.steps / max(train_size // batch, 1)))
     return SweepPlan(preset, init, checkpoint, backbone, policy, depth, epochs, batch, args.lrs or [defaults.lr],
                      args.policy_lr or defaults.policy_lr, defaults.weight_decay, train_size,
-                     [list(r) for r in args.budget_ranges or []])
+                     [list(r) for r in args.budget_ranges or []],
+                     args.budget_sampling or DEFAULT_BUDGET_SAMPLING)
 
 
 def is_artifact_uri(init: str) -> bool:

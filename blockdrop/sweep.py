@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from blockdrop.baselines import CurvePoint
 from blockdrop.checkpoints import read_checkpoint
-from blockdrop.choices import PRUNED, default_budget
+from blockdrop.choices import DEFAULT_BUDGET_SAMPLING, PRUNED, default_budget
 from blockdrop.competitors import PruneRuns, prune_baseline
 from blockdrop.data import load_dataset
 from blockdrop.distributed import MODEL_FILE, Payloads, analyse_remotely, curves_remotely, run_stage, versus_pruned_remotely
@@ -77,6 +77,7 @@ class SweepSettings:
     reference: dict  # the user's ResNet
     init_gamma: float = -1.0  # --init's policy's gamma: a budget model's, which budgets replace
     teacher_ref: object = None  # its models, whose soft labels the depth policy's finetune learns from
+    budget_sampling: str = DEFAULT_BUDGET_SAMPLING  # how a budget trial's finetune draws its budgets (--budget-sampling)
 
 
 def trial_of(config: dict) -> dict:
@@ -94,7 +95,8 @@ def run_trial(config: dict, sweep: SweepSettings) -> None:
     gamma = s.init_gamma if budgets is not None else float(trial["gamma"])
     key = trial_key(trial)
     tracker = Tracker(s.mlflow_uri, s.experiment, source=s.source)
-    what = ({"budget_range": ",".join(f"{b:g}" for b in budgets), "policy": "budget"} if budgets is not None
+    what = ({"budget_range": ",".join(f"{b:g}" for b in budgets), "policy": "budget",
+             "budget_sampling": s.budget_sampling} if budgets is not None
             else {"gamma": gamma})
     params = {"preset": s.preset, "stage": "finetune"} | what | {
         "lr": lr, "policy_lr": s.policy_lr or lr, "epochs": s.epochs, "batch_size": s.batch_size, "workers": s.workers,
@@ -107,7 +109,7 @@ def run_trial(config: dict, sweep: SweepSettings) -> None:
                       weight_decay=s.weight_decay, gamma=gamma, drop_rate=0.0, dataset=s.dataset, data_dir=s.data_dir,
                       policy_lr=s.policy_lr, max_bad_images=s.max_bad_images, execution=s.execution,
                       eval_every=s.eval_every, reference=s.reference, budget_range=budgets,
-                      budget=None if budgets is None else default_budget(*budgets))
+                      budget=None if budgets is None else default_budget(*budgets), budget_sampling=s.budget_sampling)
     try:
         with tempfile.TemporaryDirectory(prefix="blockdrop-trial-") as local:  # the model, until MLflow holds it
             checkpoint = run_stage(cfg, s.init_ref, s.workers, s.gpu, f"{s.name}-{key}", s.storage_path, 1,
@@ -451,7 +453,8 @@ def settings_of(args: argparse.Namespace, plan: SweepPlan, name: str, uri: str, 
         init_ref=payloads.put(plan.init, plan.backbone, plan.policy), init_label=args.init, storage_path=storage,
         max_bad_images=args.max_bad_images, execution=args.train_execution, eval_every=args.eval_every,
         reference=user, init_gamma=float(plan.policy.gamma) if plan.depth else -1.0,
-        teacher_ref=payloads.user_resnet(user, "finetuning on the labels alone") if plan.depth else None)
+        teacher_ref=payloads.user_resnet(user, "finetuning on the labels alone") if plan.depth else None,
+        budget_sampling=plan.budget_sampling)
 
 
 def run(args: argparse.Namespace, plan: SweepPlan) -> None:
@@ -470,7 +473,7 @@ def run(args: argparse.Namespace, plan: SweepPlan) -> None:
         "epochs": plan.epochs, "batch_size": plan.batch_size, "policy_lr": plan.policy_lr or "lr",
         "workers_per_trial": args.workers_per_trial, "penalties": ",".join(map(str, args.penalties or [])),
         "budget_ranges": " ".join(",".join(f"{b:g}" for b in r) for r in plan.budget_ranges),
-        "lrs": ",".join(map(str, plan.lrs))})
+        "lrs": ",".join(map(str, plan.lrs))} | ({"budget_sampling": plan.budget_sampling} if plan.budget_ranges else {}))
     print(f"{'continuing' if resumed else 'started'} sweep {name}: MLflow {tracker.run_url(parent_id)}", file=sys.stderr)
     try:  # whatever stops the sweep (an error, Ctrl-C), its parent run does not stay RUNNING
         (reference, user), payloads = reference_point(args, plan), Payloads(preset)

@@ -5,7 +5,8 @@ import argparse
 import math
 import sys
 
-from blockdrop.choices import PRESET_NAMES, check_preset_name, check_unreadable_share
+from blockdrop.choices import (BUDGET_SAMPLINGS, DEFAULT_BUDGET_SAMPLING, PRESET_NAMES, check_preset_name,
+                               check_unreadable_share)
 from blockdrop.errors import UserError
 from blockdrop.parsers.common import (add_cluster_args, add_training_args, budget_range, check_budget_range,
                                      check_training_args)
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "ResNet's FLOPs, that its finetune draws from; each trial's curve (accuracy at 14 "
                              "budgets) joins the front. Needs a depth policy's checkpoint (JOB-depth.pt of --policy "
                              "depth or budget); its policy network stays as trained, so --policy-lr does not apply")
+    parser.add_argument("--budget-sampling", choices=BUDGET_SAMPLINGS,
+                        help="--budget-ranges: how the budget models' finetunes draw their budgets, as train_job.py's "
+                             f"flag: uniform, log or sandwich (default {DEFAULT_BUDGET_SAMPLING})")
     parser.add_argument("--lrs", type=float_list, help="grid of learning rates (default: the preset's finetune lr)")
     parser.add_argument("--num-samples", type=int, help="instead of a gamma grid: this many trials whose gammas "
                                                         "Optuna's multi-objective sampler proposes in [--gamma-range]")
@@ -152,6 +156,8 @@ def check_flags(args: argparse.Namespace) -> None:
         check_distinct(flag, values or [])
     for low, high in args.budget_ranges or []:
         check_budget_range("--budget-ranges", low, high)
+    if args.budget_sampling is not None and not args.budget_ranges:
+        raise UserError("--budget-sampling is for the budget models of --budget-ranges; this sweep has none")
     shown = [range_value(*r) for r in args.budget_ranges or []]
     if len(set(shown)) != len(shown):
         raise UserError(f"--budget-ranges lists {', '.join(sorted({v for v in shown if shown.count(v) > 1}))} more "

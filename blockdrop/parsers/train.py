@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from blockdrop.choices import (BUDGET_SAMPLINGS, CURRICULUM_PACE, DEFAULT_BUDGET_RANGE, default_budget, DEPTH_STAGES, ENTROPIES, POLICIES, PRESET_NAMES, PRUNE, STAGES,
+from blockdrop.choices import (BUDGET_SAMPLINGS, DEFAULT_BUDGET_SAMPLING, CURRICULUM_PACE, DEFAULT_BUDGET_RANGE, default_budget, DEPTH_STAGES, ENTROPIES, POLICIES, PRESET_NAMES, PRUNE, STAGES,
                                check_preset_name, check_unreadable_share)
 from blockdrop.errors import UserError
 from blockdrop.parsers.common import (add_cluster_args, add_training_args, budget_range, check_budget_range, check_share,
@@ -94,10 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=float, metavar="SHARE",
                         help="--policy budget: the mean budget the model runs at when a request names none "
                              "(default: the middle of --budget-range)")
-    parser.add_argument("--budget-sampling", choices=BUDGET_SAMPLINGS, default="uniform",
-                        help="--policy budget: how its finetuning draws the budgets from --budget-range: uniform "
-                             "(default), log (log-uniform: as much training per factor of speedup, so more at "
-                             "the low end), or sandwich (uniform, and every image also at the range's low end in "
+    parser.add_argument("--budget-sampling", choices=BUDGET_SAMPLINGS,
+                        help="--policy budget: how its finetuning draws the budgets from --budget-range (default "
+                             f"{DEFAULT_BUDGET_SAMPLING}): uniform, log (log-uniform: as much training per factor "
+                             "of speedup, so more at the low end), or sandwich (uniform, and every image also at the range's low end in "
                              "the same batch: about a quarter more compute)")
     parser.add_argument("--keep", type=int, metavar="K",
                         help="--stage prune: the blocks the pruned ResNet keeps, chosen by the greedy static order "
@@ -157,7 +157,7 @@ def check_flags(args: argparse.Namespace) -> None:
 def check_budget_flags(args: argparse.Namespace) -> None:
     """--budget-range and --budget: shares in (0, 1], for --policy budget only."""
     if args.policy not in (None, "budget") and (args.budget_range is not None or args.budget is not None
-                                                or args.budget_sampling != "uniform"):
+                                                or args.budget_sampling is not None):
         raise UserError(f"--budget-range, --budget and --budget-sampling are for --policy budget, not --policy "
                         f"{args.policy}")
     low, high = args.budget_range or DEFAULT_BUDGET_RANGE
