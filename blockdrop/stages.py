@@ -40,7 +40,7 @@ from torch import nn
 from blockdrop import budget as BU
 from blockdrop import depth as D
 from blockdrop import reinforce as R
-from blockdrop.choices import MAX_UNREADABLE, STAGES  # noqa: F401 (STAGES re-exported)
+from blockdrop.choices import DEFAULT_BUDGET_SAMPLING, MAX_UNREADABLE, STAGES  # noqa: F401 (STAGES re-exported)
 from blockdrop.execution import Executor, run_sparse
 from blockdrop.flops import cost_model
 from blockdrop.metrics import Moments
@@ -283,7 +283,7 @@ def set_modes(stage: str, models: Models) -> None:
 def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.optim.Optimizer, epoch: int,
                 gamma: float, device: torch.device, drop_rate: float = 0.0, pace: int = 0,
                 entropy: str = "original", on_step=None, static: torch.Tensor | None = None,
-                budget_range: tuple[float, float] | None = None, budget_sampling: str = "uniform") -> EpochStats:
+                budget_range: tuple[float, float] | None = None, budget_sampling: str = DEFAULT_BUDGET_SAMPLING) -> EpochStats:
     """One pass over `loader` (this worker's shard) of `stage`. Curriculum: a new block is decided
     every `pace` optimisation steps (0: every epoch, as the original). Prune: `static` is the 0/1 policy
     every image runs. `on_step(step, steps, images)` after each optimisation step (progress within long
@@ -358,7 +358,7 @@ class StageConfig:
     order: list[int] | None = None  # nest: the greedy static order of the user's ResNet (the depth policy's)
     budget_range: list[float] | None = None  # the budget policy: the mean budgets its finetune draws from
     budget: float | None = None  # ... and the one it runs at when a request names none
-    budget_sampling: str = "uniform"  # ... and how it draws them (blockdrop.choices.BUDGET_SAMPLINGS)
+    budget_sampling: str = DEFAULT_BUDGET_SAMPLING  # ... and how it draws them (blockdrop.choices.BUDGET_SAMPLINGS)
     # a progress line within an epoch every this many seconds (ImageNet: an epoch is an hour)
     progress_every_s: float = field(default_factory=lambda: float(os.environ.get("BLOCKDROP_PROGRESS_EVERY_S", "30")))
 

@@ -334,7 +334,7 @@ def trained(mlflow_server, tmp_path_factory, user_resnet):  # noqa: F811
 def test_a_budget_job_trains_the_depth_stages_and_logs_its_curve_to_mlflow(trained):
     proc, client, parent = trained["proc"], trained["client"], trained["parent"]
     assert "plan: nest -> depth -> finetune" in proc.stderr
-    assert "budget policy, mean budgets drawn from 0.2-1 of the FLOPs" in proc.stderr
+    assert "budget policy, mean budgets drawn uniformly and at the low end (sandwich) from 0.2-1 of the FLOPs" in proc.stderr
     assert parent.data.params["policy"] == "budget"
     # the curve: curve_* metrics whose step is the budget in percent, and budget_curve.json
     steps = [m.step for m in client.get_metric_history(parent.info.run_id, "curve_test_accuracy")]
@@ -433,7 +433,7 @@ def test_a_sweep_trains_a_budget_model_whose_curve_is_its_points_on_the_front(tr
     root, client = trained["root"], trained["client"]
     depth = root / "ray" / "budget-e2e" / "checkpoints" / "budget-e2e-depth.pt"
     proc = subprocess.run([sys.executable, str(REPO / "tune_penalty.py"), "--init", str(depth), "--budget-ranges",
-                           "0.2,1", "--budget-sampling", "sandwich", "--epochs", "1", "--no-prune-baseline",
+                           "0.2,1", "--budget-sampling", "log", "--epochs", "1", "--no-prune-baseline",
                            "--name", "bsweep", "--experiment",
                            "budget-sweeps", "--model-name", "budget-front", "--mlflow-uri", trained["uri"],
                            "--storage-path", str(root / "ray-sweep")],
@@ -444,7 +444,7 @@ def test_a_sweep_trains_a_budget_model_whose_curve_is_its_points_on_the_front(tr
     parent = next(r for r in runs if r.data.tags.get("blockdrop.job") == "bsweep")
     trial, = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert trial.data.params["budget_range"] == "0.2,1" and trial.data.tags["blockdrop.trial"].startswith("budget=0.2-1,")
-    assert trial.data.params["budget_sampling"] == parent.data.params["budget_sampling"] == "sandwich"
+    assert trial.data.params["budget_sampling"] == parent.data.params["budget_sampling"] == "log"
     steps = [m.step for m in client.get_metric_history(trial.info.run_id, "curve_test_accuracy")]
     assert len(steps) >= 5 and steps == sorted(steps)
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "pareto/pareto_front.json",
@@ -471,7 +471,7 @@ def test_a_sweep_plans_budget_models_next_to_gammas_from_a_depth_checkpoint_and_
     trials = plan.trials([-1.0, -5.0])
     assert [trial_key(t | {"lr": 0.01}) for t in trials] == [
         "gamma=-1,lr=0.01", "gamma=-5,lr=0.01", "budget=0.2-1,lr=0.01", "budget=0.1-0.6,lr=0.01"]
-    assert plan.depth and plan.budget_ranges == [[0.2, 1.0], [0.1, 0.6]] and plan.budget_sampling == "uniform"
+    assert plan.depth and plan.budget_ranges == [[0.2, 1.0], [0.1, 0.6]] and plan.budget_sampling == "sandwich"
     chosen = plan_sweep(parse_args(["--init", str(budget_file), "--budget-ranges", "0.2,1", "--budget-sampling", "log"]))
     assert chosen.budget_sampling == "log"
     for args, message in ((["--budget-ranges", "0.6,0.2"], "goes from low to high"),
@@ -608,7 +608,7 @@ def test_a_budget_plan_runs_the_depth_stages_with_its_range(tmp_path):
     assert plan.names == ["pretrain", "nest", "depth", "finetune"] and plan.policy == "budget"
     settings = dict(plan.stages)
     assert settings["finetune"]["budget_range"] == [0.25, 0.75] and settings["finetune"]["budget"] == 0.5
-    assert settings["finetune"]["budget_sampling"] == "uniform"  # the default, when the flag is not given
+    assert settings["finetune"]["budget_sampling"] == "sandwich"  # the default, when the flag is not given
     assert "budget_range" not in settings["pretrain"]
 
 

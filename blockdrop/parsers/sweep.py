@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "depth or budget); its policy network stays as trained, so --policy-lr does not apply")
     parser.add_argument("--budget-sampling", choices=BUDGET_SAMPLINGS,
                         help="--budget-ranges: how the budget models' finetunes draw their budgets, as train_job.py's "
-                             f"flag: uniform, log or sandwich (default {DEFAULT_BUDGET_SAMPLING})")
+                             f"flag: sandwich, uniform or log (default {DEFAULT_BUDGET_SAMPLING})")
     parser.add_argument("--lrs", type=float_list, help="grid of learning rates (default: the preset's finetune lr)")
     parser.add_argument("--num-samples", type=int, help="instead of a gamma grid: this many trials whose gammas "
                                                         "Optuna's multi-objective sampler proposes in [--gamma-range]")
