@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from blockdrop.checkpoints import Checkpoint, load_models, read_checkpoint
-from blockdrop.choices import DEFAULT_BUDGET_RANGE, DEFAULT_BUDGET_SAMPLING, DEPTH_POLICIES, DEPTH_STAGES, PRUNE, STAGES, default_budget
+from blockdrop.choices import (DEFAULT_BUDGET_RANGE, DEFAULT_BUDGET_SAMPLING, DEPTH_POLICIES, DEPTH_STAGES, PRUNE, STAGES,
+                               default_budget)
 from blockdrop.data import load_dataset
 from blockdrop.errors import UserError
 from blockdrop.models.resnet import FlatResNet, PolicyNet
@@ -251,7 +252,7 @@ class SweepPlan:
     weight_decay: float
     train_size: int
     budget_ranges: list[list[float]]  # budget models: one trial per range (and lr)
-    budget_sampling: str = DEFAULT_BUDGET_SAMPLING  # ... and how their finetunes draw the budgets
+    budget_sampling: str  # ... and how their finetunes draw the budgets
 
     def trials(self, penalties: list[float] | None) -> list[dict]:
         """The grid's trials but for the lr: a gamma each, then a budget range each."""

@@ -283,7 +283,8 @@ def set_modes(stage: str, models: Models) -> None:
 def train_epoch(stage: str, models: Models, loader: Iterable, optimizer: torch.optim.Optimizer, epoch: int,
                 gamma: float, device: torch.device, drop_rate: float = 0.0, pace: int = 0,
                 entropy: str = "original", on_step=None, static: torch.Tensor | None = None,
-                budget_range: tuple[float, float] | None = None, budget_sampling: str = DEFAULT_BUDGET_SAMPLING) -> EpochStats:
+                budget_range: tuple[float, float] | None = None,
+                budget_sampling: str = DEFAULT_BUDGET_SAMPLING) -> EpochStats:
     """One pass over `loader` (this worker's shard) of `stage`. Curriculum: a new block is decided
     every `pace` optimisation steps (0: every epoch, as the original). Prune: `static` is the 0/1 policy
     every image runs. `on_step(step, steps, images)` after each optimisation step (progress within long

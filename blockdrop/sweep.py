@@ -77,7 +77,7 @@ class SweepSettings:
     reference: dict  # the user's ResNet
     init_gamma: float = -1.0  # --init's policy's gamma: a budget model's, which budgets replace
     teacher_ref: object = None  # its models, whose soft labels the depth policy's finetune learns from
-    budget_sampling: str = DEFAULT_BUDGET_SAMPLING  # how a budget trial's finetune draws its budgets (--budget-sampling)
+    budget_sampling: str = DEFAULT_BUDGET_SAMPLING  # how a budget trial's finetune draws them (--budget-sampling)
 
 
 def trial_of(config: dict) -> dict:
@@ -473,7 +473,8 @@ def run(args: argparse.Namespace, plan: SweepPlan) -> None:
         "epochs": plan.epochs, "batch_size": plan.batch_size, "policy_lr": plan.policy_lr or "lr",
         "workers_per_trial": args.workers_per_trial, "penalties": ",".join(map(str, args.penalties or [])),
         "budget_ranges": " ".join(",".join(f"{b:g}" for b in r) for r in plan.budget_ranges),
-        "lrs": ",".join(map(str, plan.lrs))} | ({"budget_sampling": plan.budget_sampling} if plan.budget_ranges else {}))
+        "lrs": ",".join(map(str, plan.lrs))}
+        | ({"budget_sampling": plan.budget_sampling} if plan.budget_ranges else {}))
     print(f"{'continuing' if resumed else 'started'} sweep {name}: MLflow {tracker.run_url(parent_id)}", file=sys.stderr)
     try:  # whatever stops the sweep (an error, Ctrl-C), its parent run does not stay RUNNING
         (reference, user), payloads = reference_point(args, plan), Payloads(preset)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import math
 
-from blockdrop.choices import (BUDGET_SAMPLINGS, DEFAULT_BUDGET_SAMPLING, CURRICULUM_PACE, DEFAULT_BUDGET_RANGE, default_budget, DEPTH_STAGES, ENTROPIES, POLICIES, PRESET_NAMES, PRUNE, STAGES,
+from blockdrop.choices import (BUDGET_SAMPLINGS, CURRICULUM_PACE, DEFAULT_BUDGET_RANGE, DEFAULT_BUDGET_SAMPLING,
+                               default_budget, DEPTH_STAGES, ENTROPIES, POLICIES, PRESET_NAMES, PRUNE, STAGES,
                                check_preset_name, check_unreadable_share)
 from blockdrop.errors import UserError
 from blockdrop.parsers.common import (add_cluster_args, add_training_args, budget_range, check_budget_range, check_share,
@@ -97,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget-sampling", choices=BUDGET_SAMPLINGS,
                         help="--policy budget: how its finetuning draws the budgets from --budget-range (default "
                              f"{DEFAULT_BUDGET_SAMPLING}): uniform, log (log-uniform: as much training per factor "
-                             "of speedup, so more at the low end), or sandwich (uniform, and every image also at the range's low end in "
-                             "the same batch: about a quarter more compute)")
+                             "of speedup, so more at the low end), or sandwich (uniform, and every image also at "
+                             "the range's low end in the same batch: about a quarter more compute)")
     parser.add_argument("--keep", type=int, metavar="K",
                         help="--stage prune: the blocks the pruned ResNet keeps, chosen by the greedy static order "
                              "on --init's ResNet")
