@@ -23,7 +23,13 @@ from blockdrop.choices import DATASETS, MAX_UNREADABLE, add_unreadable_flag, che
 from blockdrop.errors import UserError
 from blockdrop.presets import Preset
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+# The validation split: what every choice is made on (a sweep's front, a criterion, a default), never the
+# test images. Where the data has no validation folder, this share of each class's training images, drawn
+# with a fixed seed (every stage, worker and sweep of the same data sees the same split), is held out of
+# training.
+VAL_SHARE = 0.1
+VAL_SEED = 0
 DEFAULT_DATA_DIR = Path("data")
 DOWNLOAD_TIMEOUT_S = 30.0
 
@@ -69,7 +75,7 @@ def cifar_class(name: str) -> type:
     return _presence_only({"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name])
 
 
-def _cifar(preset: Preset, name: str, root: Path, train: bool, download: bool, augment: bool) -> Dataset:
+def _cifar(preset: Preset, name: str, root: Path, split: str, download: bool, augment: bool) -> Dataset:
     cls = cifar_class(name)
     if preset.image_size != 32 or preset.in_channels != 3:
         raise UserError(f"{name} has 32x32 RGB images; preset {preset.name} expects "
@@ -87,7 +93,7 @@ def _cifar(preset: Preset, name: str, root: Path, train: bool, download: bool, a
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         try:
             with contextlib.redirect_stdout(sys.stderr):  # torchvision prints progress on stdout
-                cls(str(root), train=train, download=True)
+                cls(str(root), train=split != "test", download=True)
         except Exception as err:
             raise UserError(
                 f"{name} is not in {folder} and could not be downloaded ({type(err).__name__}: {err}). "
@@ -97,9 +103,10 @@ def _cifar(preset: Preset, name: str, root: Path, train: bool, download: bool, a
         finally:
             socket.setdefaulttimeout(previous)
     try:
-        return cls(str(root), train=train, transform=transform)
+        ds = cls(str(root), train=split != "test", transform=transform)
     except Exception as err:
         raise UserError(f"{name} in {folder} could not be read ({type(err).__name__}: {err})") from None
+    return ds if split == "test" else carve(ds, split)
 
 
 def _folder_transform(preset: Preset, augment: bool, imagenet: bool):
@@ -114,10 +121,75 @@ def _folder_transform(preset: Preset, augment: bool, imagenet: bool):
     return T.Compose([*gray, *geometry, T.ToTensor(), _normalize(preset)])
 
 
-def _image_folder(preset: Preset, name: str, root: Path, train: bool, augment: bool) -> Dataset:
-    """imagenet: root/train and root/val; imagefolder: those, root/test, or one folder split 90/10."""
-    split_dirs = ["train"] if train else ["val", "test"]
-    folder = next((root / d for d in split_dirs if (root / d).is_dir()), None)
+class Split(Subset):
+    """A part of a dataset (by index) that still answers what an image folder does: `classes`, and the
+    `samples` and `targets` of its own images."""
+
+    @property
+    def classes(self) -> list[str]:
+        return self.dataset.classes
+
+    @property
+    def samples(self) -> list:
+        inner = self.dataset.samples
+        return [inner[i] for i in self.indices]
+
+    @property
+    def targets(self) -> list[int]:
+        inner = targets_of(self.dataset)
+        return [inner[i] for i in self.indices]
+
+
+def targets_of(dataset) -> list[int]:
+    """Each image's label, read without loading the images."""
+    if isinstance(dataset, Subset):
+        inner = targets_of(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    return list(dataset.targets)
+
+
+def validation_indices(labels, share: float = VAL_SHARE, seed: int = VAL_SEED) -> list[int]:
+    """The images held out for validation: `share` of each class (at least one of a class that has two or
+    more, never its last), drawn with `seed`; sorted positions into `labels`."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    held = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) < 2:
+            continue
+        count = min(len(members) - 1, max(1, int(share * len(members) + 0.5)))
+        held += rng.permutation(members)[:count].tolist()
+    return sorted(held)
+
+
+def carve(dataset, split: str) -> Split:
+    """The training images of `dataset` minus the validation share (`split` "train"), or that share ("val")."""
+    held = validation_indices(targets_of(dataset))
+    if split == "val":
+        return Split(dataset, held)
+    held_set = set(held)
+    return Split(dataset, [i for i in range(len(dataset)) if i not in held_set])
+
+
+def _folder_split(root: Path, name: str, split: str) -> tuple[Path | None, bool]:
+    """Which folder holds `split` of an image folder at `root`, and whether validation is carved from it.
+
+    train/ (and val/, test/): test/ is the test set, else val/ (ImageNet's layout: its val/ is what
+    results are reported on); val/ is the validation set only beside a test/; otherwise validation is
+    carved from train/. No train/ (imagefolder): the whole folder, split 90/10 (`None`)."""
+    has = {d: (root / d).is_dir() for d in ("train", "val", "test")}
+    if split == "test":
+        return next((root / d for d in ("test", "val") if has[d]), None), False
+    if split == "val" and has["val"] and has["test"]:
+        return root / "val", False
+    return (root / "train" if has["train"] else None), True
+
+
+def _image_folder(preset: Preset, name: str, root: Path, split: str, augment: bool) -> Dataset:
+    """imagenet: root/train and root/val; imagefolder: those (and root/test), or one folder split 90/10;
+    validation: root/val beside a root/test, else carved from the training images (VAL_SHARE)."""
+    folder, carved = _folder_split(root, name, split)
     whole = folder is None and name == "imagefolder"
     if whole:
         folder = root
@@ -133,20 +205,19 @@ def _image_folder(preset: Preset, name: str, root: Path, train: bool, augment: b
         raise UserError(f"{folder} has {len(ds.classes)} class folders; preset {preset.name} has "
                         f"{preset.num_classes} classes")
     train_folder = root / "train"
-    if not train and not whole and train_folder.is_dir():  # the test's classes are the training's, by name
+    if folder != train_folder and not whole and train_folder.is_dir():  # the classes are the training's, by name
         trained = sorted(d.name for d in train_folder.iterdir() if d.is_dir())
         if trained != ds.classes:
-            only_test, only_train = sorted(set(ds.classes) - set(trained)), sorted(set(trained) - set(ds.classes))
+            only_here, only_train = sorted(set(ds.classes) - set(trained)), sorted(set(trained) - set(ds.classes))
             raise UserError(f"{folder}'s class folders are not {train_folder}'s (a class is the same folder name in "
-                            f"both): only in {folder.name}/: {', '.join(only_test[:5]) or '-'}; only in train/: "
+                            f"both): only in {folder.name}/: {', '.join(only_here[:5]) or '-'}; only in train/: "
                             f"{', '.join(only_train[:5]) or '-'}")
-    if whole:  # a deterministic split: every 10th image of each class is held out
-        held_out = [i for i, _ in enumerate(ds.samples) if i % 10 == 9]
-        keep = set(held_out) if not train else set(range(len(ds))) - set(held_out)
-        ds = Subset(ds, sorted(keep))
-    return ds
-
-
+    if whole:  # a deterministic split: every 10th image of each class is held out as the test set
+        held_out = {i for i, _ in enumerate(ds.samples) if i % 10 == 9}
+        if split == "test":
+            return Split(ds, sorted(held_out))
+        ds = Split(ds, [i for i in range(len(ds)) if i not in held_out])
+    return carve(ds, split) if carved else ds
 
 
 def scan_folder(directory: str | Path, class_to_idx: dict[str, int], extensions=None, is_valid_file=None,
@@ -291,9 +362,10 @@ def check_unreadable(dataset, share: float, flag: str = "--max-bad-images") -> i
 
 
 @functools.cache
-def _digits() -> tuple[torch.Tensor, torch.Tensor, dict[bool, torch.Tensor]]:
+def _digits() -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """scikit-learn's digits scaled to 0..1, their labels, and the indices of the fixed stratified
-    80/20 split ({True: train, False: test}); read once per process (the train and test sets share it)."""
+    80/20 split, its training part less the validation share ({"train", "val", "test"}); read once per
+    process (the splits share it)."""
     from sklearn.datasets import load_digits  # only this set needs scikit-learn (a second to import)
     from sklearn.model_selection import train_test_split
 
@@ -301,8 +373,10 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor, dict[bool, torch.Tensor]]:
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     train_idx, test_idx = train_test_split(range(len(bunch.target)), test_size=0.2, random_state=0,
                                            stratify=bunch.target)
-    return images, torch.tensor(bunch.target, dtype=torch.long), {True: torch.tensor(train_idx),
-                                                                  False: torch.tensor(test_idx)}
+    held = set(validation_indices(bunch.target[train_idx]))
+    parts = {"train": [i for k, i in enumerate(train_idx) if k not in held],
+             "val": [i for k, i in enumerate(train_idx) if k in held], "test": test_idx}
+    return images, torch.tensor(bunch.target, dtype=torch.long), {k: torch.tensor(v) for k, v in parts.items()}
 
 
 def random_shift(image: torch.Tensor, pad: int = 1) -> torch.Tensor:
@@ -317,15 +391,16 @@ def random_shift(image: torch.Tensor, pad: int = 1) -> torch.Tensor:
 
 
 class Digits(Dataset):
-    """scikit-learn's 1797 bundled 8x8 handwritten digits; a fixed stratified 80/20 split."""
+    """scikit-learn's 1797 bundled 8x8 handwritten digits; a fixed stratified 80/20 split, the validation
+    share held out of the 80."""
 
-    def __init__(self, preset: Preset, train: bool, augment: bool):
+    def __init__(self, preset: Preset, split: str, augment: bool):
         if preset.image_size != 8 or preset.in_channels != 1:
             raise UserError(f"digits are 8x8 grayscale; preset {preset.name} expects "
                             f"{preset.image_size}x{preset.image_size} with {preset.in_channels} channels")
-        images, labels, split = _digits()
-        self.images = (images[split[train]] - preset.mean[0]) / preset.std[0]
-        self.labels = labels[split[train]]
+        images, labels, split_of = _digits()
+        self.images = (images[split_of[split]] - preset.mean[0]) / preset.std[0]
+        self.labels = labels[split_of[split]]
         self.classes = [str(d) for d in range(10)]
         self.augment = augment  # small random shifts: digits are not flip-invariant
 
@@ -370,22 +445,23 @@ def loader_options(device_type: str, num_workers: int) -> dict:
 
 def load_dataset(preset: Preset, split: str, name: str | None = None, data_dir: str | Path | None = None,
                  download: bool = True, augment: bool | None = None) -> Dataset:
-    """The `split` ("train" or "test") of dataset `name` (default: the preset's) for `preset`.
-    `augment` (default: on for the train split only) applies the training augmentation."""
+    """The `split` ("train", "val" or "test") of dataset `name` (default: the preset's) for `preset`.
+    "val" is the data's validation folder where it has one, else VAL_SHARE of the training images, which
+    "train" then leaves out. `augment` (default: on for the train split only) applies the training
+    augmentation."""
     name = name or preset.dataset
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-    train = split == "train"
-    augment = train if augment is None else augment
+    augment = split == "train" if augment is None else augment
     if name == "digits":
-        return Digits(preset, train, augment)
+        return Digits(preset, split, augment)
     if name in CIFAR_CLASSES:
         classes = CIFAR_CLASSES[name]
         if classes != preset.num_classes:
             raise UserError(f"{name} has {classes} classes; preset {preset.name} has {preset.num_classes}")
-        return _cifar(preset, name, Path(data_dir or DEFAULT_DATA_DIR), train, download, augment)
+        return _cifar(preset, name, Path(data_dir or DEFAULT_DATA_DIR), split, download, augment)
     if data_dir is None:
         raise UserError(f"dataset {name} needs --data-dir (a folder of class subfolders)")
-    return _image_folder(preset, name, Path(data_dir), train, augment)
+    return _image_folder(preset, name, Path(data_dir), split, augment)

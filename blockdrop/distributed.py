@@ -88,12 +88,14 @@ def _gather(obj: object, world: int) -> list:
     return out
 
 
-def epoch_metrics(stats: EpochStats, test: Tally | None, full_flops: int, lr: float) -> dict[str, float]:
-    """An epoch's metrics; without `test` (an epoch --eval-every skips) the training ones only."""
+def epoch_metrics(stats: EpochStats, test: Tally | None, full_flops: int, lr: float,
+                  val: Tally | None = None) -> dict[str, float]:
+    """An epoch's metrics; without `test` (an epoch --eval-every skips) the training ones only. `val`: the
+    validation split's figures (val_*), what choices are made on."""
     if test is None:
         return stats.metrics() | {"learning_rate": lr}
     report = test.report(full_flops)
-    return stats.metrics() | {
+    return stats.metrics() | ({} if val is None else val_metrics(val.report(full_flops))) | {
         "test_images": report.images,
         "test_accuracy": report.accuracy,
         "full_accuracy": report.full_accuracy,
@@ -105,6 +107,12 @@ def epoch_metrics(stats: EpochStats, test: Tally | None, full_flops: int, lr: fl
         "unique_policies": report.unique_policies,
         "learning_rate": lr,  # this epoch's, from the schedule; the parameter `lr` is where it starts
     }
+
+
+def val_metrics(report) -> dict[str, float]:
+    """The validation split's figures as metrics (val_*): what a sweep's front and search are chosen on."""
+    return {"val_images": report.images, "val_accuracy": report.accuracy, "val_blocks_used": report.blocks_mean,
+            "val_flops_per_image": report.flops_mean, "val_unique_policies": report.unique_policies}
 
 
 def reference_of(cfg: StageConfig, backbone, test_loader, costs, device, world: int) -> dict | None:
@@ -121,12 +129,14 @@ def reference_of(cfg: StageConfig, backbone, test_loader, costs, device, world: 
 
 @dataclass
 class WorkerData:
-    """A worker's shard of the training set (its sampler and loader) and of the test set."""
+    """A worker's shard of the training set (its sampler and loader), of the validation split and of the
+    test set."""
 
     train: Dataset
     sampler: DistributedSampler
     loader: DataLoader
     test: DataLoader
+    val: DataLoader
     smallest_batch: int  # the fewest images a training step of this worker sees
 
     @classmethod
@@ -135,6 +145,7 @@ class WorkerData:
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         train_set = load_dataset(preset, "train", cfg.dataset, cfg.data_dir, download=False)
         test_set = load_dataset(preset, "test", cfg.dataset, cfg.data_dir, download=False)
+        val_set = load_dataset(preset, "val", cfg.dataset, cfg.data_dir, download=False)
         sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
         per_worker = max(cfg.batch_size // world, 1)
         workers = cfg.loader_workers
@@ -144,9 +155,10 @@ class WorkerData:
         options = loader_options(device.type, workers)
         drop_last = len(train_set) >= per_worker * world * 2
         loader = DataLoader(train_set, batch_size=per_worker, sampler=sampler, drop_last=drop_last, **options)
-        test = DataLoader(Subset(test_set, range(rank, len(test_set), world)), batch_size=256, **options)
+        test, val = (DataLoader(Subset(part, range(rank, len(part), world)), batch_size=256, **options)
+                     for part in (test_set, val_set))
         smallest = per_worker if drop_last else (len(sampler) % per_worker or per_worker)
-        return cls(train_set, sampler, loader, test, min(smallest, len(sampler)))
+        return cls(train_set, sampler, loader, test, val, min(smallest, len(sampler)))
 
 
 def resume(cfg: StageConfig, models: Models, optimizer, schedule, device: torch.device) -> int:
@@ -206,14 +218,16 @@ class Worker:
         if stats.spent is not None:  # a budget policy: its spending table, from every worker's training images
             self.calibrate(stats)
         evaluate = (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1
-        test = self.test(epoch) if evaluate else None
-        merged_stats, merged_test, skipped = EpochStats(), Tally() if evaluate else None, None
-        for s, t, k in _gather((stats, test, skipped_images(self.data.train)), self.world):
+        test, val = (self.test(epoch, loader) for loader in (self.data.test, self.data.val)) if evaluate else (None, None)
+        merged_stats, skipped = EpochStats(), None
+        merged_test, merged_val = (Tally(), Tally()) if evaluate else (None, None)
+        for s, t, v, k in _gather((stats, test, val, skipped_images(self.data.train)), self.world):
             merged_stats.merge(s)
             if evaluate:
                 merged_test.merge(t)
+                merged_val.merge(v)
             skipped = None if k is None else (skipped or 0) + k
-        metrics = epoch_metrics(merged_stats, merged_test, self.costs.full, lr) | {"epoch": epoch}
+        metrics = epoch_metrics(merged_stats, merged_test, self.costs.full, lr, merged_val) | {"epoch": epoch}
         if epoch == cfg.epochs - 1 and stats.spent is not None:
             metrics |= self.curve()
         if self.reference is not None:
@@ -226,15 +240,15 @@ class Worker:
             self.check_unreadable(skipped)
         return metrics
 
-    def test(self, epoch: int) -> Tally:
-        """This worker's shard of the test set under the stage's policy (the curriculum: with the blocks
-        it has not decided yet forced on)."""
+    def test(self, epoch: int, loader: DataLoader) -> Tally:
+        """This worker's shard of the test set or the validation split (`loader`) under the stage's policy
+        (the curriculum: with the blocks it has not decided yet forced on)."""
         decided = None
         if self.cfg.stage == "curriculum":
             steps = len(self.data.loader)
             index = curriculum_index((epoch + 1) * steps - 1, self.cfg.pace or steps)
             decided = curriculum_mask(self.preset.num_blocks, index)
-        return tally(self.models.backbone, self.evaluated, self.data.test, self.costs, self.device, decided=decided)
+        return tally(self.models.backbone, self.evaluated, loader, self.costs, self.device, decided=decided)
 
     def calibrate(self, stats: EpochStats) -> None:
         """The budget policy's table: what it spends at each price on all workers' training images."""
@@ -244,24 +258,29 @@ class Worker:
         self.models.policy.calibrate(spent, images)
 
     def curve(self) -> dict[str, float]:
-        """The budget policy's front on the test set (all workers' shards), as metrics: at each budget of
-        blockdrop.budget.curve_budgets, `budget_B_*`; `budget_gap`: the mean miss (blockdrop.budget.gap);
+        """The budget policy's front on the test set and on the validation split (all workers' shards), as
+        metrics: at each budget of blockdrop.budget.curve_budgets, `budget_B_*` (`budget_B_val_*`: what a
+        sweep chooses on); `budget_gap`: the mean miss on the test set (blockdrop.budget.gap);
         `budget_ceiling`: what it spends when blocks are free."""
         policy = self.models.policy
         budgets = curve_budgets(float(policy.base))
-        found = tallies(self.models.backbone, policy, self.data.test, self.costs, self.device, [(b, None) for b in budgets])
-        merged = [Tally() for _ in budgets]
-        for shard in _gather(found, self.world):
-            for m, t in zip(merged, shard):
-                m.merge(t)
-        out, gaps = {}, []
         most = ceiling(float(policy.base), policy.spend)
-        for b, t in zip(budgets, merged):
-            report = t.report(self.costs.full)
-            spent = report.flops_mean / self.costs.full
-            gaps.append(gap(b, spent, most))
-            out |= {f"budget_{b:.2f}_test_accuracy": report.accuracy, f"budget_{b:.2f}_flops_per_image": report.flops_mean,
-                    f"budget_{b:.2f}_blocks_used": report.blocks_mean, f"budget_{b:.2f}_spent": spent}
+        out, gaps = {}, []
+        for split, loader in (("test", self.data.test), ("val", self.data.val)):
+            found = tallies(self.models.backbone, policy, loader, self.costs, self.device, [(b, None) for b in budgets])
+            merged = [Tally() for _ in budgets]
+            for shard in _gather(found, self.world):
+                for m, t in zip(merged, shard):
+                    m.merge(t)
+            prefix = "" if split == "test" else "val_"
+            for b, t in zip(budgets, merged):
+                report = t.report(self.costs.full)
+                spent = report.flops_mean / self.costs.full
+                if split == "test":
+                    gaps.append(gap(b, spent, most))
+                out |= {f"budget_{b:.2f}_{split}_accuracy": report.accuracy,
+                        f"budget_{b:.2f}_{prefix}flops_per_image": report.flops_mean,
+                        f"budget_{b:.2f}_{prefix}blocks_used": report.blocks_mean, f"budget_{b:.2f}_{prefix}spent": spent}
         return out | {"budget_gap": sum(gaps) / len(gaps), "budget_ceiling": most}
 
     def check_unreadable(self, skipped: int) -> None:

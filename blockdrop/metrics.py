@@ -134,6 +134,9 @@ class Report:
     # images: what BlockDrop is measured against. `full_accuracy` is this checkpoint's own ResNet in full.
     reference_accuracy: float | None = None
     reference: str = ""  # where that ResNet came from
+    # the same model on the validation split (carved from the training images): what choices are made on
+    val_accuracy: float | None = None
+    val_flops: float | None = None
 
     def text(self) -> str:
         lines = [
@@ -144,6 +147,9 @@ class Report:
             f"This checkpoint's ResNet, all blocks: accuracy {self.full_accuracy:.3f}, FLOPs/img {self.full_flops:.2E}",
             f"FLOPs speedup: {self.speedup:.2f}x  ({self.images} images)",
         ]
+        if self.val_accuracy is not None:
+            lines.append(f"Validation split (held out of training; what choices are made on): accuracy "
+                         f"{self.val_accuracy:.3f}, FLOPs/img {self.val_flops:.2E}")
         if self.reference_accuracy is not None:
             lines.append(f"Your ResNet ({self.reference or 'the reference'}), all blocks: accuracy "
                          f"{self.reference_accuracy:.3f}; this model {100 * (self.accuracy - self.reference_accuracy):+.1f} "
@@ -159,7 +165,8 @@ def final_report(meta: dict, full_flops: int) -> Report:
                   blocks_std=m["blocks_used_std"], flops_mean=m["flops_per_image"],
                   flops_std=m["flops_per_image_std"], unique_policies=int(m["unique_policies"]),
                   full_accuracy=m["full_accuracy"], full_flops=full_flops, speedup=m["speedup"],
-                  reference_accuracy=reference.get("accuracy"), reference=reference.get("source", ""))
+                  reference_accuracy=reference.get("accuracy"), reference=reference.get("source", ""),
+                  val_accuracy=m.get("val_accuracy"), val_flops=m.get("val_flops_per_image"))
 
 
 def tally(backbone: FlatResNet, policy: Policy, loader: Iterable, costs: CostModel, device: torch.device,

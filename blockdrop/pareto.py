@@ -6,7 +6,7 @@ front (two runs that reached the same point are both worth keeping).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,15 +23,18 @@ class Point:
         return no_worse and (self.accuracy > other.accuracy or self.flops < other.flops)
 
 
-def pareto_front(points: Sequence[Point]) -> list[Point]:
-    """The non-dominated points, cheapest first (ties in FLOPs: most accurate first)."""
-    ordered = sorted(points, key=lambda p: (p.flops, -p.accuracy))
-    front: list[Point] = []
-    for p in ordered:
+def pareto_front(points: Sequence[Point], by: Callable[[Point], Point] | None = None) -> list[Point]:
+    """The non-dominated points, cheapest first (ties in FLOPs: most accurate first). `by`: the figures
+    dominance is judged on (a sweep's: each point's validation figures, blockdrop.sweep.validation); the
+    points returned are those given."""
+    judged = [(by(p) if by else p, p) for p in points]
+    judged.sort(key=lambda jp: (jp[0].flops, -jp[0].accuracy))
+    front: list[tuple[Point, Point]] = []
+    for j, p in judged:
         # everything that could dominate p comes before it in this order
-        if not any(q.dominates(p) for q in front):
-            front.append(p)
-    return front
+        if not any(q.dominates(j) for q, _ in front):
+            front.append((j, p))
+    return [p for _, p in front]
 
 
 CURVE_STYLE = {"greedy": ("greedy static", "C2", "s"), "distributek": ("DistributeK", "C4", "^"),

@@ -138,27 +138,29 @@ def trial_result(report) -> dict[str, float]:
     """A trial's result, what the search optimises: the same keys as the per-epoch reports (its run
     keeps them as final_*)."""
     return {"test_accuracy": report.accuracy, "flops_per_image": report.flops_mean, "speedup": report.speedup,
-            "blocks_used": report.blocks_mean, "unique_policies": report.unique_policies}
+            "blocks_used": report.blocks_mean, "unique_policies": report.unique_policies,
+            "val_accuracy": report.val_accuracy, "val_flops_per_image": report.val_flops}
 
 
 class Progress(Callback):
-    """One line per finished or failed trial: counts, and the most accurate points so far."""
+    """One line per finished or failed trial: counts, and the most accurate points so far (on the
+    validation split: what the front is chosen on)."""
 
     def __init__(self):
         self.done, self.failed, self.best = 0, 0, []
 
     def _line(self, trials, current) -> str:
         running = sum(t.status == "RUNNING" and t is not current for t in trials)
-        best = ", ".join(f"{k}: acc {a:.3f} @ {f:.2E}" for k, a, f in sorted(self.best, key=lambda b: -b[1])[:3])
+        best = ", ".join(f"{k}: val acc {a:.3f} @ {f:.2E}" for k, a, f in sorted(self.best, key=lambda b: -b[1])[:3])
         return (f"[sweep] trials finished {self.done}, running {running}, failed {self.failed}"
                 + (f"; best so far {best}" if best else ""))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
         result = trial.last_result or {}
-        if "test_accuracy" in result:
+        if result.get("val_accuracy") is not None:
             key = trial_key(trial_of(trial.config))
-            self.best.append((key, result["test_accuracy"], result["flops_per_image"]))
+            self.best.append((key, result["val_accuracy"], result["val_flops_per_image"]))
         print(self._line(trials, trial), file=sys.stderr, flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -167,16 +169,29 @@ class Progress(Callback):
         print(self._line(trials, trial), file=sys.stderr, flush=True)
 
 
+def validation(point: Point) -> Point:
+    """A trained point's figures on the validation split: what its place on the front is judged on (its own
+    accuracy and FLOPs are the test set's, what the table and the plot show)."""
+    return Point(point.info["val_accuracy"], point.info["val_flops"], point.label)
+
+
 def collect_front(tracker: Tracker, parent_id: str, reference: Point) -> tuple[list[Point], list[Point]]:
     """The finished trials' points (child runs with final metrics; a budget model's run: a point per budget
-    of its curve) and their front."""
-    points = []
+    of its curve) and their front, chosen on the validation split: the test images only measure."""
+    points, unchosen = [], 0
     for run in tracker.children(parent_id):
         m, params = run.data.metrics, run.data.params
         if run.info.status != "FINISHED" or "final_test_accuracy" not in m:
             continue
-        points += budget_trial_points(run) if "budget_range" in params else [gamma_trial_point(run)]
-    return points, pareto_front(points)
+        found = budget_trial_points(run) if "budget_range" in params else [gamma_trial_point(run)]
+        chosen = [p for p in found if p.info.get("val_accuracy") is not None]
+        unchosen += len(found) - len(chosen)
+        points += chosen
+    if unchosen:
+        print(f"note: {unchosen} point(s) of trials without validation figures (trained before the validation "
+              "split) are left off the front: a front is chosen on validation, never on the test images",
+              file=sys.stderr)
+    return points, pareto_front(points, by=validation)
 
 
 def gamma_trial_point(run) -> Point:
@@ -185,7 +200,8 @@ def gamma_trial_point(run) -> Point:
     gamma, lr = float(run.data.params["gamma"]), float(run.data.params["lr"])
     info = {"gamma": gamma, "lr": lr, "accuracy": m["final_test_accuracy"], "flops": m["final_flops_per_image"],
             "speedup": m["final_speedup"], "blocks": m["final_blocks_used"],
-            "unique_policies": m.get("final_unique_policies"), "run_id": run.info.run_id, "key": run.info.run_id}
+            "unique_policies": m.get("final_unique_policies"), "run_id": run.info.run_id, "key": run.info.run_id,
+            "val_accuracy": m.get("final_val_accuracy"), "val_flops": m.get("final_val_flops_per_image")}
     static = {k: v for k, v in m.items() if k.startswith("baseline_") and k.endswith("_accuracy")}
     if static and "gain_over_static" in m:  # the trial's own comparison, on its own finetuned ResNet
         info |= {"best_static_accuracy": max(static.values()), "gain_over_static": m["gain_over_static"]}
@@ -205,7 +221,8 @@ def budget_trial_points(run) -> list[Point]:
         info = {"budget_range": f"{low:g}-{high:g}", "budget": c["budget"], "lr": float(run.data.params["lr"]),
                 "accuracy": c["test_accuracy"], "flops": c["flops_per_image"], "speedup": full / c["flops_per_image"],
                 "blocks": c["blocks_used"], "spent": c.get("spent"), "unique_policies": None,
-                "run_id": run.info.run_id, "key": f"{run.info.run_id}@{c['budget']:.2f}"}
+                "run_id": run.info.run_id, "key": f"{run.info.run_id}@{c['budget']:.2f}",
+                "val_accuracy": c.get("val_accuracy"), "val_flops": c.get("val_flops_per_image")}
         points.append(Point(c["test_accuracy"], c["flops_per_image"], f"b={c['budget']:.2f}", info))
     return points
 
@@ -238,8 +255,9 @@ def publish_front(tracker: Tracker, parent_id: str, points: list[Point], front: 
                "reference_accuracy": reference.accuracy, "full_model_accuracy": reference.info["init_resnet_accuracy"],
                "full_model_flops_per_image": reference.flops}
     tracker.log_metrics(parent_id, summary | gain, step=0)
-    columns = ["gamma", "budget_range", "budget", "lr", "accuracy", "flops", "speedup", "blocks", "unique_policies", "gain_over_static",
-               "gain_over_pruning", "gain_over_pruning_low", "gain_over_pruning_high", "run_id"]
+    columns = ["gamma", "budget_range", "budget", "lr", "accuracy", "flops", "speedup", "blocks", "unique_policies",
+               "val_accuracy", "val_flops", "gain_over_static", "gain_over_pruning", "gain_over_pruning_low",
+               "gain_over_pruning_high", "run_id"]
     tracker.log_table(parent_id, pd.DataFrame([{k: r.get(k) for k in columns} for r in sorted(
         rows, key=lambda r: r["flops"])]), "pareto/front_table.json")
     with tempfile.TemporaryDirectory() as folder:
@@ -393,7 +411,8 @@ def make_tuner(args: argparse.Namespace, plan: SweepPlan, settings: SweepSetting
     else:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         space = {"gamma": tune.uniform(*args.gamma_range), "lr": tune.choice(plan.lrs)}
-        searcher = OptunaSearch(metric=["test_accuracy", "flops_per_image"], mode=["max", "min"],
+        # chosen on the validation split, as the front: the search never sees a test figure
+        searcher = OptunaSearch(metric=["val_accuracy", "val_flops_per_image"], mode=["max", "min"],
                                 sampler=optuna.samplers.NSGAIISampler(seed=0))
         tune_config = tune.TuneConfig(search_alg=searcher, num_samples=args.num_samples,
                                       max_concurrent_trials=args.max_concurrent)
@@ -419,18 +438,20 @@ def print_front(name: str, points: list[Point], failed: int, front: list[Point],
     """The front as a table, each point against the image-blind policies and prune-and-finetune."""
     trials = len({p.info["run_id"] for p in points})
     curves = f" ({len(points)} points: a budget model is a point per budget)" if len(points) > trials else ""
-    print(f"\n{name}: {trials} trials finished{curves}, {failed} failed; Pareto front "
+    print(f"\n{name}: {trials} trials finished{curves}, {failed} failed; Pareto front, chosen on the validation "
+          "split, with its test figures "
           f"(the reference, {reference.label}: accuracy {reference.accuracy:.3f}, FLOPs {reference.flops:.2E}; "
           f"--init's ResNet, all blocks: {reference.info['init_resnet_accuracy']:.3f}):")
-    print(f"{'model':>14} {'lr':>8} {'accuracy':>9} {'FLOPs/img':>10} {'speedup':>8} {'blocks':>7} {'policies':>8} "
-          f"{'vs static':>9} {'vs prune and finetune':>27}  run")
+    print(f"{'model':>14} {'lr':>8} {'val acc':>8} {'accuracy':>9} {'FLOPs/img':>10} {'speedup':>8} {'blocks':>7} "
+          f"{'policies':>8} {'vs static':>9} {'vs prune and finetune':>27}  run")
     for r in rows:
         model = f"{r['budget_range']} @{r['budget']:.2f}" if "budget" in r else f"gamma {r['gamma']:g}"
         policies = "-" if r.get("unique_policies") is None else f"{r['unique_policies']:.0f}"
         gain = f"{100 * r['gain_over_static']:+8.2f}p" if "gain_over_static" in r else f"{'-':>9}"
         pruned = (f"{100 * r['gain_over_pruning']:+.2f} [{100 * r['gain_over_pruning_low']:+.2f}, "
                   f"{100 * r['gain_over_pruning_high']:+.2f}]" if "gain_over_pruning" in r else "-")
-        print(f"{model:>14} {r['lr']:>8g} {r['accuracy']:>9.3f} {r['flops']:>10.2E} {r['speedup']:>7.2f}x "
+        print(f"{model:>14} {r['lr']:>8g} {r['val_accuracy']:>8.3f} {r['accuracy']:>9.3f} {r['flops']:>10.2E} "
+              f"{r['speedup']:>7.2f}x "
               f"{r['blocks']:>7.2f} {policies:>8} {gain} {pruned:>27}  {r['run_id']}")
     gain = front_gain(front)
     if "front_gain_over_static" in gain:

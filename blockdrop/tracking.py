@@ -235,7 +235,8 @@ class Tracker:
         for p in points:
             step = int(round(100 * p["budget"]))
             self.log_metrics(run_id, {f"curve_{k}": p[k] for k in ("test_accuracy", "flops_per_image", "blocks_used",
-                                                                      "spent")}, step=step)
+                                                                      "spent", "val_accuracy", "val_flops_per_image")
+                                      if k in p}, step=step)
         with tempfile.TemporaryDirectory() as local:
             path = Path(local) / "budget_curve.json"
             path.write_text(json.dumps({"points": points, "mean_gap": metrics.get("budget_gap"),

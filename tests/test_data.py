@@ -17,8 +17,11 @@ from conftest import run_module, write_cifar
 def test_cifar_reads_torchvision_layout(tmp_path, name, preset):
     test_labels = write_cifar(tmp_path, name)
     train = load_dataset(get_preset(preset), "train", name, tmp_path, download=False)
+    val = load_dataset(get_preset(preset), "val", name, tmp_path, download=False)
     test = load_dataset(get_preset(preset), "test", name, tmp_path, download=False)
-    assert len(train) == (100 if name == "cifar10" else 20) and len(test) == 30
+    # the validation split is carved from the training batches, never from the test batch
+    assert len(train) + len(val) == (100 if name == "cifar10" else 20) and len(test) == 30 and len(val) > 0
+    assert not set(train.indices) & set(val.indices)
     image, label = test[4]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
     assert label == test_labels[4]
@@ -58,8 +61,10 @@ def test_imagefolder_single_folder_is_resized_and_split_90_10(tmp_path):
     write_images(tmp_path, 10, 10)
     preset = get_preset("R32_C10")
     train = load_dataset(preset, "train", "imagefolder", tmp_path)
+    val = load_dataset(preset, "val", "imagefolder", tmp_path)
     test = load_dataset(preset, "test", "imagefolder", tmp_path)
-    assert len(train) == 90 and len(test) == 10
+    assert len(train) == 80 and len(val) == 10 and len(test) == 10  # of 9 training images a class, one validates
+    assert len({p for p, _ in train.samples + val.samples + test.samples}) == 100
     assert train[0][0].shape == (3, 32, 32)
     assert sorted(label for _, label in (test[i] for i in range(10))) == list(range(10))
 
@@ -68,7 +73,9 @@ def test_imagefolder_with_train_and_val_folders_and_grayscale_preset(tmp_path):
     write_images(tmp_path / "train", 10, 3)
     write_images(tmp_path / "val", 10, 2)
     preset = get_preset("R26_DIGITS")
-    assert len(load_dataset(preset, "train", "imagefolder", tmp_path)) == 30
+    # train/ and val/ without test/: val/ is the test set (ImageNet's layout), validation comes from train/
+    assert len(load_dataset(preset, "train", "imagefolder", tmp_path)) == 20
+    assert len(load_dataset(preset, "val", "imagefolder", tmp_path)) == 10
     test = load_dataset(preset, "test", "imagefolder", tmp_path)
     assert len(test) == 20 and test[0][0].shape == (1, 8, 8)
 
@@ -90,7 +97,8 @@ def test_imagenet_reads_train_and_val_class_folders(tmp_path):
     preset = get_preset("R101_ImgNet")
     train = load_dataset(preset, "train", "imagenet", tmp_path)
     val = load_dataset(preset, "test", "imagenet", tmp_path)
-    assert len(train) == len(val) == 1000
+    # one image a class: none can be held out for validation without leaving its class untrained
+    assert len(train) == len(val) == 1000 and len(load_dataset(preset, "val", "imagenet", tmp_path)) == 0
     assert val[999][0].shape == (3, 224, 224) and val[999][1] == 999
 
 
@@ -102,9 +110,10 @@ def test_imagenet_without_val_folder_is_a_clear_error(tmp_path):
 
 def test_digits_ship_with_scikit_learn_and_split_80_20():
     preset = get_preset("R26_DIGITS")
-    train, test = load_dataset(preset, "train"), load_dataset(preset, "test")
-    assert len(train) == 1437 and len(test) == 360
-    images = torch.cat([train.images, test.images])
+    train, val, test = load_dataset(preset, "train"), load_dataset(preset, "val"), load_dataset(preset, "test")
+    assert len(train) == 1292 and len(val) == 145 and len(test) == 360  # 1437 training images, 10% validate
+    assert not val.augment and sorted(set(val.labels.tolist())) == list(range(10))
+    images = torch.cat([train.images, val.images, test.images])
     assert abs(images.mean().item()) < 0.01 and abs(images.std().item() - 1) < 0.01
     assert test[0][0].shape == (1, 8, 8)
     assert sorted(set(test.labels.tolist())) == list(range(10))
@@ -130,6 +139,30 @@ def test_digits_training_shifts_are_torchvisions_edge_padded_random_crop_with_th
     assert moved > 20  # 8 of the 9 offsets move the image
     train = load_dataset(get_preset("R26_DIGITS"), "train")
     assert train[0][0].shape == (1, 8, 8) and not load_dataset(get_preset("R26_DIGITS"), "test").augment
+
+
+def test_the_validation_split_is_stratified_seeded_and_the_same_on_every_call():
+    from blockdrop.data import validation_indices
+
+    labels = [c for c in range(5) for _ in range(20)] + [5]  # a class of one image keeps it for training
+    held = validation_indices(labels)
+    assert held == validation_indices(labels) and len(held) == 10
+    assert sorted(labels[i] for i in held) == [c for c in range(5) for _ in range(2)]
+    assert held != validation_indices(labels, seed=1)
+    assert len(validation_indices([0, 0, 1, 1])) == 2  # one of each class of two
+
+
+def test_a_val_folder_beside_a_test_folder_is_the_validation_split(tmp_path):
+    write_images(tmp_path / "train", 10, 3, size=(8, 8))
+    write_images(tmp_path / "val", 10, 2, size=(8, 8))
+    write_images(tmp_path / "test", 10, 1, size=(8, 8))
+    preset = get_preset("R26_DIGITS")
+    parts = {split: load_dataset(preset, split, "imagefolder", tmp_path) for split in ("train", "val", "test")}
+    assert {split: len(ds) for split, ds in parts.items()} == {"train": 30, "val": 20, "test": 10}
+    assert all(path.startswith(str(tmp_path / "val")) for path, _ in parts["val"].samples)
+    (tmp_path / "val" / "class_0009").rename(tmp_path / "val" / "nine")  # its classes are the training's too
+    with pytest.raises(UserError, match=r"only in val/: nine"):
+        load_dataset(preset, "val", "imagefolder", tmp_path)
 
 
 def test_unknown_dataset_lists_the_known_ones():
@@ -279,9 +312,9 @@ def test_symlink_loops_in_an_image_folder_are_read_once_and_said(tmp_path, capsy
     preset = get_preset("R26_DIGITS")
     train = load_dataset(preset, "train", "imagefolder", tmp_path)
     test = load_dataset(preset, "test", "imagefolder", tmp_path)
-    assert len(train) == 20 and len(test) == 10  # test/class_0003/up/: the test set again, not read twice
+    assert len(train) == 10 and len(test) == 10  # test/class_0003/up/: the test set again, not read twice
     assert "reached again through symbolic links" in capsys.readouterr().err
-    assert len(pickle.loads(pickle.dumps(train))) == 20  # what a spawned DataLoader worker receives
+    assert len(pickle.loads(pickle.dumps(train))) == 10  # what a spawned DataLoader worker receives
 
 
 def test_test_class_folders_that_are_not_the_training_ones_are_refused(tmp_path):
