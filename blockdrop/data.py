@@ -181,8 +181,8 @@ def _folder_split(root: Path, name: str, split: str) -> tuple[Path | None, bool]
     has = {d: (root / d).is_dir() for d in ("train", "val", "test")}
     if split == "test":
         return next((root / d for d in ("test", "val") if has[d]), None), False
-    if split == "val" and has["val"] and has["test"]:
-        return root / "val", False
+    if has["val"] and has["test"]:
+        return (root / split if split == "val" or has["train"] else None), False
     return (root / "train" if has["train"] else None), True
 
 
