@@ -227,6 +227,8 @@ class Worker:
                 merged_test.merge(t)
                 merged_val.merge(v)
             skipped = None if k is None else (skipped or 0) + k
+        if merged_val is not None and not merged_val.blocks.n:  # data too small to hold images out
+            merged_val = None
         metrics = epoch_metrics(merged_stats, merged_test, self.costs.full, lr, merged_val) | {"epoch": epoch}
         if epoch == cfg.epochs - 1 and stats.spent is not None:
             metrics |= self.curve()
@@ -267,6 +269,8 @@ class Worker:
         most = ceiling(float(policy.base), policy.spend)
         out, gaps = {}, []
         for split, loader in (("test", self.data.test), ("val", self.data.val)):
+            if split == "val" and not len(loader.dataset.dataset):  # every worker skips it alike
+                continue
             found = tallies(self.models.backbone, policy, loader, self.costs, self.device, [(b, None) for b in budgets])
             merged = [Tally() for _ in budgets]
             for shard in _gather(found, self.world):

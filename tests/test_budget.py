@@ -450,7 +450,7 @@ def test_a_sweep_trains_a_budget_model_whose_curve_is_its_points_on_the_front(tr
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "pareto/pareto_front.json",
                                                       str(root))).read_text())
     assert len(table["trials"]) == len(steps)  # every point of the curve
-    points = [Point(t["accuracy"], t["flops"], info=t) for t in table["trials"]]
+    points = [Point(t["val_accuracy"], t["val_flops"], info=t) for t in table["trials"]]  # chosen on validation
     assert [p["budget"] for p in table["front"]] == [p.info["budget"] for p in pareto_front(points)]
     assert len(table["front"]) >= 2 and table["baselines_on_init"]  # the image-blind curves beside it
     versions = client.search_model_versions("name = 'budget-front'")
@@ -531,13 +531,14 @@ def test_a_budget_sweeps_front_takes_every_point_of_every_curve_and_registers_ea
 
     def final(acc, flops):
         return {"final_test_accuracy": acc, "final_flops_per_image": flops, "final_speedup": full / flops,
-                "final_blocks_used": flops / 5e5, "final_unique_policies": 3.0}
+                "final_blocks_used": flops / 5e5, "final_unique_policies": 3.0, "final_val_accuracy": acc,
+                "final_val_flops_per_image": flops}
 
     dominated = trial("gamma=-5", {"gamma": -5}, final(0.95, 3e6))
     accurate = trial("gamma=-0.5", {"gamma": -0.5}, final(0.99, 5.5e6))
     curve = {f"budget_{b:.2f}_{k}": v for b, acc, spent in ((0.2, 0.90, 0.2), (0.5, 0.96, 0.5), (1.0, 0.97, 0.8))
              for k, v in (("test_accuracy", acc), ("flops_per_image", spent * full), ("blocks_used", 10 * spent),
-                          ("spent", spent))}
+                          ("spent", spent), ("val_accuracy", acc), ("val_flops_per_image", spent * full))}
     budget = trial("budget=0.2-1", {"budget_range": "0.2,1"}, final(0.96, 3e6) | curve)
     reference = Point(0.99, full, "your ResNet", {"init_resnet_accuracy": 0.99, "flops": full, "speedup": 1.0})
     points, front = collect_front(tracker, parent, reference)

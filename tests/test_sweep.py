@@ -105,10 +105,13 @@ def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(gri
 
     points = {c.info.run_id: (c.data.metrics["final_test_accuracy"], c.data.metrics["final_flops_per_image"])
               for c in children}
+    # the front is chosen on the validation split's figures; the test images only measure
+    chosen = {c.info.run_id: (c.data.metrics["final_val_accuracy"], c.data.metrics["final_val_flops_per_image"])
+              for c in children}
 
     def dominated(rid):
-        a, f = points[rid]
-        return any(a2 >= a and f2 <= f and (a2 > a or f2 < f) for other, (a2, f2) in points.items() if other != rid)
+        a, f = chosen[rid]
+        return any(a2 >= a and f2 <= f and (a2 > a or f2 < f) for other, (a2, f2) in chosen.items() if other != rid)
 
     for c in children:
         assert c.data.tags["pareto_optimal"] == str(not dominated(c.info.run_id)).lower()
@@ -328,3 +331,37 @@ def test_ctrl_c_during_a_sweep_leaves_no_run_running(tmp_path, curriculum_checkp
     client, parent, children = sweep_runs(tmp_path, "stopped")
     assert parent.info.status == "FAILED" and children, output[-3000:]
     assert all(c.info.status in ("FINISHED", "FAILED", "KILLED") for c in children), [c.info.status for c in children]
+
+
+def test_a_front_is_chosen_on_validation_so_shuffled_test_labels_pick_the_same_front(tmp_path):
+    """Trials as a sweep leaves them in a real MLflow store, twice: with the test set's labels intact, and
+    with them shuffled (every test figure changes, the validation figures do not). The front, its tags and
+    its registered models are the same; only the test figures it shows differ."""
+    from blockdrop.pareto import Point
+    from blockdrop.sweep import collect_front, publish_front
+    from blockdrop.tracking import Tracker
+
+    full = 6e6
+    # (gamma, val accuracy, val FLOPs) and two sets of test accuracies: the intact labels' and the shuffled
+    # ones' (near chance, in another order: on test figures the front would be another one)
+    trials = [(-0.5, 0.97, 5.0e6), (-2.0, 0.96, 3.0e6), (-5.0, 0.90, 3.5e6), (-20.0, 0.80, 1.0e6)]
+    intact, shuffled = [0.96, 0.97, 0.91, 0.79], [0.08, 0.12, 0.15, 0.11]
+    fronts = {}
+    for label, tests in (("intact", intact), ("shuffled", shuffled)):
+        tracker = Tracker(f"sqlite:///{tmp_path / label}.db", "val-front")
+        parent, _ = tracker.job_run("s", "s", {"preset": PRESET.name})
+        for (gamma, val, val_flops), test in zip(trials, tests):
+            run_id, _ = tracker.job_run(f"s/g{gamma}", f"gamma={gamma}", {"gamma": gamma, "lr": 0.01}, parent_id=parent)
+            flops = val_flops * 1.01  # the test set's FLOPs differ a little from the validation split's
+            tracker.log_metrics(run_id, {"final_test_accuracy": test, "final_flops_per_image": flops,
+                                         "final_speedup": full / flops, "final_blocks_used": 5.0,
+                                         "final_unique_policies": 3.0, "final_val_accuracy": val,
+                                         "final_val_flops_per_image": val_flops}, step=1)
+            tracker.finish(run_id, ok=True)
+        reference = Point(0.97, full, "your ResNet", {"init_resnet_accuracy": 0.97, "flops": full, "speedup": 1.0})
+        points, front = collect_front(tracker, parent, reference)
+        rows = publish_front(tracker, parent, points, front, reference, "val-front", PRESET.name)
+        registered = {v.tags["gamma"] for v in tracker.client.search_model_versions("name = 'val-front'")}
+        fronts[label] = ([r["gamma"] for r in rows], registered, [r["accuracy"] for r in rows])
+    assert fronts["intact"][:2] == fronts["shuffled"][:2] == ([-20.0, -2.0, -0.5], {"-20.0", "-2.0", "-0.5"})
+    assert fronts["shuffled"][2] == [0.11, 0.12, 0.08]  # what is shown: the test figures of the chosen models
