@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from blockdrop import baselines as B
-from blockdrop.choices import PRUNED
+from blockdrop.choices import CHANNELS, PRUNED, SHUFFLED
 from blockdrop.data import difficulties, load_dataset
 from blockdrop.flops import CostModel, cost_model
 from blockdrop.metrics import Report, tally
@@ -41,6 +41,7 @@ class Curve:
 
     points: list[B.CurvePoint]
     scores: list[np.ndarray]
+    names: list[str] | None = None  # how each point is named where it is read off (default "K=<keep>")
 
     def at(self, flops: float) -> tuple[np.ndarray, str]:
         """Each image's score at `flops`, read off the curve as `B.accuracy_at` reads its accuracy (running
@@ -48,13 +49,14 @@ class Curve:
         order = sorted(range(len(self.points)), key=lambda i: self.points[i].flops)
         points = [self.points[i] for i in order]
         scores = [self.scores[i] for i in order]
+        names = [self.names[i] if self.names else f"K={self.points[i].keep}" for i in order]
         if flops <= points[0].flops:
-            return scores[0], f"K={points[0].keep}"
-        for (lo, a), (hi, b) in zip(zip(points, scores), zip(points[1:], scores[1:])):
+            return scores[0], names[0]
+        for i, (lo, hi) in enumerate(zip(points, points[1:])):
             if flops <= hi.flops:
                 t = (flops - lo.flops) / (hi.flops - lo.flops) if hi.flops > lo.flops else 1.0
-                return (1 - t) * a + t * b, f"K={lo.keep}..{hi.keep}"
-        return scores[-1], f"K={points[-1].keep}"
+                return (1 - t) * scores[i] + t * scores[i + 1], f"{names[i]}..{names[i + 1].removeprefix('K=')}"
+        return scores[-1], names[-1]
 
 
 def baseline_curve(name: str, backbone: FlatResNet, loader: DataLoader, costs: CostModel, device: torch.device,
@@ -73,18 +75,45 @@ def baseline_curve(name: str, backbone: FlatResNet, loader: DataLoader, costs: C
     return Curve(points, scores)
 
 
-def pruned_curve(models: list[tuple[int, FlatResNet, torch.Tensor]], test: Dataset, costs: CostModel,
+def pruned_curve(models: list[tuple[int, FlatResNet, torch.Tensor]], test: Dataset, preset,
                  device: torch.device, batch_size: int = 256) -> Curve:
-    """The prune-and-finetune curve on `test`: for each (K, finetuned ResNet, its 0/1 row), the
-    accuracy, FLOPs and each image's outcome."""
+    """A pruned competitor's curve on `test`: for each (K, finetuned ResNet, its 0/1 row), the accuracy,
+    FLOPs and each image's outcome. Channel-pruned ResNets (every block, narrower) are named by their share of
+    the FLOPs, block-pruned ones by K."""
     loader = DataLoader(test, batch_size=batch_size)
-    points, scores = [], []
-    for keep, backbone, row in sorted(models, key=lambda m: m[0]):
+    points, scores, names = [], [], []
+    for keep, backbone, row in sorted(models, key=lambda m: (m[0], cost_model(preset, None, m[1]).backbone.total)):
+        costs = cost_model(preset, None, backbone)
         result = tally(backbone.to(device), static_chooser(row), loader, costs, device, records=True)
         report = result.report(costs.full)
         points.append(B.CurvePoint(keep, report.accuracy, report.flops_mean))
         scores.append(result.records().correct.astype(np.float64))
-    return Curve(points, scores)
+        names.append(f"{report.flops_mean / costs.full:.2f} of the FLOPs" if backbone.spec.mids else f"K={keep}")
+    return Curve(points, scores, names)
+
+
+def competitor_curves(models: list[tuple[int, FlatResNet, torch.Tensor]], test: Dataset, preset,
+                      device: torch.device, batch_size: int = 256) -> dict[str, Curve]:
+    """The pruned competitors' curves on `test`, by kind: block-pruned ResNets (PRUNED) and channel-pruned
+    ones (CHANNELS), each where some were trained."""
+    kinds = {PRUNED: [m for m in models if m[1].spec.mids is None], CHANNELS: [m for m in models if m[1].spec.mids]}
+    return {name: pruned_curve(found, test, preset, device, batch_size) for name, found in kinds.items() if found}
+
+
+class Shuffled:
+    """The shuffled-policy control: each image runs the blocks the learned policy chose for another image of
+    the same set (a fixed permutation), so the FLOPs and the histogram of policies are the learned policy's
+    but the choice ignores the image. What routing per image buys is the learned policy minus this."""
+
+    def __init__(self, policies: np.ndarray, seed: int = 0):
+        order = np.random.default_rng(seed).permutation(len(policies))
+        self.rows = torch.as_tensor(policies[order], dtype=torch.float32)
+        self.next = 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        rows = self.rows[self.next:self.next + len(images)].to(images.device)
+        self.next += len(images)
+        return rows
 
 
 @dataclass(frozen=True)
@@ -128,7 +157,7 @@ class Comparison:
     @property
     def best_static(self) -> str:
         """The strongest image-blind policy on the learned policy's own ResNet."""
-        return max((n for n in self.versus if n != PRUNED), key=lambda name: self.versus[name].accuracy)
+        return max((n for n in self.versus if n not in TRAINED), key=lambda name: self.versus[name].accuracy)
 
     @property
     def gain(self) -> float:
@@ -169,10 +198,10 @@ class Comparison:
         static = self.versus[self.best_static].interval
         out |= {"gain_over_static": static.difference, "gain_over_static_low": static.low,
                 "gain_over_static_high": static.high}
-        if PRUNED in self.versus:
-            pruned = self.versus[PRUNED].interval
-            out |= {"gain_over_pruning": pruned.difference, "gain_over_pruning_low": pruned.low,
-                    "gain_over_pruning_high": pruned.high}
+        for name, key in GAINS.items():
+            if name in self.versus:
+                interval = self.versus[name].interval
+                out |= {key: interval.difference, f"{key}_low": interval.low, f"{key}_high": interval.high}
         for name, g in self.groups.items():
             out |= {f"blocks_{name}": g.blocks, f"accuracy_{name}": g.accuracy}
         return out
@@ -193,7 +222,11 @@ class Comparison:
 
 
 LABELS = {"firstk": "FirstK", "randomk": "RandomK", "distributek": "DistributeK", "greedy": "greedy static",
-          PRUNED: "prune and finetune"}
+          SHUFFLED: "shuffled policies", PRUNED: "prune and finetune", CHANNELS: "channel pruning"}
+# the competitors that are other models (trained beside the policy), not image-blind policies on its ResNet
+TRAINED = (PRUNED, CHANNELS)
+# the metrics each competitor's interval is logged as (gain_over_*, *_low, *_high)
+GAINS = {PRUNED: "gain_over_pruning", CHANNELS: "gain_over_channel_pruning", SHUFFLED: "gain_over_shuffled"}
 
 
 def versus(learned: np.ndarray, curve: Curve, flops: float) -> Versus:
@@ -213,10 +246,20 @@ def difficulty_groups(records, hard: np.ndarray | None) -> dict[str, Group]:
     return groups
 
 
+def shuffled_versus(backbone: FlatResNet, learned, loader: DataLoader, costs: CostModel, device: torch.device) -> Versus:
+    """The learned policy (its tally with records, over `loader` in order) against the shuffled-policy control."""
+    records = learned.records()
+    control = tally(backbone, Shuffled(records.policies), loader, costs, device, records=True)
+    scores = control.records().correct.astype(np.float64)
+    return Versus(float(scores.mean()), paired_difference(records.correct.astype(np.float64), scores),
+                  "the same policies, shuffled across images")
+
+
 def compare(backbone: FlatResNet, policy: PolicyNet, test: Dataset, train_unaugmented: Dataset, costs: CostModel,
-            device: torch.device, batch_size: int = 256, records: bool = True, pruned: Curve | None = None):
+            device: torch.device, batch_size: int = 256, records: bool = True, pruned: dict[str, Curve] | None = None):
     """The comparison, and the tally of the learned policy (with per-image records when `records`).
-    `pruned`: prune-and-finetune's curve on the same test images (blockdrop.prune.pruned_curve)."""
+    `pruned`: the trained competitors' curves on the same test images (competitor_curves: prune-and-finetune,
+    channel pruning)."""
     loader = DataLoader(test, batch_size=batch_size)
     learned = tally(backbone, policy, loader, costs, device, records=True)
     report = learned.report(costs.full)
@@ -224,11 +267,11 @@ def compare(backbone: FlatResNet, policy: PolicyNet, test: Dataset, train_unaugm
     order = B.greedy_order(backbone, DataLoader(holdout(train_unaugmented), batch_size=batch_size), device,
                            drops=backbone.num_blocks - min(keeps))
     curves = {name: baseline_curve(name, backbone, loader, costs, device, keeps, order) for name in B.BASELINES}
-    if pruned is not None:
-        curves[PRUNED] = pruned
+    curves |= pruned or {}
     correct = learned.records().correct.astype(np.float64)
-    comparison = Comparison(report, {name: versus(correct, curve, report.flops_mean) for name, curve in curves.items()},
-                            {name: curve.points for name, curve in curves.items()}, order,
+    against = {name: versus(correct, curve, report.flops_mean) for name, curve in curves.items()}
+    against[SHUFFLED] = shuffled_versus(backbone, learned, loader, costs, device)
+    comparison = Comparison(report, against, {name: curve.points for name, curve in curves.items()}, order,
                             difficulty_groups(learned.records(), difficulties(test)))
     if not records:
         learned.rows = None
@@ -255,8 +298,8 @@ def analyse(preset, backbone: FlatResNet, policy: PolicyNet, dataset: str | None
     `pruned`: prune-and-finetune models, (K, finetuned ResNet, 0/1 row) each."""
     test = load_dataset(preset, "test", dataset, data_dir, download=False)
     train = load_dataset(preset, "train", dataset, data_dir, download=False, augment=False)
-    costs = cost_model(preset, policy)
-    curve = pruned_curve(pruned, test, costs, device) if pruned else None
+    costs = cost_model(preset, policy, backbone)
+    curve = competitor_curves(pruned, test, preset, device) if pruned else None
     # channels_last, as the workers evaluate: the same layout gives the same logits, to the last image
     layout = {"memory_format": torch.channels_last}
     comparison, learned = compare(backbone.to(device, **layout), policy.to(device, **layout), test, train, costs, device,
@@ -282,5 +325,5 @@ def curves(preset, backbone: FlatResNet, dataset: str | None, data_dir: str | No
     order = greedy_order_on(preset, backbone, dataset, data_dir, device)
     loader = DataLoader(test, batch_size=256)
     keeps = B.keep_grid(preset.num_blocks, points)
-    return {name: baseline_curve(name, backbone, loader, cost_model(preset), device, keeps, order).points
+    return {name: baseline_curve(name, backbone, loader, cost_model(preset, None, backbone), device, keeps, order).points
             for name in B.BASELINES}

@@ -237,7 +237,7 @@ def build_policy(preset: Preset, state: StateDict | None = None) -> nn.Module:
 
 
 def _build(preset: Preset, part: str, state: StateDict | None = None) -> nn.Module:
-    return preset.build_backbone() if part == "backbone" else build_policy(preset, state)
+    return preset.build_backbone(state) if part == "backbone" else build_policy(preset, state)
 
 
 def load_state(module: nn.Module, sd: StateDict, preset: Preset, part: str, path: str | os.PathLike) -> None:
@@ -276,7 +276,7 @@ def load_models(preset: Preset, checkpoint: str | os.PathLike | Checkpoint,
             f"{checkpoint} holds a policy but no ResNet (an original curriculum checkpoint?); "
             "pass the pretrained ResNet it was trained on with --backbone FILE"
         )
-    backbone = preset.build_backbone()
+    backbone = preset.build_backbone(backbone_sd)  # a channel-pruned ResNet: as narrow as its weights
     load_state(backbone, backbone_sd, preset, "backbone", backbone_src)
     policy = None
     if ckpt.policy is not None:

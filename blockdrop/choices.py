@@ -37,6 +37,15 @@ def default_budget(low: float, high: float) -> float:
 # static set of K blocks, greedy order) for as many steps as the policy's stages train it (blockdrop.prune).
 PRUNE = "prune"
 PRUNED = "prune_finetune"  # its name among the competitors a comparison and a sweep's plot show
+# The other static competitor: the user's ResNet with each block's inner channels pruned to the learned FLOPs
+# (a dense, narrower ResNet), finetuned as long (blockdrop.channels); the `prune` stage with its channels.
+CHANNELS = "channel_prune"
+# The control of every comparison: the learned policy's own choices, shuffled across the test images (same FLOPs,
+# same histogram of policies, no look at the image): what choosing per image buys (blockdrop.analysis.Shuffled).
+SHUFFLED = "shuffled"
+# torch-pruning's importance criteria a channel pruning chooses from on the validation split: group L1 and L2
+# norms, BatchNorm scale (network slimming), and FPGM (the geometric median)
+CHANNEL_CRITERIA = ("l1", "l2", "bn_scale", "fpgm")
 # The image-blind policies every learned one is compared with (blockdrop.baselines).
 BASELINES = ("firstk", "randomk", "distributek", "greedy")
 RANDOM_SEEDS = 5  # RandomK's accuracy is the mean over this many draws

@@ -29,7 +29,8 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2.api.config import LoggingConfig
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from blockdrop.analysis import Comparison, analyse, curves, greedy_order_on, pruned_curve, versus
+from blockdrop.analysis import Comparison, analyse, competitor_curves, curves, greedy_order_on, holdout, versus
+from blockdrop.channels import choose
 from blockdrop.checkpoints import build_policy, load_models, save_checkpoint
 from blockdrop.data import allowed_unreadable, default_loader_workers, load_dataset, loader_options, skipped_images
 from blockdrop.errors import UserError
@@ -196,7 +197,7 @@ class Worker:
         self.models, self.optimizer, self.schedule = setup_stage(cfg, self.preset, init, teacher, self.device,
                                                                  ray.train.torch.prepare_model, unused)
         self.start = resume(cfg, self.models, self.optimizer, self.schedule, self.device)
-        self.costs = cost_model(self.preset, self.models.policy)
+        self.costs = cost_model(self.preset, self.models.policy, self.models.backbone)
         self.static = None if cfg.static_policy is None else torch.tensor(cfg.static_policy, dtype=torch.float32)
         # what the test set is run under: the policy network, the static policy of a pruned ResNet, or every
         # block (nest: the depth policy is not trained yet)
@@ -336,7 +337,7 @@ def train_loop_per_worker(config: dict) -> None:
 RUN_RECORD = "blockdrop-run.json"  # in a stage's Ray folder: what the run is (claim_storage)
 # StageConfig fields measured on the way (the same on a resume, but not what defines the run), and those a
 # resume may change (more epochs continue from the stored checkpoint)
-NOT_IDENTITY = ("reference", "order", "static_policy", "progress_every_s", "epochs", "eval_every")
+NOT_IDENTITY = ("reference", "order", "static_policy", "channels", "progress_every_s", "epochs", "eval_every")
 
 
 def run_identity(cfg: StageConfig, callbacks: list | None, extra: dict | None = None) -> dict:
@@ -478,7 +479,7 @@ def _device() -> torch.device:
 
 
 def _backbone(preset: Preset, state: dict):
-    backbone = preset.build_backbone()
+    backbone = preset.build_backbone(state)
     backbone.load_state_dict(state)
     return backbone
 
@@ -515,29 +516,52 @@ def analyse_remotely(preset_name: str, payload_ref, dataset: str | None, data_di
 
 def _versus_pruned_task(preset_name: str, learned: list, pruned: list, dataset: str | None,
                         data_dir: str | None) -> dict:
-    """Each learned model ((key, payload, mean budget or None) each; a budget model at that budget) against
-    prune-and-finetune ((K, state dict, 0/1 row) each) at its FLOPs, image by image on the test set:
-    {key: Versus as a dict}."""
+    """Each learned model ((key, payload, mean budget or None) each; a budget model at that budget) against the
+    pruned competitors ((K, state dict, 0/1 row) each: prune-and-finetune, channel pruning) at its FLOPs, image by
+    image on the test set: {"versus": {key: {kind: Versus as a dict}}, "curves": {kind: [CurvePoint as dict]}}."""
     preset = get_preset(preset_name)
     device, layout = _device(), {"memory_format": torch.channels_last}
     test = load_dataset(preset, "test", dataset, data_dir, download=False)
-    curve = pruned_curve(_pruned(preset, pruned), test, cost_model(preset), device)
+    curves = competitor_curves(_pruned(preset, pruned), test, preset, device)
     out = {}
     for key, payload, budget in learned:
         payload = ray.get(payload) if isinstance(payload, ray.ObjectRef) else payload
         policy = _policy(preset, payload["policy"])
-        costs = cost_model(preset, policy)
-        result = tally(_backbone(preset, payload["backbone"]).to(device, **layout), policy.to(device, **layout),
+        backbone = _backbone(preset, payload["backbone"])
+        costs = cost_model(preset, policy, backbone)
+        result = tally(backbone.to(device, **layout), policy.to(device, **layout),
                        DataLoader(test, batch_size=256), costs, device, records=True, budget=budget)
         flops = result.report(costs.full).flops_mean
-        out[key] = asdict(versus(result.records().correct.astype("float64"), curve, flops))
-    return {"versus": out, "curve": [asdict(p) for p in curve.points]}
+        correct = result.records().correct.astype("float64")
+        out[key] = {kind: asdict(versus(correct, curve, flops)) for kind, curve in curves.items()}
+    return {"versus": out, "curves": {kind: [asdict(p) for p in curve.points] for kind, curve in curves.items()}}
 
 
 def versus_pruned_remotely(preset_name: str, learned: list, pruned: list, dataset: str | None, data_dir: str | None,
                            use_gpu: bool) -> dict:
     """_versus_pruned_task on a Ray worker."""
     return ray.get(_on_worker(_versus_pruned_task, use_gpu, preset_name, learned, pruned, dataset, data_dir))
+
+
+CHOICE_IMAGES = 1000  # validation images a channel pruning's criterion is chosen on (at most)
+
+
+def _channels_task(preset_name: str, payload: dict, flops: float, dataset: str | None, data_dir: str | None) -> dict:
+    preset = get_preset(preset_name)
+    images = load_dataset(preset, "val", dataset, data_dir, download=False)
+    if not len(images):  # data too small to hold images out: a slice of the training images
+        images = load_dataset(preset, "train", dataset, data_dir, download=False, augment=False)
+    loader = DataLoader(holdout(images, CHOICE_IMAGES), batch_size=256)
+    choice = choose(_backbone(preset, payload["backbone"]), flops, preset.image_size, preset.num_classes, loader,
+                    _device())
+    return asdict(choice)
+
+
+def channels_remotely(preset_name: str, payload_ref, flops: float, dataset: str | None, data_dir: str | None,
+                      use_gpu: bool) -> dict:
+    """blockdrop.channels.choose on a Ray worker, on the validation split: the ResNet in `payload_ref` pruned to
+    at most `flops` per image (criterion, kept channels, each criterion's accuracy, FLOPs; as a dict)."""
+    return ray.get(_on_worker(_channels_task, use_gpu, preset_name, payload_ref, flops, dataset, data_dir))
 
 
 def _order_task(preset_name: str, payload: dict, dataset: str | None, data_dir: str | None) -> list[int]:

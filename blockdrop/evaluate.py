@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from blockdrop import inference
-from blockdrop.analysis import Comparison, class_names, compare, holdout, pruned_curve, write
+from blockdrop.analysis import Comparison, class_names, compare, competitor_curves, holdout, write
 from blockdrop.baselines import RANDOM_SEEDS, chooser, greedy_order
 from blockdrop.data import check_unreadable, load_dataset
 from blockdrop.errors import UserError, run_cli
@@ -31,10 +31,11 @@ from blockdrop.presets import Preset, get_preset
 
 
 def load_pruned(preset: Preset, path: str) -> tuple[int, FlatResNet, torch.Tensor]:
-    """A prune-and-finetune checkpoint as (K, its ResNet, its 0/1 row), or a UserError."""
+    """A pruned ResNet's checkpoint (blocks or channels pruned) as (K, its ResNet, its 0/1 row), or a UserError."""
     model = inference.load(path, preset.name)
     if model.policy is None or isinstance(model.policy, PolicyNet):
-        raise UserError(f"--pruned {path} is not a pruned ResNet (train_job.py --stage prune writes those)")
+        raise UserError(f"--pruned {path} is not a pruned ResNet (train_job.py --stage prune writes those, a job "
+                        "NAME-prune-K*.pt and NAME-channels-*.pt)")
     return int(model.policy.row.sum()), model.backbone, model.policy.row
 
 
@@ -84,7 +85,7 @@ def load(preset: Preset, args: argparse.Namespace, device: torch.device) -> Eval
     if args.compare and not isinstance(policy, PolicyNet):
         raise UserError(f"--compare needs a policy network; {args.checkpoint} holds "
                         f"{'a pruned ResNet' if policy is not None else 'only a ResNet'}")
-    return Evaluated(backbone.to(device, memory_format=torch.channels_last), policy, cost_model(preset, policy),
+    return Evaluated(backbone.to(device, memory_format=torch.channels_last), policy, cost_model(preset, policy, backbone),
                      source, meta)
 
 
@@ -202,9 +203,9 @@ def run(args: argparse.Namespace) -> None:
         print(f"skipped {skipped} unreadable image(s) (named above); the next image stood in for each", file=sys.stderr)
     comparison = None
     if args.compare:
-        curve = pruned_curve(pruned, loader.dataset, model.costs, device, args.batch_size) if pruned else None
+        curves = competitor_curves(pruned, loader.dataset, preset, device, args.batch_size) if pruned else None
         comparison, _ = compare(model.backbone, model.policy, loader.dataset, train, model.costs, device,
-                                args.batch_size, records=False, pruned=curve)
+                                args.batch_size, records=False, pruned=curves)
     if args.report_dir:
         write_report_dir(preset, args, result, report, label, loader, test, comparison)
     if args.json:

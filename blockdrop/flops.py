@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from blockdrop.errors import run_cli
-from blockdrop.models.resnet import DepthPolicy, ResNetSpec
+from blockdrop.models.resnet import DepthPolicy, FlatResNet, ResNetSpec, full_mids
 from blockdrop.presets import Preset, get_preset
 
 
@@ -60,16 +60,19 @@ def resnet_cost(spec: ResNetSpec, image_size: int, num_outputs: int) -> ResNetCo
     blocks: list[int] = []
     shortcuts = 0
     inplanes = width
+    mids = iter(spec.mids or full_mids(spec))  # a channel-pruned ResNet's inner widths
     for stage, (planes, count) in enumerate(zip(spec.widths, spec.layers)):
         for b in range(count):
             stride = 2 if stage > 0 and b == 0 else 1
             out = _out(size, 3, stride, 1)
+            inner = next(mids)
             if spec.block == "bottleneck":
-                cost = (conv_flops(inplanes, planes, 1, size, size)
-                        + conv_flops(planes, planes, 3, out, out)
-                        + conv_flops(planes, planes * 4, 1, out, out))
+                first, second = inner
+                cost = (conv_flops(inplanes, first, 1, size, size)
+                        + conv_flops(first, second, 3, out, out)
+                        + conv_flops(second, planes * 4, 1, out, out))
             else:
-                cost = conv_flops(inplanes, planes, 3, out, out) + conv_flops(planes, planes, 3, out, out)
+                cost = conv_flops(inplanes, inner[0], 3, out, out) + conv_flops(inner[0], planes, 3, out, out)
             blocks.append(cost)
             outplanes = planes * expansion
             if b == 0 and spec.shortcut == "conv" and (stride != 1 or inplanes != outplanes):
@@ -84,11 +87,13 @@ class CostModel:
 
     backbone: ResNetCost
     policy: int
+    reference: int | None = None  # a channel-pruned ResNet's: the unpruned ResNet's total
 
     @property
     def full(self) -> int:
-        """The pretrained ResNet alone, every block run, no policy network."""
-        return self.backbone.total
+        """The pretrained ResNet alone, every block run, no policy network: the user's ResNet, the one every
+        speedup is measured against (for a channel-pruned ResNet: before it was pruned)."""
+        return self.reference or self.backbone.total
 
     @property
     def fixed(self) -> int:
@@ -103,14 +108,18 @@ class CostModel:
         return self.fixed - (0 if with_policy else self.policy) + policy.to(torch.float64) @ blocks
 
 
-def cost_model(preset: Preset, policy: torch.nn.Module | None = None) -> CostModel:
-    """The preset's costs with its BlockDrop policy network, or with the depth policy when `policy` is one."""
-    backbone = resnet_cost(preset.backbone, preset.image_size, preset.num_classes)
+def cost_model(preset: Preset, policy: torch.nn.Module | None = None, backbone: FlatResNet | None = None) -> CostModel:
+    """The preset's costs with its BlockDrop policy network, or with the depth policy when `policy` is one;
+    `backbone`: the ResNet itself where channel pruning narrowed it (its blocks cost less, its speedups are
+    against the preset's unpruned ResNet)."""
+    spec = preset.backbone if backbone is None else backbone.spec
+    blocks = resnet_cost(spec, preset.image_size, preset.num_classes)
+    reference = None if spec.mids is None else resnet_cost(preset.backbone, preset.image_size, preset.num_classes).total
     if isinstance(policy, DepthPolicy):
         spec, pool = preset.depth_policy_spec
-        return CostModel(backbone, resnet_cost(spec, preset.image_size // pool, preset.num_blocks + 1).total)
-    return CostModel(backbone, resnet_cost(preset.policy, preset.image_size // preset.policy_pool,
-                                           preset.num_blocks).total)
+        return CostModel(blocks, resnet_cost(spec, preset.image_size // pool, preset.num_blocks + 1).total, reference)
+    return CostModel(blocks, resnet_cost(preset.policy, preset.image_size // preset.policy_pool,
+                                         preset.num_blocks).total, reference)
 
 
 def describe(preset: Preset) -> dict:

@@ -76,7 +76,8 @@ def predict(backbone: FlatResNet, policy: Policy, images: torch.Tensor, costs: C
             raise ValueError("the full ResNet runs every block: it takes no cap")
         policies = torch.ones(len(images), backbone.num_blocks, device=images.device)
         return Prediction(backbone(images), policies,
-                          torch.full((len(images),), float(costs.full), dtype=torch.float64, device=images.device))
+                          torch.full((len(images),), float(costs.backbone.total), dtype=torch.float64,
+                                     device=images.device))
     learned = isinstance(policy, PolicyNet)
     if budget is not None and not is_budget_model(policy):
         raise ValueError("a mean budget needs a budget policy (train_job.py --policy budget); this one takes a cap")
@@ -190,7 +191,7 @@ class Model:
         """Each image under its own policy (`full`: every block, no policy network); `budget`, `cap`: see
         `predict` (scalars or one per image)."""
         return predict(self.backbone, None if full else self.policy, images.to(self.device),
-                       cost_model(self.preset) if full else self.costs, budget=budget, cap=cap)
+                       cost_model(self.preset, None, self.backbone) if full else self.costs, budget=budget, cap=cap)
 
     def cheapest(self) -> float:
         """The least share of the full ResNet's FLOPs an image can cost under this model: no block run."""
@@ -213,4 +214,4 @@ def load(path: str | os.PathLike, preset: str | None = None, backbone_file: str 
     backbone.eval().to(device)
     if policy is not None:
         policy.eval().to(device)
-    return Model(found, backbone, policy, cost_model(found, policy), Decoder(found), ckpt, device)
+    return Model(found, backbone, policy, cost_model(found, policy, backbone), Decoder(found), ckpt, device)

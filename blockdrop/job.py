@@ -17,11 +17,11 @@ from blockdrop.analysis import Comparison
 from blockdrop.baselines import from_order
 from blockdrop.checkpoints import Checkpoint, read_checkpoint
 from blockdrop.choices import PRUNE
-from blockdrop.competitors import PruneRuns, prune_baseline
+from blockdrop.competitors import PruneRuns, train_competitors
 from blockdrop.data import load_dataset
 from blockdrop.distributed import Payloads, analyse_remotely, run_stage
 from blockdrop.errors import UserError
-from blockdrop.plans import Plan, describe, finetune_gamma, resnet_steps
+from blockdrop.plans import Plan, describe, finetune_gamma
 from blockdrop.pyfunc import input_example
 from blockdrop.ray_session import output_folder, start_ray, storage_location
 from blockdrop.stages import StageConfig
@@ -140,15 +140,17 @@ class Job:
     def analyse(self, trained: Checkpoint) -> Comparison | None:
         """The finetuned policy against prune-and-finetune and the image-blind policies at its FLOPs, and its
         pictures, onto the job's run; a failed analysis is reported, not fatal (the model is saved)."""
-        args = self.args
+        args, preset = self.args, self.plan.preset
         pruned = []
         if not args.no_prune_baseline:
+            test = load_dataset(preset, "test", args.dataset, args.data_dir)
             runs = PruneRuns(self.name, args.dataset, self.data_dir, args.num_workers, args.gpu, self.storage,
-                             self.output, self.tracker, self.run_id, self.common, self.plan.train_size, args.seed,
-                             args.max_bad_images, args.train_execution, args.max_failures)
-            pruned = prune_baseline(self.plan.preset, runs, self.payloads, self.reference,
-                                    [trained.meta["metrics"]["flops_per_image"]],
-                                    resnet_steps(self.plan.stages, self.plan.train_size), self.seconds)
+                             self.output, self.tracker, self.run_id, self.common, self.plan.train_size,
+                             input_example(preset, test), args.seed, args.max_bad_images, args.train_execution,
+                             args.max_failures)
+            pruned = [c.model for c in train_competitors(preset, runs, self.payloads, self.reference,
+                                                         [trained.meta["metrics"]["flops_per_image"]],
+                                                         self.plan.stages, self.seconds)]
         print("== analysis: the policy against its competitors at equal FLOPs, policy pictures", file=sys.stderr)
         payload = ray.put({"backbone": trained.backbone, "policy": trained.policy})
         try:

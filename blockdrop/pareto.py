@@ -39,7 +39,9 @@ def pareto_front(points: Sequence[Point], by: Callable[[Point], Point] | None = 
 
 CURVE_STYLE = {"greedy": ("greedy static", "C2", "s"), "distributek": ("DistributeK", "C4", "^"),
                "randomk": ("RandomK", "C1", "v"), "firstk": ("FirstK", "C5", "D"),
-               "prune_finetune": ("prune and finetune, from your ResNet", "C3", "P")}
+               "prune_finetune": ("prune and finetune, from your ResNet", "C3", "P"),
+               "channel_prune": ("channel pruning, from your ResNet", "C8", "X")}
+TRAINED_CURVES = ("prune_finetune", "channel_prune")  # models trained apart from the user's ResNet: solid lines
 
 
 def plot_front(points: Sequence[Point], front: Sequence[Point], path: str | Path,
@@ -62,10 +64,10 @@ def plot_front(points: Sequence[Point], front: Sequence[Point], path: str | Path
     for name, curve in (curves or {}).items():
         label, colour, marker = CURVE_STYLE.get(name, (name, "0.5", "o"))
         ordered = sorted(curve, key=lambda c: c.flops)
-        trained = name == "prune_finetune"  # trained apart, from the user's ResNet: a solid line
+        trained = name in TRAINED_CURVES
         ax.plot([c.flops for c in ordered], [100 * c.accuracy for c in ordered], linestyle="-" if trained else "--",
                 marker=marker, markersize=4 if trained else 3, linewidth=1.5 if trained else 1, color=colour,
-                label=f"{label} (image-blind)", zorder=2 if trained else 1)
+                label=f"{label} ({'static' if trained else 'image-blind'})", zorder=2 if trained else 1)
     statics = [p for p in points if "best_static_accuracy" in p.info]
     for p in statics:
         ax.plot([p.flops, p.flops], [100 * p.info["best_static_accuracy"], 100 * p.accuracy], ":", color="0.3",
@@ -91,7 +93,8 @@ def plot_front(points: Sequence[Point], front: Sequence[Point], path: str | Path
         ax.set_ylim(bottom=max(ax.get_ylim()[0], 100 * lowest - 10))
     ax.set_ylim(top=min(ax.get_ylim()[1], 100.5))  # accuracy ends at 100%
     ax.set_xlabel("FLOPs per image (policy network included)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%); the front chosen on validation" if any(p.info.get("val_accuracy") is not None
+                                                                            for p in front) else "test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=7)

@@ -72,6 +72,22 @@ def resnet_steps(plan: list[tuple[str, dict]], train_size: int) -> int:
                for stage, settings in plan if stage in ("adapt", "nest", "finetune"))
 
 
+def resnet_cycles(plan: list[tuple[str, dict]], train_size: int, batch_size: int, lr: float) -> list[list[float]]:
+    """The schedule a competitor gets to train as the stages of `plan` train the ResNet: one cosine cycle per
+    such stage (adapt or nest, then finetune), as many steps at `batch_size` as that stage took, peaking at that
+    stage's lr relative to the competitor's `lr` where the stage trains the ResNet with SGD (an Adam stage's
+    lr is not an SGD one: its cycle peaks at `lr`). [epochs, peak factor] each (blockdrop.stages.cycles_factor)."""
+    per_epoch = max(train_size // batch_size, 1)
+    depth = any(stage in ("nest", "depth") for stage, _ in plan)
+    cycles = []
+    for stage, settings in plan:
+        if stage in ("adapt", "nest", "finetune"):
+            steps = settings["epochs"] * max(train_size // settings["batch_size"], 1)
+            peak = settings["lr"] / lr if stage != "finetune" or depth else 1.0
+            cycles.append([max(1, round(steps / per_epoch)), peak])
+    return cycles
+
+
 def default_plan(preset: Preset, dataset: str | None, train_size: int, policy: str = DEFAULT_POLICY
                  ) -> list[tuple[str, dict]]:
     """The stages after a user's ResNet (adapt, curriculum, finetune; or nest, depth, finetune) with their

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from blockdrop.choices import CURRICULUM_PACE, PRESET_NAMES, check_preset_name  # noqa: F401 (re-exported)
-from blockdrop.models.resnet import BudgetPolicy, DepthPolicy, FlatResNet, PolicyNet, ResNetSpec
+from blockdrop.models.resnet import BudgetPolicy, DepthPolicy, FlatResNet, PolicyNet, ResNetSpec, narrowed_spec
 
 # The original code's normalisation constants.
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -122,8 +122,9 @@ class Preset:
     def in_channels(self) -> int:
         return self.backbone.in_channels
 
-    def build_backbone(self) -> FlatResNet:
-        return FlatResNet(self.backbone, self.num_classes)
+    def build_backbone(self, state: dict | None = None) -> FlatResNet:
+        """The preset's ResNet; shaped as `state` (a backbone state dict) where channel pruning narrowed it."""
+        return FlatResNet(narrowed_spec(self.backbone, state), self.num_classes)
 
     def build_policy(self) -> PolicyNet:
         return PolicyNet(self.policy, self.num_blocks, input_pool=self.policy_pool)

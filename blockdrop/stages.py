@@ -29,6 +29,7 @@ knows about Ray. Each step returns per-image tensors (loss is a scalar) that the
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from blockdrop import budget as BU
 from blockdrop import depth as D
 from blockdrop import reinforce as R
 from blockdrop.choices import DEFAULT_BUDGET_SAMPLING, MAX_UNREADABLE, STAGES  # noqa: F401 (STAGES re-exported)
+from blockdrop.channels import narrow
 from blockdrop.execution import Executor, run_sparse
 from blockdrop.flops import cost_model
 from blockdrop.metrics import Moments
@@ -197,9 +199,26 @@ def make_optimizer(stage: str, params, lr: float, weight_decay: float, depth: bo
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
-def make_schedule(stage: str, optimizer: torch.optim.Optimizer, epochs: int,
-                  depth: bool = False) -> torch.optim.lr_scheduler.LRScheduler:
-    """The ResNet alone: cosine to zero; finetune: lr x0.1 for the last quarter; curriculum, depth: constant."""
+def cycles_factor(cycles: list[list[float]]):
+    """The lr factor at each epoch of consecutive cosine cycles ([epochs, peak factor] each): each cycle starts
+    at its peak and anneals to zero, as the stages it matches did one after the other (warm restarts)."""
+    def factor(epoch: int) -> float:
+        for length, peak in cycles:
+            if epoch < length:
+                return peak * 0.5 * (1 + math.cos(math.pi * epoch / length))
+            epoch -= length
+        return 0.0
+
+    return factor
+
+
+def make_schedule(stage: str, optimizer: torch.optim.Optimizer, epochs: int, depth: bool = False,
+                  cycles: list[list[float]] | None = None) -> torch.optim.lr_scheduler.LRScheduler:
+    """The ResNet alone: cosine to zero (`cycles`: one cosine cycle after another, each at its own peak: what
+    a competitor gets to match the stages of the policy it stands beside); finetune: lr x0.1 for the last
+    quarter; curriculum, depth: constant."""
+    if uses_sgd(stage, depth) and cycles:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, cycles_factor(cycles))
     if uses_sgd(stage, depth):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     if stage == "finetune":
@@ -356,6 +375,11 @@ class StageConfig:
     reference_source: str = ""
     reference_file: str = ""  # its checkpoint, where prune-and-finetune starts from
     static_policy: list[int] | None = None  # prune: the 0/1 policy every image runs
+    # prune: the channels of each block it keeps (blockdrop.channels.Kept), a channel-pruned ResNet
+    channels: list | None = None
+    # prune: the lr schedule as cosine cycles, [epochs, peak factor of lr] each (the stages of the policy it is
+    # compared with, one after the other); None: one cosine cycle over all epochs
+    cycles: list[list[float]] | None = None
     order: list[int] | None = None  # nest: the greedy static order of the user's ResNet (the depth policy's)
     budget_range: list[float] | None = None  # the budget policy: the mean budgets its finetune draws from
     budget: float | None = None  # ... and the one it runs at when a request names none
@@ -395,7 +419,10 @@ def setup_stage(cfg: StageConfig, preset: Preset, init: dict | None, teacher: di
     prepare_model: DDP; `unused`: with the search for unused parameters, blocks_can_go_unused), with
     their optimiser and schedule. `teacher`: the user's ResNet (a payload like `init`'s), whose soft
     labels the depth policy's stages learn from."""
-    backbone = preset.build_backbone()
+    start = None if init is None else init["backbone"]
+    if start is not None and cfg.channels is not None:  # channel pruning: the kept channels of --init's ResNet
+        start = narrow(start, preset.backbone, cfg.channels)
+    backbone = preset.build_backbone(start)
     init_policy = (init or {}).get("policy")
     depth = cfg.stage in ("nest", "depth") or (init_policy is not None and "rank" in init_policy)
     # a budget policy where its stages say so (budget_range): a depth checkpoint becomes one, and a budget
@@ -404,17 +431,17 @@ def setup_stage(cfg: StageConfig, preset: Preset, init: dict | None, teacher: di
     policy = (preset.build_depth_policy(budget) if depth else None if cfg.stage in SUPERVISED
               else preset.build_policy())
     if init is not None:
-        backbone.load_state_dict(init["backbone"], strict=False)
+        backbone.load_state_dict(start, strict=False)
         if policy is not None and init_policy is not None:
             policy.load_state_dict(policy.fit_state(init_policy) if isinstance(policy, BudgetPolicy)
                                    else depth_state(init_policy) if depth else init_policy)
     if cfg.order is not None:  # nest: the keep order of the depth policy, from the user's ResNet
-        costs = cost_model(preset)
+        costs = cost_model(preset, None, backbone)
         policy.set_order(cfg.order, costs.backbone.blocks, costs.full)
     if depth:
         policy.gamma.fill_(cfg.gamma)
     if isinstance(policy, BudgetPolicy):
-        policy.base.fill_(cost_model(preset, policy).fixed / cost_model(preset).full)
+        policy.base.fill_(cost_model(preset, policy, backbone).fixed / cost_model(preset).full)
         if cfg.budget is not None:
             policy.budget.fill_(cfg.budget)
 
@@ -424,7 +451,7 @@ def setup_stage(cfg: StageConfig, preset: Preset, init: dict | None, teacher: di
         policy.to(device, memory_format=torch.channels_last)
     frozen = None
     if teacher is not None and (cfg.stage in ("nest", "prune") or (depth and cfg.stage == "finetune")):
-        frozen = preset.build_backbone()
+        frozen = preset.build_backbone(teacher["backbone"])
         frozen.load_state_dict(teacher["backbone"])
         frozen.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     if cfg.stage in ("curriculum", "depth"):
@@ -443,4 +470,4 @@ def setup_stage(cfg: StageConfig, preset: Preset, init: dict | None, teacher: di
         params = [{"params": list(policy.parameters()), "lr": cfg.policy_lr or cfg.lr},
                   {"params": list(backbone.parameters())}]
     optimizer = make_optimizer(cfg.stage, params, cfg.lr, cfg.weight_decay, depth)
-    return models, optimizer, make_schedule(cfg.stage, optimizer, cfg.epochs, depth)
+    return models, optimizer, make_schedule(cfg.stage, optimizer, cfg.epochs, depth, cfg.cycles)

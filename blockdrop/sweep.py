@@ -27,18 +27,19 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.optuna import OptunaSearch
 from torch.utils.data import DataLoader
 
+from blockdrop.analysis import GAINS, LABELS
 from blockdrop.baselines import CurvePoint
 from blockdrop.checkpoints import read_checkpoint
-from blockdrop.choices import DEFAULT_BUDGET_SAMPLING, PRUNED, default_budget
-from blockdrop.competitors import PruneRuns, prune_baseline
+from blockdrop.choices import CHANNELS, DEFAULT_BUDGET_SAMPLING, PRUNED, default_budget
+from blockdrop.competitors import PruneRuns, Trained, train_competitors
 from blockdrop.data import load_dataset
 from blockdrop.distributed import MODEL_FILE, Payloads, analyse_remotely, curves_remotely, run_stage, versus_pruned_remotely
 from blockdrop.errors import UserError
-from blockdrop.metrics import evaluate
+from blockdrop.metrics import evaluate, final_report
 from blockdrop.flops import cost_model
 from blockdrop.pareto import Point, pareto_front, plot_front
 from blockdrop.parsers.sweep import trial_key
-from blockdrop.plans import SweepPlan, default_plan, resnet_steps
+from blockdrop.plans import SweepPlan, default_plan
 from blockdrop.preflight import resolve_uri
 from blockdrop.presets import get_preset
 from blockdrop.pyfunc import input_example
@@ -228,10 +229,11 @@ def budget_trial_points(run) -> list[Point]:
 
 
 def front_gain(front: list[Point]) -> dict[str, float]:
-    """The front's accuracy gain over the best image-blind policy at equal FLOPs (each model against
-    the baselines on its own finetuned ResNet) and over prune-and-finetune: mean and least over the front."""
+    """The front's learned models' accuracy gain over the best image-blind policy at equal FLOPs (each model
+    against the baselines on its own finetuned ResNet), over prune-and-finetune and over channel pruning: mean and
+    least over the front."""
     out = {}
-    for key in ("gain_over_static", "gain_over_pruning"):
+    for key in ("gain_over_static", GAINS[PRUNED], GAINS[CHANNELS]):
         gains = [p.info[key] for p in front if key in p.info]
         if gains:
             out |= {f"front_{key}": sum(gains) / len(gains), f"front_{key}_min": min(gains)}
@@ -248,27 +250,32 @@ def publish_front(tracker: Tracker, parent_id: str, points: list[Point], front: 
     rows = [p.info for p in front]
     gain = front_gain(front)
     # the sweep's result on its own run: how many points, the best of each axis, and the front as a table
-    summary = {"trials_finished": len({p.info["run_id"] for p in points}), "points": len(points),
+    learned = [p for p in points if "method" not in p.info]
+    summary = {"trials_finished": len({p.info["run_id"] for p in learned}), "points": len(points),
+               "competitors": len(points) - len(learned),
+               "pareto_competitors": sum("method" in p.info for p in front),
                "pareto_points": len(front),
                "best_accuracy": max(p.accuracy for p in points), "lowest_flops_per_image": min(p.flops for p in points),
                "best_speedup": max(p.info["speedup"] for p in points),
                "reference_accuracy": reference.accuracy, "full_model_accuracy": reference.info["init_resnet_accuracy"],
                "full_model_flops_per_image": reference.flops}
     tracker.log_metrics(parent_id, summary | gain, step=0)
-    columns = ["gamma", "budget_range", "budget", "lr", "accuracy", "flops", "speedup", "blocks", "unique_policies",
-               "val_accuracy", "val_flops", "gain_over_static", "gain_over_pruning", "gain_over_pruning_low",
-               "gain_over_pruning_high", "run_id"]
-    tracker.log_table(parent_id, pd.DataFrame([{k: r.get(k) for k in columns} for r in sorted(
+    columns = ["method", "gamma", "budget_range", "budget", "keep", "lr", "accuracy", "flops", "speedup", "blocks",
+               "unique_policies", "val_accuracy", "val_flops", "gain_over_static", "gain_over_pruning",
+               "gain_over_pruning_low", "gain_over_pruning_high", "gain_over_channel_pruning",
+               "gain_over_channel_pruning_low", "gain_over_channel_pruning_high", "run_id"]
+    tracker.log_table(parent_id, pd.DataFrame([{k: r.get(k) for k in columns} | {"method": method(r)} for r in sorted(
         rows, key=lambda r: r["flops"])]), "pareto/front_table.json")
     with tempfile.TemporaryDirectory() as folder:
-        plot = plot_front(points, front, Path(folder) / "pareto_front.png", reference=reference, curves=curves,
+        plot = plot_front(learned, front, Path(folder) / "pareto_front.png", reference=reference, curves=curves,
                           lines=budget_lines(points))
         tracker.log_artifact(parent_id, plot, "pareto")
         table = Path(folder) / "pareto_front.json"
         baselines = {name: [asdict(c) for c in curve] for name, curve in (curves or {}).items() if name != PRUNED}
-        pruned = [asdict(c) for c in (curves or {}).get(PRUNED, [])]
+        baselines = {name: curve for name, curve in baselines.items() if name != CHANNELS}
+        trained = {name: [asdict(c) for c in (curves or {}).get(name, [])] for name in (PRUNED, CHANNELS)}
         table.write_text(json.dumps({"reference": reference.info, "front": rows, "trials": [p.info for p in points],
-                                     "baselines_on_init": baselines, "prune_finetune": pruned, **gain}, indent=2))
+                                     "baselines_on_init": baselines, **trained, **gain}, indent=2))
         tracker.log_artifact(parent_id, table, "pareto")
     register(tracker, front, model_name, preset)
     return rows
@@ -283,18 +290,38 @@ def budget_lines(points: list[Point]) -> dict[str, list[Point]]:
     return lines
 
 
+def method(info: dict) -> str:
+    """What made a point of the sweep: a per-gamma trial, a budget model, or a competitor."""
+    if "method" in info:
+        return LABELS[info["method"]]
+    return "budget model" if "budget" in info else "learned policy"
+
+
 def recommend(front: list[Point], name: str) -> str:
-    """What wins on this data, said plainly: the per-image policy or pruning."""
-    verdicts = [("better" if p.info["gain_over_pruning_low"] > 0 else "worse" if p.info["gain_over_pruning_high"] < 0
-                 else "tie") for p in front if "gain_over_pruning" in p.info]
-    if all(v == "better" for v in verdicts):
-        return "verdict: the per-image policy beats pruning at every point of the front: serve the front's models."
-    if any(v == "worse" for v in verdicts):
-        return ("verdict: at some points pruning is more accurate at the same FLOPs: there, serve the pruned ResNet "
-                f"(its checkpoints are {name}-prune-K*.pt; serve_policy.py serves them).")
+    """What wins on this data, said plainly: the per-image policy or pruning (of blocks or of channels)."""
+    learned = [p for p in front if "method" not in p.info]
+    if not learned:
+        kinds = sorted({LABELS[p.info["method"]] for p in front})
+        return (f"verdict: pruning wins on this data: every point of the front chosen on validation is a pruned "
+                f"ResNet ({', '.join(kinds)}), no per-image policy: serve those ({name}-prune-K*.pt, "
+                f"{name}-channels-*.pt; registered with the front).")
+    verdicts = []
+    for p in learned:
+        for key in (GAINS[PRUNED], GAINS[CHANNELS]):
+            if key in p.info:
+                verdicts.append("better" if p.info[f"{key}_low"] > 0 else "worse" if p.info[f"{key}_high"] < 0
+                                else "tie")
+    beaten = len(learned) < len(front)
+    if verdicts and all(v == "better" for v in verdicts) and not beaten:
+        return ("verdict: the per-image policy beats both kinds of pruning at every point of the front: serve the "
+                "front's models.")
+    if any(v == "worse" for v in verdicts) or beaten:
+        return ("verdict: at some FLOPs a pruned ResNet is more accurate: there, serve it (the front holds it where "
+                f"it won on validation; checkpoints {name}-prune-K*.pt and {name}-channels-*.pt; serve_policy.py "
+                "serves them).")
     return ("verdict: no point of the front is beaten by pruning, and not every point beats it: on this data a "
-            f"per-image policy and pruning are worth the same; the pruned ResNet ({name}-prune-K*.pt) is the "
-            "simpler model to serve where the two tie.")
+            f"per-image policy and pruning are worth the same; the pruned ResNet ({name}-prune-K*.pt, "
+            f"{name}-channels-*.pt) is the simpler model to serve where the two tie.")
 
 
 def register(tracker: Tracker, front: list[Point], model_name: str, preset: str) -> None:
@@ -315,7 +342,16 @@ def register(tracker: Tracker, front: list[Point], model_name: str, preset: str)
         tags = {"preset": preset, "lr": first.info["lr"], "accuracy": best.accuracy, "flops_per_image": best.flops,
                 "speedup": best.info["speedup"], "blocks_used": best.info["blocks"],
                 "front_position": ",".join(f"{k}/{len(front)}" for k in positions)}
-        if "budget" in first.info:
+        if "method" in first.info:  # a competitor that made the front
+            what = (f"{first.info['keep']} blocks kept" if first.info["method"] == PRUNED
+                    else f"each block's channels pruned (criterion {first.info.get('criterion')}, chosen on validation)")
+            description = (f"Pareto point {positions[0]} of {len(front)} by FLOPs{role}: {LABELS[first.info['method']]} "
+                           f"of your ResNet, {what}, finetuned as long as the policies: accuracy {first.accuracy:.4f} "
+                           f"at {first.flops:.3E} FLOPs/img ({first.info['speedup']:.2f}x fewer than the full model); "
+                           "a static model: every image runs the same network.")
+            tags |= {"method": first.info["method"], "keep": first.info["keep"]}
+            tags.pop("lr")
+        elif "budget" in first.info:
             points = "; ".join(f"budget {p.info['budget']:.2f}: {p.accuracy:.4f} at {p.flops:.3E}" for p in owned)
             description = (f"Budget model{role}: one model for every budget, its ResNet finetuned under mean budgets "
                            f"drawn from {first.info['budget_range']} of the full model's FLOPs (lr {first.info['lr']:g}); "
@@ -337,41 +373,56 @@ def register(tracker: Tracker, front: list[Point], model_name: str, preset: str)
 
 
 def prune_front(plan: SweepPlan, args: argparse.Namespace, tracker: Tracker, parent_id: str, name: str,
-                storage: str, front: list[Point], settings: SweepSettings, payloads: Payloads,
-                seconds: float) -> list[CurvePoint] | None:
-    """Prune-and-finetune at the block counts that bracket the front's points, each front point against it
-    at its FLOPs (a paired interval, logged to the trial's run as gain_over_pruning*): its curve, or None."""
+                storage: str, front: list[Point], settings: SweepSettings, payloads: Payloads, seconds: float,
+                example) -> tuple[dict[str, list[CurvePoint]], list[Point]] | None:
+    """The competitors (prune-and-finetune at the block counts that bracket the front's points, channel pruning
+    at each point's FLOPs), each front point against each kind at its FLOPs (a paired interval, logged to the
+    trial's run as gain_over_pruning*, gain_over_channel_pruning*): their curves and their models as points
+    (which may belong on the sweep's front), or None."""
     preset = plan.preset
-    # as many steps as the trials' models were trained: the stage before the policy (defaults), then a trial
+    # as many steps, in as many cycles, as the trials' models were trained: the stage before the policy
+    # (defaults), then a trial (at the sweep's first lr)
     first = default_plan(preset, args.dataset, plan.train_size, "depth" if plan.depth else "blocks")[0]
-    steps = resnet_steps([first, ("finetune", {"epochs": settings.epochs, "batch_size": settings.batch_size})],
-                         plan.train_size)
+    stages = [first, ("finetune", {"epochs": settings.epochs, "batch_size": settings.batch_size, "lr": plan.lrs[0]})]
     runs = PruneRuns(name, args.dataset, settings.data_dir, args.workers_per_trial, args.gpu, storage,
                      output_folder(None, storage, name), tracker, parent_id, {"preset": preset.name}, plan.train_size,
-                     max_bad_images=args.max_bad_images, execution=args.train_execution)
-    pruned = prune_baseline(preset, runs, payloads, settings.reference, [p.flops for p in front], steps, seconds)
-    if not pruned:
+                     example, max_bad_images=args.max_bad_images, execution=args.train_execution)
+    trained = train_competitors(preset, runs, payloads, settings.reference, [p.flops for p in front], stages, seconds)
+    if not trained:
         return None
     models, learned = {}, []
     for p in front:  # a budget model once, at each of its budgets on the front
         run_id = p.info["run_id"]
         if run_id not in models:
-            trained = read_checkpoint(tracker.checkpoint(run_id))
-            models[run_id] = ray.put({"backbone": trained.backbone, "policy": trained.policy})
+            checkpoint = read_checkpoint(tracker.checkpoint(run_id))
+            models[run_id] = ray.put({"backbone": checkpoint.backbone, "policy": checkpoint.policy})
         learned.append((p.info["key"], models[run_id], p.info.get("budget")))
-    result = versus_pruned_remotely(preset.name, learned, pruned, args.dataset, settings.data_dir, args.gpu)
+    result = versus_pruned_remotely(preset.name, learned, [t.model for t in trained], args.dataset, settings.data_dir,
+                                    args.gpu)
     for p in front:
-        v = result["versus"][p.info["key"]]
-        gain = {"gain_over_pruning": v["interval"]["difference"], "gain_over_pruning_low": v["interval"]["low"],
-                "gain_over_pruning_high": v["interval"]["high"]}
-        p.info.update(gain | {"pruned_accuracy": v["accuracy"]})  # Point is frozen, its info a dict
-        figures = gain | {"baseline_prune_finetune_accuracy": v["accuracy"]}
+        figures = {}
+        for kind, v in result["versus"][p.info["key"]].items():
+            key = GAINS[kind]
+            figures |= {key: v["interval"]["difference"], f"{key}_low": v["interval"]["low"],
+                        f"{key}_high": v["interval"]["high"], f"baseline_{kind}_accuracy": v["accuracy"]}
+        p.info.update(figures)  # Point is frozen, its info a dict
         if "budget" in p.info:  # a budget model's: along its curve, the budget in percent as the step
             tracker.log_metrics(p.info["run_id"], {f"curve_{k}": x for k, x in figures.items()},
                                 step=int(round(100 * p.info["budget"])))
         else:
             tracker.log_metrics(p.info["run_id"], figures, step=0)
-    return [CurvePoint(**c) for c in result["curve"]]
+    curves = {kind: [CurvePoint(**c) for c in points] for kind, points in result["curves"].items()}
+    return curves, [competitor_point(t, preset) for t in trained]
+
+
+def competitor_point(trained: Trained, preset) -> Point:
+    """A trained competitor as a point of the sweep (test figures; validation figures to choose on)."""
+    r = final_report(read_checkpoint(trained.path).meta, cost_model(preset).full)
+    label = f"K={trained.keep}" if trained.kind == PRUNED else f"ch {r.flops_mean / r.full_flops:.2f}"
+    return Point(r.accuracy, r.flops_mean, label, {
+        "method": trained.kind, "keep": trained.keep, "accuracy": r.accuracy, "flops": r.flops_mean,
+        "speedup": r.speedup, "blocks": r.blocks_mean, "unique_policies": 1, "run_id": trained.run_id,
+        "key": trained.run_id, "val_accuracy": r.val_accuracy, "val_flops": r.val_flops, "lr": None} | trained.info)
 
 
 def refuse(tracker: Tracker, args: argparse.Namespace, name: str, path: str) -> None:
@@ -433,33 +484,44 @@ def fit(tuner: tune.Tuner, name: str) -> int:
     return failed
 
 
+def interval_text(row: dict, key: str) -> str:
+    return (f"{100 * row[key]:+.2f} [{100 * row[key + '_low']:+.2f}, {100 * row[key + '_high']:+.2f}]"
+            if key in row else "-")
+
+
 def print_front(name: str, points: list[Point], failed: int, front: list[Point], rows: list[dict],
                 reference: Point) -> None:
-    """The front as a table, each point against the image-blind policies and prune-and-finetune."""
-    trials = len({p.info["run_id"] for p in points})
-    curves = f" ({len(points)} points: a budget model is a point per budget)" if len(points) > trials else ""
-    print(f"\n{name}: {trials} trials finished{curves}, {failed} failed; Pareto front, chosen on the validation "
-          "split, with its test figures "
+    """The front as a table, each learned point against the image-blind policies and both kinds of pruning."""
+    trials = len({p.info["run_id"] for p in points if "method" not in p.info})
+    competitors = len(points) - sum(1 for p in points if "method" not in p.info)
+    curves = (f" ({len(points) - competitors} points: a budget model is a point per budget)"
+              if len(points) - competitors > trials else "")
+    print(f"\n{name}: {trials} trials finished{curves}, {failed} failed"
+          f"{f', {competitors} pruned competitors' if competitors else ''}; Pareto front of them all, chosen on the "
+          "validation split, with its test figures "
           f"(the reference, {reference.label}: accuracy {reference.accuracy:.3f}, FLOPs {reference.flops:.2E}; "
           f"--init's ResNet, all blocks: {reference.info['init_resnet_accuracy']:.3f}):")
     print(f"{'model':>14} {'lr':>8} {'val acc':>8} {'accuracy':>9} {'FLOPs/img':>10} {'speedup':>8} {'blocks':>7} "
-          f"{'policies':>8} {'vs static':>9} {'vs prune and finetune':>27}  run")
+          f"{'policies':>8} {'vs static':>9} {'vs prune and finetune':>27} {'vs channel pruning':>27}  run")
     for r in rows:
-        model = f"{r['budget_range']} @{r['budget']:.2f}" if "budget" in r else f"gamma {r['gamma']:g}"
+        model = (f"{r['budget_range']} @{r['budget']:.2f}" if "budget" in r else f"gamma {r['gamma']:g}" if "gamma" in r
+                 else f"prune K={r['keep']}" if r["method"] == PRUNED else "channels")
         policies = "-" if r.get("unique_policies") is None else f"{r['unique_policies']:.0f}"
         gain = f"{100 * r['gain_over_static']:+8.2f}p" if "gain_over_static" in r else f"{'-':>9}"
-        pruned = (f"{100 * r['gain_over_pruning']:+.2f} [{100 * r['gain_over_pruning_low']:+.2f}, "
-                  f"{100 * r['gain_over_pruning_high']:+.2f}]" if "gain_over_pruning" in r else "-")
-        print(f"{model:>14} {r['lr']:>8g} {r['val_accuracy']:>8.3f} {r['accuracy']:>9.3f} {r['flops']:>10.2E} "
-              f"{r['speedup']:>7.2f}x "
-              f"{r['blocks']:>7.2f} {policies:>8} {gain} {pruned:>27}  {r['run_id']}")
+        lr = "-" if r.get("lr") is None else f"{r['lr']:g}"
+        print(f"{model:>14} {lr:>8} {r['val_accuracy']:>8.3f} {r['accuracy']:>9.3f} {r['flops']:>10.2E} "
+              f"{r['speedup']:>7.2f}x {r['blocks']:>7.2f} {policies:>8} {gain} "
+              f"{interval_text(r, GAINS[PRUNED]):>27} {interval_text(r, GAINS[CHANNELS]):>27}  {r['run_id']}")
     gain = front_gain(front)
     if "front_gain_over_static" in gain:
         print(f"vs static: accuracy minus the best image-blind policy's at the same FLOPs, on the model's own ResNet "
               f"(front mean {100 * gain['front_gain_over_static']:+.2f} points)")
-    if "front_gain_over_pruning" in gain:
-        print(f"vs prune and finetune: accuracy minus your ResNet's pruned to the same FLOPs and finetuned as long, "
-              f"per image, 95% interval (front mean {100 * gain['front_gain_over_pruning']:+.2f} points)")
+    if competitors:
+        for key, what in ((GAINS[PRUNED], "your ResNet's blocks pruned"), (GAINS[CHANNELS], "its channels pruned")):
+            if f"front_{key}" in gain:
+                print(f"vs {LABELS[PRUNED if key == GAINS[PRUNED] else CHANNELS]}: accuracy minus {what} to the same "
+                      f"FLOPs and finetuned as long, per image, 95% interval (front mean "
+                      f"{100 * gain[f'front_{key}']:+.2f} points)")
         print(recommend(front, name))
 
 
@@ -513,10 +575,13 @@ def run(args: argparse.Namespace, plan: SweepPlan) -> None:
         if not points:
             raise UserError(f"no trial of sweep {name} finished ({failed} failed); see the errors above")
         if not args.no_analysis and not args.no_prune_baseline:
-            pruned = prune_front(plan, args, tracker, parent_id, name, storage, front, settings, payloads,
-                                 time.time() - began)
-            if pruned:
-                curves = (curves or {}) | {PRUNED: pruned}
+            test = load_dataset(preset, "test", args.dataset, args.data_dir)
+            found = prune_front(plan, args, tracker, parent_id, name, storage, front, settings, payloads,
+                                time.time() - began, input_example(preset, test))
+            if found:  # the front of whatever wins, chosen on validation: the competitors' models are points too
+                curves = (curves or {}) | found[0]
+                points = points + found[1]
+                front = pareto_front(points, by=validation)
         model_name = args.model_name or f"blockdrop-{preset.name}"
         rows = publish_front(tracker, parent_id, points, front, reference, model_name, preset.name, curves)
         view = tracker.save_view(parent_id, name)

@@ -181,7 +181,10 @@ def test_compare_puts_a_static_policy_level_with_the_same_static_baseline():
     data = TensorDataset(torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,)))
     comparison, learned = compare(backbone, policy, data, data, cost_model(DIGITS), torch.device("cpu"), batch_size=16)
     assert comparison.learned.blocks_mean == 6 and comparison.learned.unique_policies == 1
-    assert set(comparison.at_equal_flops) == set(B.BASELINES)
+    assert set(comparison.at_equal_flops) == set(B.BASELINES) | {"shuffled"}
+    # one policy for every image: shuffling it across images changes nothing, the control ties exactly
+    shuffled = comparison.versus["shuffled"]
+    assert shuffled.accuracy == comparison.learned.accuracy and shuffled.interval.difference == 0
     # FirstK at K = 6 runs the same blocks without the policy network: cheaper, equally accurate
     six = next(p for p in comparison.curves["firstk"] if p.keep == 6)
     assert six.accuracy == pytest.approx(comparison.learned.accuracy)
@@ -271,3 +274,15 @@ def test_tally_records_every_image_in_loader_order():
     records = result.records()
     assert records.labels.tolist() == (torch.arange(30) % 10).tolist()
     assert (records.blocks == 4).all() and records.correct.sum() == result.correct
+
+
+def test_the_shuffled_control_runs_each_image_under_another_images_policy():
+    """Same policies, same histogram, same FLOPs; which image gets which is a fixed permutation."""
+    from blockdrop.analysis import Shuffled
+
+    policies = np.eye(6, dtype=bool)[[0, 1, 2, 3, 4, 5, 0, 0]]  # 8 images, 6 distinct policies
+    control = Shuffled(policies)
+    rows = torch.cat([control(torch.zeros(3, 1)), control(torch.zeros(5, 1))])  # in loader order, batch by batch
+    assert sorted(map(tuple, rows.int().tolist())) == sorted(map(tuple, policies.astype(int).tolist()))
+    assert not torch.equal(rows, torch.as_tensor(policies, dtype=torch.float32))  # not each image's own
+    assert torch.equal(Shuffled(policies).rows, control.rows)  # the same permutation every time

@@ -577,11 +577,12 @@ def test_a_budget_model_meets_prune_and_finetune_at_each_of_its_budgets(budget_f
     pruned = [(sum(r), saved.backbone, r) for r in rows]
     out = _versus_pruned_task(PRESET, [("m@0.30", payload, 0.3), ("m@0.90", payload, 0.9), ("m", payload, None)],
                               pruned, None, None)
-    assert set(out["versus"]) == {"m@0.30", "m@0.90", "m"} and len(out["curve"]) == 2
+    assert set(out["versus"]) == {"m@0.30", "m@0.90", "m"} and len(out["curves"]["prune_finetune"]) == 2
     model = inference.load(budget_file)
     test = DataLoader(load_dataset(model.preset, "test"), batch_size=256)
     for key, budget in (("m@0.30", 0.3), ("m@0.90", 0.9), ("m", None)):  # each point's own accuracy, paired
-        v = out["versus"][key]
+        v = out["versus"][key]["prune_finetune"]  # block-pruned competitors only: no channel-pruned one given
+        assert set(out["versus"][key]) == {"prune_finetune"}
         learned = tally(model.backbone, model.policy, test, model.costs, torch.device("cpu"), budget=budget)
         assert v["interval"]["difference"] == pytest.approx(learned.report(model.costs.full).accuracy - v["accuracy"])
 

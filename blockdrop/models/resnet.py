@@ -7,6 +7,7 @@ is taken by the executor (blockdrop.execution), which decides per image whether 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -22,15 +23,17 @@ def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """Residual branch of a basic block: conv3x3-BN-ReLU-conv3x3-BN."""
+    """Residual branch of a basic block: conv3x3-BN-ReLU-conv3x3-BN. `mids`: the inner width (conv1's
+    outputs) where channel pruning narrowed it (blockdrop.channels), else `planes`."""
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, mids: tuple[int, ...] | None = None):
         super().__init__()
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes)
+        mid = mids[0] if mids else planes
+        self.conv1 = conv3x3(inplanes, mid, stride)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = conv3x3(mid, planes)
         self.bn2 = nn.BatchNorm2d(planes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,17 +42,19 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """Residual branch of a bottleneck block (stride on the 3x3 conv, as torchvision)."""
+    """Residual branch of a bottleneck block (stride on the 3x3 conv, as torchvision). `mids`: the widths of
+    conv1's and conv2's outputs where channel pruning narrowed them, else `planes` both."""
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, mids: tuple[int, ...] | None = None):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, kernel_size=1, bias=False)
+        first, second = mids or (planes, planes)
+        self.conv1 = nn.Conv2d(inplanes, first, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(first)
+        self.conv2 = conv3x3(first, second, stride)
+        self.bn2 = nn.BatchNorm2d(second)
+        self.conv3 = nn.Conv2d(second, planes * 4, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +93,9 @@ class ResNetSpec:
     stem: str  # "cifar": conv3x3 | "imagenet": conv7x7/2 + maxpool
     shortcut: str  # "pad": parameter-free (CIFAR) | "conv": 1x1 conv + BN (ImageNet)
     in_channels: int = 3
+    # a channel-pruned ResNet (blockdrop.channels): each block's inner widths (basic: conv1's outputs;
+    # bottleneck: conv1's and conv2's), in flat block order; None: every block at its stage's width
+    mids: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -102,6 +110,33 @@ class ResNetSpec:
     def depth(self) -> int:
         per_block = 3 if self.block == "bottleneck" else 2
         return per_block * self.num_blocks + 2
+
+
+def full_mids(spec: ResNetSpec) -> tuple[tuple[int, ...], ...]:
+    """Every block's inner widths when nothing is pruned."""
+    per_block = 2 if spec.block == "bottleneck" else 1
+    return tuple((planes,) * per_block for planes, count in zip(spec.widths, spec.layers) for _ in range(count))
+
+
+def narrowed_spec(spec: ResNetSpec, state: dict | None) -> ResNetSpec:
+    """The spec a backbone state dict was saved from: `spec` with the inner widths its weights have where
+    channel pruning narrowed them (at most the stage's width; anything else is left for the state dict's
+    own check to refuse)."""
+    if not state:
+        return spec
+    names = ("conv1", "conv2") if spec.block == "bottleneck" else ("conv1",)
+    full = full_mids(spec)
+    found = []
+    for k, (stage, b) in enumerate(spec.block_index):
+        widths = [state.get(f"blocks.{stage}.{b}.{name}.weight") for name in names]
+        if any(w is None or w.dim() != 4 for w in widths):
+            return spec
+        mids = tuple(int(w.shape[0]) for w in widths)
+        if any(m < 1 or m > f for m, f in zip(mids, full[k])):
+            return spec
+        found.append(mids)
+    mids = tuple(found)
+    return spec if mids == full else dataclasses.replace(spec, mids=mids)
 
 
 class FlatResNet(nn.Module):
@@ -121,12 +156,13 @@ class FlatResNet(nn.Module):
 
         blocks, shortcuts = [], []
         inplanes = width0
+        mids = iter(spec.mids or [None] * spec.num_blocks)
         for stage, (planes, count) in enumerate(zip(spec.widths, spec.layers)):
             stride = 1 if stage == 0 else 2
             outplanes = planes * block.expansion
             shortcuts.append(self._shortcut(inplanes, outplanes, stride))
-            stage_blocks = [block(inplanes, planes, stride)]
-            stage_blocks += [block(outplanes, planes) for _ in range(count - 1)]
+            stage_blocks = [block(inplanes, planes, stride, next(mids))]
+            stage_blocks += [block(outplanes, planes, mids=next(mids)) for _ in range(count - 1)]
             blocks.append(nn.ModuleList(stage_blocks))
             inplanes = outplanes
         self.blocks = nn.ModuleList(blocks)

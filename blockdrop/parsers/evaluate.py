@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also evaluate every --baseline at the policy's FLOPs: does the per-image policy beat "
                              "the image-blind ones?")
     parser.add_argument("--pruned", type=lambda text: [p for p in text.split(",") if p], metavar="FILE[,FILE]",
-                        help="with --compare: prune-and-finetune checkpoints (train_job.py --stage prune; a job "
-                             "writes them as NAME-prune-K*.pt) to compare with too, at equal FLOPs")
+                        help="with --compare: pruned ResNets to compare with too, at equal FLOPs: prune-and-finetune "
+                             "(blocks) and channel-pruned checkpoints (train_job.py --stage prune; a job writes them "
+                             "as NAME-prune-K*.pt and NAME-channels-*.pt)")
     parser.add_argument("--budget", type=float, metavar="SHARE",
                         help="a budget policy (train_job.py --policy budget): run at this mean budget, a share of the "
                              "full ResNet's FLOPs in (0, 1] (0.25: 4x faster); the images' mean cost is held to it")
