@@ -122,3 +122,50 @@ def test_ddp_looks_for_unused_blocks_only_where_a_batch_can_skip_one():
     assert not can(stage_config("pretrain", drop_rate=0.5))
     assert can(stage_config("pretrain", drop_rate=0.5), batch=4)
     assert can(stage_config("pretrain", drop_rate=0.5), steps=10 ** 5)
+
+
+def test_a_competitor_trains_in_the_cosine_cycles_of_the_stages_it_matches():
+    """The depth policy's ResNet trains in nest, then finetune: two cosine cycles, each from its stage's lr. The
+    competitor gets as many steps in the same two cycles."""
+    from blockdrop.plans import resnet_cycles, resnet_steps
+    from blockdrop.stages import make_optimizer, make_schedule
+
+    stages = [("nest", {"epochs": 4, "batch_size": 64, "lr": 0.02}), ("depth", {"epochs": 9, "batch_size": 128, "lr": 1e-3}),
+              ("finetune", {"epochs": 3, "batch_size": 64, "lr": 0.01})]
+    cycles = resnet_cycles(stages, train_size=640, batch_size=128, lr=0.02)
+    assert cycles == [[8, 1.0], [6, 0.5]]  # 40 and 30 steps at 5 a epoch; finetune at half the lr
+    assert sum(c[0] for c in cycles) * (640 // 128) == resnet_steps(stages, 640)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = make_optimizer("prune", [weight], 0.02, 0.0)
+    schedule = make_schedule("prune", optimizer, 4, cycles=[[2, 1.0], [2, 0.5]])
+    lrs = []
+    for _ in range(4):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs == pytest.approx([0.02, 0.01, 0.01, 0.005])  # each cycle from its peak, half-way down after one epoch
+
+
+def test_a_channel_pruning_stage_trains_the_narrower_resnet_from_the_users():
+    """StageConfig.channels: every worker starts from the kept channels of --init's ResNet; the soft labels are
+    the full ResNet's; the trained weights save and load as the narrower ResNet."""
+    from blockdrop import channels as C
+    from blockdrop.stages import StageConfig, setup_stage, train_epoch
+
+    backbone, _, images, labels = models()
+    kept = C.keep_top(C.scores(backbone, "l1", 8), C.widths_at(backbone.spec, 0.5))
+    user = {"backbone": backbone.state_dict(), "policy": None}
+    cfg = StageConfig(preset=PRESET.name, stage="prune", epochs=2, batch_size=8, lr=0.01, weight_decay=0.0, gamma=0.0,
+                      drop_rate=0.0, dataset=None, data_dir=None, static_policy=[1] * K, channels=kept,
+                      cycles=[[1, 1.0], [1, 0.5]])
+    trained, optimizer, schedule = setup_stage(cfg, PRESET, user, user, torch.device("cpu"))
+    assert trained.backbone.spec.mids == tuple((len(k[0]),) for k in kept)
+    assert trained.teacher.spec.mids is None  # the full ResNet teaches
+    start = C.pruned(backbone, kept, PRESET.num_classes).eval()
+    with torch.no_grad():
+        assert torch.allclose(trained.backbone.eval()(images), start(images), atol=1e-6)
+    loader = [(images[i:i + 8], labels[i:i + 8]) for i in range(0, 24, 8)]
+    train_epoch("prune", trained, loader, optimizer, 0, 0.0, torch.device("cpu"), static=torch.ones(K))
+    schedule.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.005)  # the second cycle's peak
+    assert not torch.equal(trained.backbone.state_dict()["blocks.0.0.conv1.weight"], start.state_dict()["blocks.0.0.conv1.weight"])

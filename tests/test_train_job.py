@@ -1,6 +1,7 @@
 """train_job.py end to end: a real local Ray cluster, real MLflow stores, a real `mlflow server`."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -195,8 +196,11 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     assert "Block Usage:" in proc.stdout and f"checkpoint: {out / 'e2e-finetune.pt'}" in proc.stdout
     names = sorted(p.name for p in out.iterdir())
     pruned = [n for n in names if n.startswith("e2e-prune-K")]
-    assert [n for n in names if n not in pruned] == ["e2e-depth.pt", "e2e-finetune.pt", "e2e-nest.pt", "e2e-pretrain.pt"]
+    channels = [n for n in names if n.startswith("e2e-channels-")]
+    assert [n for n in names if n not in pruned + channels] == ["e2e-depth.pt", "e2e-finetune.pt", "e2e-nest.pt",
+                                                                "e2e-pretrain.pt"]
     assert len(pruned) in (1, 2)  # the block counts that bracket the learned policy's FLOPs
+    assert len(channels) == 1  # channel pruning at the learned policy's FLOPs
     # progress within epochs (every 0.2 s here; 30 s by default), from rank 0 only
     assert re.search(r"\[pretrain\] epoch \d+/8  step \d+/\d+  \d+ img/s  epoch ends in \dm\d\ds", proc.stdout), \
         proc.stdout[-3000:]
@@ -208,7 +212,7 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     parent = next(r for r in runs if r.data.tags.get("blockdrop.job") == "e2e")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     stages = {r.data.params["stage"]: r for r in children if r.data.params["stage"] != "prune"}
-    assert set(stages) == {"pretrain", "nest", "depth", "finetune"} and len(children) == 4 + len(pruned)
+    assert set(stages) == {"pretrain", "nest", "depth", "finetune"} and len(children) == 4 + len(pruned) + 1
     assert parent.data.params["policy"] == "depth"
     for stage, evaluated in (("pretrain", [3, 7]), ("nest", [3]), ("depth", [3]), ("finetune", [2])):
         steps = [s for s, _ in history(client, stages[stage].info.run_id, "test_accuracy")]
@@ -232,13 +236,27 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
     # after finetuning: the policy against the image-blind baselines and prune-and-finetune at equal FLOPs,
     # each with a paired interval, and its pictures
     assert "At the learned policy's FLOPs" in proc.stdout and "greedy static" in proc.stdout
-    assert re.search(r"prune and finetune +\d+\.\d+%  [+-]\d+\.\d+ points \[[+-]\d+\.\d+, [+-]\d+\.\d+\]", proc.stdout)
+    for competitor in ("prune and finetune", "channel pruning", "shuffled policies"):
+        assert re.search(competitor + r" +\d+\.\d+%  [+-]\d+\.\d+ points \[[+-]\d+\.\d+, [+-]\d+\.\d+\]",
+                         proc.stdout), competitor
     assert {"gain_over_static", "gain_over_static_low", "gain_over_pruning", "baseline_prune_finetune_accuracy",
+            "gain_over_channel_pruning", "baseline_channel_prune_accuracy", "gain_over_shuffled",
             "baseline_greedy_accuracy", "prune_baseline_seconds", "blockdrop_seconds"} <= set(final)
     assert final["gain_over_pruning_low"] <= final["gain_over_pruning"] <= final["gain_over_pruning_high"]
+    # the competitors train as long as the policy's stages trained the ResNet (nest 4 epochs, finetune 3), in the
+    # same two cosine cycles, from the user's ResNet under their static policy; each is a model of its own
+    nest, finetune = (stages[s].data.params for s in ("nest", "finetune"))
     for run in children:
-        if run.data.params["stage"] == "prune":  # trained from the user's ResNet under its static policy
-            assert run.data.metrics["blocks_used_std"] == 0 and run.data.metrics["unique_policies"] == 1
+        if run.data.params["stage"] != "prune":
+            continue
+        params, m = run.data.params, run.data.metrics
+        assert json.loads(params["cycles"])[0][0] == int(nest["epochs"]) and len(json.loads(params["cycles"])) == 2
+        assert int(params["epochs"]) == int(nest["epochs"]) + int(finetune["epochs"])
+        assert m["blocks_used_std"] == 0 and m["unique_policies"] == 1 and "final_val_accuracy" in m
+        assert [o for o in run.outputs.model_outputs]  # an MLflow model: servable, registrable
+        if params["competitor"] == "channel_prune":  # every block, narrower, within the learned FLOPs
+            assert m["blocks_used"] == K and m["flops_per_image"] <= final["final_flops_mean"]
+            assert params["criterion"] in ("l1", "l2", "bn_scale", "fpgm")
     pictures = {a.path for a in client.list_artifacts(parent.info.run_id, "policy")}
     assert pictures == {f"policy/{name}" for name in ("block_usage.png", "blocks_histogram.png", "blocks_per_class.png",
                                                       "top_policies.png", "fewest_most_blocks.png", "baselines.json")}
