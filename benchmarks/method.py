@@ -1,27 +1,30 @@
-"""Does a per-image policy beat pruning? BlockDrop's policy, the depth policy and prune-and-finetune,
-side by side on one image folder, from one user's ResNet, same seeds and data, paired intervals.
+"""Does a per-image policy beat pruning? The depth policy, block pruning (prune-and-finetune) and channel pruning,
+side by side on one image folder, from one user's ResNet, over several seeds, every choice made on the
+validation split and every figure a test figure.
 
-    scripts/with-venv python benchmarks/method.py --data mixed|digits|shapes [--per-class 500]
-        [--seeds 0] [--gammas=-1,-4] [--ablations] [--workdir DIR] [--output FILE] [--quick]
+    scripts/with-venv python benchmarks/method.py --data mixed|shapes|digits [--seeds 0,1,2] [--gammas=-1,-4]
+        [--combine 0.5] [--workdir DIR] [--output FILE] [--quick]
 
-In-process (no Ray: one process, the stages' own code, blockdrop.stages.setup_stage and
-blockdrop.stages.train_epoch, with train_job.py's settings for an image folder), preset R32_C10:
+In-process (no Ray: one process, the stages' own code, blockdrop.stages.setup_stage and train_epoch, with
+train_job.py's settings for an image folder), preset R32_C10:
 
-1. writes the folder (blockdrop.sample_data) and pretrains the user's ResNet-32 on it, without
-   stochastic depth, 30 epochs (kept in the work folder: the user's model is given, not re-drawn);
-2. per seed:
-   - blocks: BlockDrop's policy as train_job.py runs it from the user's ResNet (adapt -> curriculum ->
-     finetune), at each gamma;
-   - depth: the depth policy (nest -> depth -> finetune), at each gamma (nest and depth are shared:
-     gamma only enters the finetune);
-   - prune and finetune, with the user's ResNet's soft labels, at the block counts that bracket every
-     learned point's FLOPs, each as long as BlockDrop's stages train the ResNet;
-   - with --ablations: the depth policy without its finetune (on the nested ResNet), without
-     distillation (labels only, nest and finetune), and prune-and-finetune without distillation;
-3. compares every learned point with the image-blind policies on its own ResNet and with
-   prune-and-finetune at its FLOPs (blockdrop.analysis.compare: 95% paired bootstrap intervals over
-   images), reports blocks for easy and hard images where the folder says which, and the time each
-   training took; seeds are pooled image by image for the verdict.
+1. writes the folder (blockdrop.sample_data); its training images lose 10% of each class to the validation
+   split (blockdrop.data.VAL_SHARE); pretrains the user's ResNet-32 on the rest once, without stochastic depth,
+   30 epochs (the user's model is given: it is not re-drawn per seed);
+2. per seed (nest, depth, finetune and every competitor re-seeded):
+   - depth: the depth policy (nest -> depth -> finetune) at each gamma; nest and depth are shared by the gammas;
+   - combined: the depth policy on your ResNet channel-pruned to `--combine` of its FLOPs (the pruning not
+     finetuned apart: nest is its finetuning), at each gamma;
+   - block pruning (prune and finetune) at the block counts that bracket every learned point's FLOPs, and
+     channel pruning (torch-pruning, criterion chosen on validation) at every learned point's FLOPs. Each
+     trains the ResNet for exactly the depth policy's ResNet steps (nest + finetune), in the same two cosine
+     cycles at the same lrs, with the same distillation from your ResNet (blockdrop.competitors' rule);
+3. compares every learned point, image by image on the test set, with block pruning and channel pruning at its
+   FLOPs, with the shuffled-policy control (its own choices permuted across images: same FLOPs, same histogram)
+   and with your ResNet; intervals pool seeds and images (blockdrop.stats.seeded_difference);
+4. the service's front: on each seed, every model (all methods) placed by its validation accuracy and FLOPs;
+   the front chosen there; at each learned FLOPs, the best model within those FLOPs (on validation) of the
+   front, of block pruning alone and of channel pruning alone, compared on the test images.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,250 +44,327 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).parent))
 from results_table import emit  # noqa: E402
 
-from blockdrop import depth as D  # noqa: E402
-from blockdrop.analysis import PRUNED, compare, pruned_curve  # noqa: E402
+from blockdrop import channels as C  # noqa: E402
+from blockdrop.analysis import competitor_curves, compare, holdout, shuffled_scores  # noqa: E402
 from blockdrop.baselines import from_order, greedy_order  # noqa: E402
 from blockdrop.checkpoints import build_policy, read_checkpoint, save_checkpoint  # noqa: E402
+from blockdrop.choices import CHANNELS, PRUNED, SHUFFLED  # noqa: E402
 from blockdrop.data import load_dataset  # noqa: E402
-from blockdrop.metrics import tally  # noqa: E402
 from blockdrop.flops import cost_model  # noqa: E402
+from blockdrop.metrics import tally  # noqa: E402
+from blockdrop.pareto import Point, pareto_front  # noqa: E402
 from blockdrop.parsers.train import build_parser  # noqa: E402
-from blockdrop.plans import prune_settings, resnet_steps, validate  # noqa: E402
+from blockdrop.plans import prune_settings, resnet_cycles, resnet_steps, validate  # noqa: E402
 from blockdrop.presets import get_preset  # noqa: E402
-from blockdrop.prune import keeps_bracketing  # noqa: E402
+from blockdrop.prune import keeps_bracketing, static_chooser  # noqa: E402
 from blockdrop.sample_data import write_folder  # noqa: E402
-from blockdrop.stats import paired_difference  # noqa: E402
 from blockdrop.stages import StageConfig, setup_stage, train_epoch  # noqa: E402
+from blockdrop.stats import seeded_difference  # noqa: E402
 
 PRESET = get_preset("R32_C10")
 CPU = torch.device("cpu")
+USER_LR = 0.05  # the user's ResNet-32 on ~1,300 images: at 0.1 it ended at 38-86% test accuracy by seed
 
 
-def payload(models) -> dict:
-    policy = models.policy
+def state_of(models) -> dict:
     return {"backbone": copy.deepcopy(models.backbone.state_dict()),
-            "policy": None if policy is None else copy.deepcopy(policy.state_dict())}
+            "policy": None if models.policy is None else copy.deepcopy(models.policy.state_dict())}
 
 
 def train(stage: str, settings: dict, data: Path, init: dict | None, teacher: dict | None, seed: int,
-          order: list[int] | None = None, static: list[int] | None = None, scale: float = 1.0):
-    """One stage in this process, as a Ray Train worker runs it; returns the models and the seconds."""
+          scale: float = 1.0, **extra) -> tuple[dict, float, int]:
+    """One stage in this process, as a Ray Train worker runs it: (the models' state, seconds, ResNet steps)."""
     torch.manual_seed(seed)
     epochs = max(1, round(settings["epochs"] * scale))
     keys = {k: v for k, v in settings.items() if k in StageConfig.__dataclass_fields__}
+    if extra.get("cycles") and scale != 1.0:
+        extra["cycles"] = [[max(1, round(n * scale)), peak] for n, peak in extra["cycles"]]
+        epochs = sum(int(n) for n, _ in extra["cycles"])
     cfg = StageConfig(**({"gamma": 0.0} | keys | {"epochs": epochs}), preset=PRESET.name, stage=stage,
-                      dataset="imagefolder", data_dir=str(data), seed=seed,
-                      order=order, static_policy=static)
+                      dataset="imagefolder", data_dir=str(data), seed=seed, **extra)
     models, optimizer, schedule = setup_stage(cfg, PRESET, init, teacher, CPU)
     train_set = load_dataset(PRESET, "train", "imagefolder", data)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
-    row = None if static is None else torch.tensor(static, dtype=torch.float32)
-    began = time.time()
+    row = None if cfg.static_policy is None else torch.tensor(cfg.static_policy, dtype=torch.float32)
+    began = time.process_time()
     for epoch in range(cfg.epochs):
-        stats = train_epoch(stage, models, loader, optimizer, epoch, cfg.gamma, CPU, cfg.drop_rate, cfg.pace,
-                            cfg.entropy, static=row, budget_range=cfg.budget_range,
-                            budget_sampling=cfg.budget_sampling)
-        if stats.spent is not None:  # a budget policy: its spending table, as the workers measure it
-            models.policy.calibrate(stats.spent, stats.images)
+        train_epoch(stage, models, loader, optimizer, epoch, cfg.gamma, CPU, cfg.drop_rate, static=row)
         schedule.step()
-    return models, time.time() - began
+    trains_resnet = stage in ("pretrain", "nest", "prune", "finetune")
+    return state_of(models), time.process_time() - began, cfg.epochs * len(loader) if trains_resnet else 0
 
 
-def user_resnet(data: Path, workdir: Path, epochs: int) -> tuple[Path, float]:
+def user_resnet(data: Path, workdir: Path, epochs: int) -> Path:
     """The user's ResNet-32: standard training, no stochastic depth (kept in `workdir`)."""
-    path = workdir / f"user-resnet32-{epochs}-lr0.05.pt"
+    path = workdir / f"user-resnet32-{epochs}-lr{USER_LR:g}.pt"
     if not path.exists():
         print(f"pretraining the user's ResNet-32 ({epochs} epochs)", flush=True)
-        # lr 0.05: at 0.1 a ResNet-32 on 1,437 images ended at 38-86% test accuracy depending on the seed
-        settings = {"epochs": epochs, "batch_size": 128, "lr": 0.05, "weight_decay": 5e-4, "drop_rate": 0.0}
-        models, seconds = train("pretrain", settings, data, None, None, seed=0)
-        save_checkpoint(path, PRESET, models.backbone, None, {"stage": "pretrain", "seconds": seconds})
-    return path, read_checkpoint(path).meta.get("seconds", 0.0)
+        settings = {"epochs": epochs, "batch_size": 128, "lr": USER_LR, "weight_decay": 5e-4, "drop_rate": 0.0}
+        state, seconds, _ = train("pretrain", settings, data, None, None, seed=0)
+        backbone = PRESET.build_backbone()
+        backbone.load_state_dict(state["backbone"])
+        save_checkpoint(path, PRESET, backbone, None, {"stage": "pretrain", "seconds": seconds})
+    return path
 
 
-def plan_for(policy: str, user: Path, data: Path, gamma: float, extra: list[str] | None = None
-             ) -> list[tuple[str, dict]]:
-    """train_job.py's stages and settings for `--init USER --policy POLICY --penalty GAMMA` (and `extra`
-    flags) on this folder."""
+def depth_plan(user: Path, data: Path, gamma: float) -> dict[str, dict]:
+    """train_job.py's depth-policy stages and settings for `--init USER --penalty GAMMA` on this folder."""
     args = build_parser().parse_args(["--preset", PRESET.name, "--dataset", "imagefolder", "--data-dir", str(data),
-                                      "--init", str(user), "--policy", policy, f"--penalty={gamma}"] + (extra or []))
-    return validate(args).stages
+                                      "--init", str(user), "--policy", "depth", f"--penalty={gamma}"])
+    return dict(validate(args).stages)
 
 
-def models_of(state: dict):
-    backbone = PRESET.build_backbone()
+def modules(state: dict):
+    backbone = PRESET.build_backbone(state["backbone"])
     backbone.load_state_dict(state["backbone"])
-    policy = build_policy(PRESET, state["policy"])
-    policy.load_state_dict(state["policy"])
-    layout = {"memory_format": torch.channels_last}  # as the workers evaluate
-    return backbone.to(**layout), policy.to(**layout)
+    policy = None
+    if state.get("policy") is not None:
+        policy = build_policy(PRESET, state["policy"])
+        policy.load_state_dict(state["policy"])
+    return backbone, policy
 
 
-def evaluate(name: str, state: dict, data: Path, seconds: float, curve) -> dict:
-    """The comparison of one learned point (image-blind policies on its own ResNet, prune-and-finetune),
-    with each image's outcome and prune-and-finetune's score at its FLOPs (for pooling seeds)."""
-    backbone, policy = models_of(state)
-    test = load_dataset(PRESET, "test", "imagefolder", data)
-    train_set = load_dataset(PRESET, "train", "imagefolder", data, augment=False)
-    comparison, learned = compare(backbone, policy, test, train_set, cost_model(PRESET, policy), CPU, pruned=curve)
-    return {"name": name, "comparison": comparison, "correct": learned.records().correct.astype(float),
-            "prune_scores": curve.at(comparison.learned.flops_mean)[0], "seconds": seconds}
+@dataclass
+class Model:
+    """One trained model of one seed: its test and validation tallies, its ResNet steps and CPU seconds."""
+
+    name: str  # "depth, gamma -1", "block pruning K=4", ...
+    method: str  # "depth", "combined", PRUNED, CHANNELS
+    seed: int
+    state: dict
+    steps: int
+    seconds: float
+    row: list[int] | None = None  # the pruned ones' static policy
+    keep: int = 0
+    test: object = None
+    val: object = None
+    comparison: object = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def flops(self) -> float:
+        return self.test.report(cost_model(PRESET).full).flops_mean
+
+    @property
+    def val_point(self) -> Point:
+        r = self.val.report(cost_model(PRESET).full)
+        return Point(r.accuracy, r.flops_mean, self.name, {"model": self})
+
+    def correct(self) -> np.ndarray:
+        return self.test.records().correct.astype(np.float64)
 
 
-def full_correct(payload_: dict, data: Path) -> np.ndarray:
-    backbone = PRESET.build_backbone()
-    backbone.load_state_dict(payload_["backbone"])
-    test = load_dataset(PRESET, "test", "imagefolder", data)
-    result = tally(backbone, None, DataLoader(test, batch_size=256), cost_model(PRESET), CPU, records=True)
-    return result.records().correct.astype(float)
+def measure(model: Model, test, val) -> None:
+    """The model's tallies (with each image's outcome) on the test set and the validation split."""
+    backbone, policy = modules(model.state)
+    chooser = static_chooser(torch.tensor(model.row, dtype=torch.float32)) if model.row is not None else policy
+    costs = cost_model(PRESET, policy, backbone)
+    model.test, model.val = (tally(backbone, chooser, DataLoader(ds, batch_size=256), costs, CPU, records=True)
+                             for ds in (test, val))
+
+
+def run_seed(seed: int, args, data: Path, user: Path, user_state: dict, order: list[int], scale: float) -> list[Model]:
+    """Every model of one seed, trained and measured."""
+    gammas = [float(g) for g in args.gammas.split(",")]
+    plans = {g: depth_plan(user, data, g) for g in gammas}
+    plan = plans[gammas[0]]
+    train_size = len(load_dataset(PRESET, "train", "imagefolder", data))
+    stages = [("nest", plan["nest"]), ("finetune", plan["finetune"])]
+    models: list[Model] = []
+
+    def depth_models(method: str, start: dict, start_order: list[int]) -> None:
+        nested, s_nest, n_nest = train("nest", plan["nest"], data, start, user_state, seed, scale, order=start_order)
+        trained, s_depth, _ = train("depth", plan["depth"], data, nested, None, seed, scale)
+        for gamma in gammas:
+            state, s_ft, n_ft = train("finetune", plans[gamma]["finetune"], data, trained, user_state, seed, scale)
+            label = "depth policy" if method == "depth" else f"depth policy on channels {args.combine:g}"
+            models.append(Model(f"{label}, gamma {gamma:g}", method, seed, state, n_nest + n_ft, s_nest + s_depth + s_ft))
+            print(f"[seed {seed}] {models[-1].name}: {models[-1].seconds:.0f} CPU s", flush=True)
+
+    depth_models("depth", user_state, order)
+    if args.combine:  # your ResNet channel-pruned (not finetuned apart), then the depth policy's stages
+        backbone, _ = modules(user_state)
+        val = load_dataset(PRESET, "val", "imagefolder", data)
+        choice = C.choose(backbone, args.combine * cost_model(PRESET).full, 32, 10,
+                          DataLoader(holdout(val, 1000), batch_size=256), CPU)
+        narrow = C.pruned(backbone, choice.kept, 10)
+        train_unaug = load_dataset(PRESET, "train", "imagefolder", data, augment=False)
+        narrow_order = greedy_order(narrow, DataLoader(holdout(train_unaug), batch_size=256), CPU)
+        depth_models("combined", {"backbone": narrow.state_dict(), "policy": None}, narrow_order)
+    learned = list(models)
+    for m in learned:
+        measure(m, *args.splits)
+    # the competitors: as many ResNet steps as the depth policy's, in its cycles, with its soft labels
+    settings = prune_settings(PRESET, argparse.Namespace(dataset="imagefolder", batch_size=None, lr=None, epochs=None,
+                                                         preset=PRESET.name), train_size, resnet_steps(stages, train_size))
+    cycles = resnet_cycles(stages, train_size, settings["batch_size"], settings["lr"])
+    settings["epochs"] = sum(int(n) for n, _ in cycles)
+    flops = [m.flops for m in learned]
+    for keep in sorted({k for f in flops for k in keeps_bracketing(cost_model(PRESET), order, f)}):
+        row = from_order(keep, order).int().tolist()
+        state, seconds, steps = train("prune", settings, data, user_state, user_state, seed, scale, static_policy=row,
+                                      cycles=cycles)
+        models.append(Model(f"block pruning K={keep}", PRUNED, seed, state, steps, seconds, row, keep))
+    backbone, _ = modules(user_state)
+    val = load_dataset(PRESET, "val", "imagefolder", data)
+    for target in sorted(set(flops)):
+        choice = C.choose(backbone, target, 32, 10, DataLoader(holdout(val, 1000), batch_size=256), CPU)
+        row = [1] * PRESET.num_blocks
+        state, seconds, steps = train("prune", settings, data, user_state, user_state, seed, scale, static_policy=row,
+                                      cycles=cycles, channels=choice.kept)
+        models.append(Model(f"channel pruning {target / cost_model(PRESET).full:.2f}", CHANNELS, seed, state, steps,
+                            seconds, row, PRESET.num_blocks, extra={"criterion": choice.criterion,
+                                                                    "criteria": choice.accuracy}))
+    for m in models[len(learned):]:
+        measure(m, *args.splits)
+        print(f"[seed {seed}] {m.name}: {m.seconds:.0f} CPU s, {m.steps} ResNet steps", flush=True)
+    competitors = [(m.keep, modules(m.state)[0], torch.tensor(m.row, dtype=torch.float32))
+                   for m in models if m.row is not None]
+    curves = competitor_curves(competitors, args.splits[0], PRESET, CPU)
+    train_unaug = load_dataset(PRESET, "train", "imagefolder", data, augment=False)
+    for m in learned:
+        backbone, policy = modules(m.state)
+        costs = cost_model(PRESET, policy, backbone)
+        m.comparison, found = compare(backbone, policy, args.splits[0], train_unaug, costs, CPU, pruned=curves)
+        # each competitor's per-image scores at the learned point's FLOPs, for intervals over seeds and images
+        m.extra["scores"] = {kind: curve.at(m.flops)[0] for kind, curve in curves.items()}
+        m.extra["scores"][SHUFFLED] = shuffled_scores(backbone, found, DataLoader(args.splits[0], batch_size=256), costs,
+                                                      CPU)
+    return models
+
+
+def best_within(models: list[Model], flops: float) -> Model | None:
+    """The model a user would pick at `flops`: the most accurate on validation among those that cost at most
+    that much on validation."""
+    fits = [m for m in models if m.val_point.flops <= flops * 1.001]
+    return max(fits, key=lambda m: m.val_point.accuracy) if fits else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=("digits", "shapes", "mixed"), default="mixed")
     parser.add_argument("--per-class", type=int, default=180, help="shapes: images per class (default 180)")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    parser.add_argument("--gammas", default="-1,-4", help="gammas of both policies (default -1,-4)")
-    parser.add_argument("--ablations", action="store_true", help="also the depth policy's ablations (see above)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--gammas", default="-1,-4", help="gammas of the depth policy (default -1,-4)")
+    parser.add_argument("--combine", type=float, default=0.5,
+                        help="the depth policy on your ResNet channel-pruned to this share of its FLOPs too (0: not)")
     parser.add_argument("--pretrain-epochs", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="every stage at a tenth of its length: a smoke test")
     parser.add_argument("--workdir", help="data and the user's ResNet (default ./method-DATA)")
     parser.add_argument("--output", help="results file (default benchmarks/results/method_DATA.md)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    seeds = [int(s) for s in args.seeds.split(",")]
-    gammas = [float(g) for g in args.gammas.split(",")]
     scale = 0.1 if args.quick else 1.0
     tag = args.data + (f"{args.per_class}" if args.data == "shapes" and args.per_class != 180 else "")
     workdir = Path(args.workdir or f"method-{tag}").resolve()
     data = workdir / "data"
     if not data.exists():
         write_folder(args.data, data, 32, args.per_class)
-    user_path, user_seconds = user_resnet(data, workdir, max(1, round(args.pretrain_epochs * scale)) if args.quick
-                                          else args.pretrain_epochs)
-    user = {"backbone": read_checkpoint(user_path).backbone, "policy": None}
-    user_correct = full_correct(user, data)
-    test = load_dataset(PRESET, "test", "imagefolder", data)
-    train_size = len(load_dataset(PRESET, "train", "imagefolder", data))
-    user_backbone = PRESET.build_backbone()
-    user_backbone.load_state_dict(user["backbone"])
+    user = user_resnet(data, workdir, max(1, round(args.pretrain_epochs * scale)))
+    user_state = {"backbone": read_checkpoint(user).backbone, "policy": None}
+    args.splits = (load_dataset(PRESET, "test", "imagefolder", data), load_dataset(PRESET, "val", "imagefolder", data))
+    backbone, _ = modules(user_state)
+    user_model = Model("your ResNet-32", "user", 0, user_state, 0, read_checkpoint(user).meta.get("seconds", 0.0))
+    measure(user_model, *args.splits)
     train_unaug = load_dataset(PRESET, "train", "imagefolder", data, augment=False)
-    from blockdrop.analysis import holdout
-
-    order = greedy_order(user_backbone, DataLoader(holdout(train_unaug), batch_size=256), CPU)
-    rows, pooled = [], {}
-    for seed in seeds:
-        learned = []  # (name, payload, seconds)
-        for gamma in gammas:  # BlockDrop's policy, as train_job.py --init USER --penalty GAMMA runs it
-            plan = plan_for("blocks", user_path, data, gamma)
-            state, seconds = user, 0.0
-            for stage, settings in plan:
-                models, s = train(stage, settings, data, state, None, seed, scale=scale)
-                state, seconds = payload(models), seconds + s
-            learned.append((f"blocks, gamma {gamma:g}", state, seconds))
-            print(f"[seed {seed}] blocks gamma {gamma:g}: {seconds:.0f} s", flush=True)
-        plan = dict(plan_for("depth", user_path, data, gammas[0]))
-        variants = [("depth", D.DISTILL)] + ([("depth, no distillation", 0.0)] if args.ablations else [])
-        for label, weight in variants:
-            D.DISTILL = weight  # the stages read it at each step
-            teacher = user if weight else None
-            nested, s_nest = train("nest", plan["nest"], data, user, teacher, seed, order=order, scale=scale)
-            nested = payload(nested)
-            trained, s_depth = train("depth", plan["depth"], data, nested, None, seed, scale=scale)
-            trained = payload(trained)
-            if args.ablations and weight:
-                learned.append(("depth, no finetune", trained, s_nest + s_depth))
-            for gamma in gammas:
-                settings = dict(plan_for("depth", user_path, data, gamma))["finetune"]
-                models, s_ft = train("finetune", settings, data, trained, teacher, seed, scale=scale)
-                learned.append((f"{label}, gamma {gamma:g}", payload(models), s_nest + s_depth + s_ft))
-                print(f"[seed {seed}] {label} gamma {gamma:g}: {s_nest + s_depth + s_ft:.0f} s", flush=True)
-        D.DISTILL = 0.5
-        # prune and finetune at every block count that brackets a learned point
-        steps = resnet_steps(plan_for("blocks", user_path, data, gammas[0]), train_size)
-        settings = prune_settings(PRESET, argparse.Namespace(dataset="imagefolder", batch_size=None, lr=None,
-                                                               epochs=None, preset=PRESET.name), train_size, steps)
-        flops = {}
-        for name, state, _ in learned:
-            backbone, policy = models_of(state)
-            report = tally(backbone, policy, DataLoader(test, batch_size=256), cost_model(PRESET, policy), CPU)
-            flops[name] = report.report(cost_model(PRESET).full).flops_mean
-        keeps = sorted({k for f in flops.values() for k in keeps_bracketing(cost_model(PRESET), order, f)})
-        pruned, prune_seconds = {True: [], False: []}, {True: 0.0, False: 0.0}
-        for distill in ([True, False] if args.ablations else [True]):
-            for keep in keeps:
-                static = from_order(keep, order).int().tolist()
-                models, s = train("prune", settings, data, user, user if distill else None, seed, static=static,
-                                  scale=scale)
-                pruned[distill].append((keep, models.backbone, torch.tensor(static, dtype=torch.float32)))
-                prune_seconds[distill] += s
-            print(f"[seed {seed}] prune and finetune ({'distilled' if distill else 'labels only'}) at K = "
-                  f"{', '.join(map(str, keeps))}: {prune_seconds[distill]:.0f} s", flush=True)
-        curve = pruned_curve(pruned[True], test, cost_model(PRESET), CPU)
-        for name, state, seconds in learned:
-            result = evaluate(name, state, data, seconds, curve)
-            result["seed"] = seed
-            rows.append(result)
-            pooled.setdefault(name, []).append(result)
-        if args.ablations:
-            plain_curve = pruned_curve(pruned[False], test, cost_model(PRESET), CPU)
-            for point, score in zip(plain_curve.points, plain_curve.scores):
-                distilled = curve.scores[curve.points.index(next(p for p in curve.points if p.keep == point.keep))]
-                rows.append({"name": f"prune and finetune K={point.keep}: distilled minus labels only",
-                             "seed": seed, "interval": paired_difference(distilled, score)})
-        rows.append({"name": f"prune and finetune ({len(keeps)} block counts)", "seed": seed,
-                     "seconds": prune_seconds[True], "curve": curve})
-    write(args, rows, pooled, user_correct, user_seconds, tag, len(test), train_size)
+    order = greedy_order(backbone, DataLoader(holdout(train_unaug), batch_size=256), CPU)
+    by_seed = {}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        by_seed[seed] = run_seed(seed, args, data, user, user_state, order, scale)
+    write(args, tag, data, user_model, by_seed)
 
 
-def write(args, rows, pooled, user_correct, user_seconds, tag, test_size, train_size) -> None:
+def write(args, tag: str, data: Path, user: Model, by_seed: dict[int, list[Model]]) -> None:
     full = cost_model(PRESET).full
-    lines = [f"### Per-image policies against pruning: {tag} (32x32 RGB folder, {train_size} train / {test_size} test"
-             f" images), ResNet-32", "",
+    test, val = args.splits
+    seeds = sorted(by_seed)
+    train_size = len(load_dataset(PRESET, "train", "imagefolder", data))
+    u = user.test.report(full)
+    lines = [f"### Per-image policies against block and channel pruning: {tag} (32x32 RGB folder, {train_size} train / "
+             f"{len(val)} validation / {len(test)} test images), ResNet-32", "",
              f"{time.strftime('%Y-%m-%d')}, {platform.node()}: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
              f"in-process (benchmarks/method.py, the stages' own code), seeds {args.seeds}, gammas {args.gammas}"
-             f"{', quick' if args.quick else ''}. Command: `python benchmarks/method.py --data {args.data}"
-             f"{f' --per-class {args.per_class}' if args.data == 'shapes' else ''} --seeds {args.seeds} "
-             f"--gammas={args.gammas}{' --ablations' if args.ablations else ''}`", "",
-             f"The user's ResNet-32 (standard training, no stochastic depth, {args.pretrain_epochs} epochs, "
-             f"{user_seconds / 60:.1f} min): **{100 * user_correct.mean():.2f}%**, 15 blocks, {full:.2E} FLOPs.", "",
-             "| model | seed | accuracy | vs your ResNet | blocks | unique policies | FLOPs (speedup) | easy / hard "
-             "blocks | vs best image-blind on its ResNet | vs prune and finetune | training |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "comparison" in r:
-            c = r["comparison"]
-            rep = c.learned
-            groups = (f"{c.groups['easy'].blocks:.2f} / {c.groups['hard'].blocks:.2f}" if c.groups else "")
-            best = c.versus[c.best_static]
-            prune = c.versus.get(PRUNED)
-            lines.append(
-                f"| {r['name']} | {r['seed']} | {100 * rep.accuracy:.2f}% | {100 * (rep.accuracy - user_correct.mean()):+.2f} "
-                f"| {rep.blocks_mean:.2f} +- {rep.blocks_std:.2f} | {rep.unique_policies} | {rep.flops_mean:.2E} "
-                f"({rep.speedup:.2f}x) | {groups} | {best.interval.text()} ({LABEL(c.best_static)}) | "
-                f"{prune.interval.text() + ' (' + prune.where + ')' if prune else ''} | {r['seconds']:.0f} s |")
-        elif "curve" in r:
-            points = ", ".join(f"K={p.keep}: {100 * p.accuracy:.2f}% at {p.flops:.2E}" for p in r["curve"].points)
-            lines.append(f"| {r['name']} | {r['seed']} | {points} | | | 1 | | | | | {r['seconds']:.0f} s in all |")
-        else:
-            lines.append(f"| {r['name']} | {r['seed']} | {r['interval'].text()} | | | | | | | | |")
-    lines += ["", "Pooled over seeds, image by image (learned minus prune-and-finetune at its FLOPs; learned minus "
-              "your ResNet):", ""]
-    for name, results in pooled.items():
-        learned = np.concatenate([r["correct"] for r in results])
-        vs_prune = paired_difference(learned, np.concatenate([r["prune_scores"] for r in results]))
-        vs_user = paired_difference(learned, np.tile(user_correct, len(results)))
-        lines.append(f"- {name}: vs prune and finetune {vs_prune.text()} ({vs_prune.verdict}); vs your ResNet "
-                     f"{vs_user.text()} ({vs_user.verdict})")
+             f"{', quick (every stage a tenth as long: not evidence)' if args.quick else ''}. Command: "
+             f"`python benchmarks/method.py --data {args.data} --seeds {args.seeds} --gammas={args.gammas} "
+             f"--combine {args.combine:g}`", "",
+             f"Your ResNet-32 (standard training, {args.pretrain_epochs} epochs, fixed across seeds): "
+             f"**{100 * u.accuracy:.2f}%** on the test images ({100 * user.val.report(full).accuracy:.2f}% on "
+             f"validation), 15 blocks, {full:.2E} FLOPs. Every competitor trained the ResNet for the depth policy's "
+             f"ResNet steps, in the same cosine cycles, with the same distillation from your ResNet; every figure "
+             f"below is a test figure; every choice (the channel criterion, the front) was made on validation.", ""]
+    names = list(dict.fromkeys(m.name for models in by_seed.values() for m in models))
+    lines += ["#### Every model, mean +- spread (sd) over seeds", "",
+              "| model | accuracy | val accuracy | blocks (std within) | unique policies | FLOPs (speedup) | easy / hard "
+              "blocks | ResNet steps | CPU s |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        found = [m for s in seeds for m in by_seed[s] if m.name == name]
+        reports = [m.test.report(full) for m in found]
+        acc = np.array([r.accuracy for r in reports]) * 100
+        vacc = np.array([m.val.report(full).accuracy for m in found]) * 100
+        groups = [m.comparison.groups for m in found if m.comparison is not None and m.comparison.groups]
+        easy_hard = (f"{np.mean([g['easy'].blocks for g in groups]):.2f} / {np.mean([g['hard'].blocks for g in groups]):.2f}"
+                     if groups else "")
+        lines.append(f"| {name} | {acc.mean():.2f} +- {acc.std():.2f} ({len(found)} seeds) | {vacc.mean():.2f} | "
+                     f"{np.mean([r.blocks_mean for r in reports]):.2f} ({np.mean([r.blocks_std for r in reports]):.2f}) | "
+                     f"{np.mean([r.unique_policies for r in reports]):.1f} | "
+                     f"{np.mean([r.flops_mean for r in reports]):.2E} ({np.mean([r.speedup for r in reports]):.2f}x) | "
+                     f"{easy_hard} | {found[0].steps} | {np.mean([m.seconds for m in found]):.0f} |")
+    lines += ["", "#### Each learned point against its competitors at its FLOPs, pooled over seeds and images "
+              "(learned minus competitor, 95% interval resampling seeds and images)", "",
+              "| learned model | vs block pruning | vs channel pruning | vs shuffled policies (what routing per image "
+              "buys) | vs your ResNet | channel criterion chosen |", "|---|---|---|---|---|---|"]
+    for name in names:
+        found = [m for s in seeds for m in by_seed[s] if m.name == name and m.comparison is not None]
+        if not found:
+            continue
+
+        cells = []
+        for kind in (PRUNED, CHANNELS, SHUFFLED):
+            d = seeded_difference([m.correct() for m in found], [m.extra["scores"][kind] for m in found])
+            cells.append(f"{d.text()} ({d.verdict}; {found[0].comparison.versus[kind].where})")
+        vs_user = seeded_difference([m.correct() for m in found], [user.correct()] * len(found))
+        criteria = ", ".join(sorted({c.extra.get("criterion", "") for s in seeds for c in by_seed[s]
+                                     if c.method == CHANNELS and c.extra}))
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {cells[2]} | {vs_user.text()} ({vs_user.verdict}) | "
+                     f"{criteria} |")
+    lines += front_section(by_seed, seeds, full)
     output = args.output or str(Path(__file__).parent / "results" / f"method_{tag}.md")
     emit(lines, output)
 
 
-def LABEL(name: str) -> str:
-    from blockdrop.analysis import LABELS
-
-    return LABELS[name]
+def front_section(by_seed: dict[int, list[Model]], seeds: list[int], full: float) -> list[str]:
+    """The front the service offers (every model, chosen on validation) against each kind of pruning alone, at
+    each learned point's FLOPs, pooled over seeds and images."""
+    lines = ["", "#### The front the service offers, against each kind of pruning alone", "",
+             "On each seed every model above is placed by its validation accuracy and FLOPs; at each FLOPs budget the "
+             "model a user would pick (the most accurate on validation within the budget) is taken from the whole "
+             "front, from block pruning alone and from channel pruning alone, and compared on the test images.", "",
+             "| FLOPs budget (share) | front picks | its accuracy | vs block pruning alone | vs channel pruning "
+             "alone |", "|---|---|---|---|---|"]
+    targets = sorted({round(m.flops / full, 2) for s in seeds for m in by_seed[s] if m.comparison is not None})
+    for share in targets:
+        budget = share * full * 1.02  # the learned points' own FLOPs, with the rounding's slack
+        picks = {kind: [] for kind in ("front", PRUNED, CHANNELS)}
+        for s in seeds:
+            models = by_seed[s]
+            front = [p.info["model"] for p in pareto_front([m.val_point for m in models])]
+            picks["front"].append(best_within(front, budget))
+            picks[PRUNED].append(best_within([m for m in models if m.method == PRUNED], budget))
+            picks[CHANNELS].append(best_within([m for m in models if m.method == CHANNELS], budget))
+        if any(p is None for p in picks["front"]):
+            continue
+        chosen = ", ".join(sorted({p.name for p in picks["front"]}))
+        acc = np.mean([p.test.report(full).accuracy for p in picks["front"]]) * 100
+        cells = []
+        for kind in (PRUNED, CHANNELS):
+            if any(p is None for p in picks[kind]):
+                cells.append("none within")
+                continue
+            d = seeded_difference([p.correct() for p in picks["front"]], [p.correct() for p in picks[kind]])
+            cells.append(f"{d.text()} ({d.verdict}; {', '.join(sorted({p.name for p in picks[kind]}))})")
+        lines.append(f"| {share:.2f} | {chosen} | {acc:.2f}% | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 if __name__ == "__main__":

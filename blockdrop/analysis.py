@@ -246,12 +246,17 @@ def difficulty_groups(records, hard: np.ndarray | None) -> dict[str, Group]:
     return groups
 
 
+def shuffled_scores(backbone: FlatResNet, learned, loader: DataLoader, costs: CostModel, device: torch.device) -> np.ndarray:
+    """Each image's outcome under the shuffled-policy control of the learned policy (its tally with records,
+    over `loader` in order)."""
+    control = tally(backbone, Shuffled(learned.records().policies), loader, costs, device, records=True)
+    return control.records().correct.astype(np.float64)
+
+
 def shuffled_versus(backbone: FlatResNet, learned, loader: DataLoader, costs: CostModel, device: torch.device) -> Versus:
-    """The learned policy (its tally with records, over `loader` in order) against the shuffled-policy control."""
-    records = learned.records()
-    control = tally(backbone, Shuffled(records.policies), loader, costs, device, records=True)
-    scores = control.records().correct.astype(np.float64)
-    return Versus(float(scores.mean()), paired_difference(records.correct.astype(np.float64), scores),
+    """The learned policy against the shuffled-policy control."""
+    scores = shuffled_scores(backbone, learned, loader, costs, device)
+    return Versus(float(scores.mean()), paired_difference(learned.records().correct.astype(np.float64), scores),
                   "the same policies, shuffled across images")
 
 

@@ -63,3 +63,25 @@ def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.n
     tail = (1 - confidence) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return PairedDifference(float(diff.mean()), float(low), float(high), n, confidence)
+
+
+def seeded_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray], confidence: float = CONFIDENCE,
+                      resamples: int = RESAMPLES, seed: int = 0) -> PairedDifference:
+    """The mean over seeds of mean(a_s - b_s) (a_s, b_s: per-image scores of the models of seed s on the same
+    images), with a bootstrap interval that resamples both the seeds and, within each seed drawn, the images:
+    it holds training noise (seeds) as well as test-set noise (images). One seed: paired_difference."""
+    diffs = [np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64) for x, y in zip(a, b, strict=True)]
+    if not diffs or any(d.ndim != 1 or len(d) == 0 for d in diffs):
+        raise ValueError("seeded_difference needs, for each seed, two equal-length non-empty score vectors")
+    if len(diffs) == 1:
+        return paired_difference(a[0], b[0], confidence, resamples, seed)
+    rng = np.random.default_rng(seed)
+    # each seed's image-resampled means, drawn once; a resample picks seeds, then one of each seed's draws
+    banks = [d[rng.integers(0, len(d), (resamples, len(d)))].mean(1) for d in diffs]
+    picks = rng.integers(0, len(diffs), (resamples, len(diffs)))
+    draws = rng.integers(0, resamples, (resamples, len(diffs)))
+    means = np.stack([banks[s][r] for s, r in zip(picks.ravel(), draws.ravel())]).reshape(resamples, -1).mean(1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return PairedDifference(float(np.mean([d.mean() for d in diffs])), float(low), float(high),
+                            sum(len(d) for d in diffs), confidence)

@@ -65,3 +65,20 @@ def test_bad_input_is_refused():
         paired_difference([], [])
     with pytest.raises(ValueError, match="confidence"):
         paired_difference([1], [0], confidence=1.5)
+
+
+def test_an_interval_over_seeds_and_images_is_wider_when_the_seeds_disagree():
+    """Three seeds whose differences agree give about the image interval; three that disagree (a training
+    noise the image bootstrap of one seed cannot see) give a wide one around the same mean."""
+    from blockdrop.stats import seeded_difference
+
+    rng = np.random.default_rng(1)
+    base = (rng.random(400) < 0.8).astype(float)
+    agree = [(np.clip(base + (rng.random(400) < 0.05), 0, 1), base) for _ in range(3)]
+    one = seeded_difference([agree[0][0]], [agree[0][1]])
+    pooled = seeded_difference([x for x, _ in agree], [y for _, y in agree])
+    assert pooled.low > 0 and pooled.high - pooled.low < 2 * (one.high - one.low)
+    flip = [(base, np.roll(base, 1)), (np.ones(400), base), (np.zeros(400), base)]  # +0, +0.2, -0.8 per seed
+    wide = seeded_difference([x for x, _ in flip], [y for _, y in flip])
+    assert wide.difference == pytest.approx(np.mean([(x - y).mean() for x, y in flip]))
+    assert wide.low < -0.5 and wide.high > 0.1 and wide.verdict == "tie" and wide.images == 1200
