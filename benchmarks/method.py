@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import pickle
 import platform
 import sys
 import time
@@ -271,7 +272,16 @@ def main() -> None:
     order = greedy_order(backbone, DataLoader(holdout(train_unaug), batch_size=256), CPU)
     by_seed = {}
     for seed in (int(s) for s in args.seeds.split(",")):
+        # each seed's measured models are kept in the work folder: a rerun resumes after the last finished seed
+        # (the same settings: delete the file to train that seed again)
+        cache = workdir / f"seed{seed}-{args.gammas}-{args.combine:g}{'-quick' if args.quick else ''}.pkl"
+        if cache.exists():
+            by_seed[seed] = pickle.loads(cache.read_bytes())
+            continue
         by_seed[seed] = run_seed(seed, args, data, user, user_state, order, scale)
+        for m in by_seed[seed]:
+            m.state = None  # measured: the weights are not needed again
+        cache.write_bytes(pickle.dumps(by_seed[seed]))
     write(args, tag, data, user_model, by_seed)
 
 

@@ -35,13 +35,14 @@ from blockdrop.checkpoints import build_policy, load_models, save_checkpoint
 from blockdrop.data import allowed_unreadable, default_loader_workers, load_dataset, loader_options, skipped_images
 from blockdrop.errors import UserError
 from blockdrop.flops import cost_model
-from blockdrop.budget import ceiling, curve_budgets, gap
+from blockdrop.budget import PRICES, ceiling, curve_budgets, gap, spend
 from blockdrop.metrics import Tally, tally, tallies
 from blockdrop.models.resnet import PolicyNet
 from blockdrop.presets import Preset, get_preset
 from blockdrop.prune import static_chooser
 from blockdrop.reinforce import curriculum_index, curriculum_mask
-from blockdrop.stages import (EpochStats, Models, StageConfig, blocks_can_go_unused, setup_stage, train_epoch)
+from blockdrop.stages import (EpochStats, Models, StageConfig, blocks_can_go_unused, setup_stage, to_device,
+                              train_epoch)
 
 STATE_FILE = "train_state.pt"
 MODEL_FILE = "model.pt"
@@ -182,6 +183,18 @@ def resume(cfg: StageConfig, models: Models, optimizer, schedule, device: torch.
     return state["epoch"] + 1
 
 
+@torch.no_grad()
+def spend_on(policy, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, int]:
+    """A budget policy's blocks' share spent at each price (blockdrop.budget.spend), summed over `loader`'s images,
+    and their number."""
+    policy.eval()
+    spent, images = torch.zeros(len(PRICES), dtype=torch.float64), 0
+    for batch, _ in loader:
+        spent += spend(policy.correct_prob(to_device(batch, device)), policy.costs).cpu()
+        images += len(batch)
+    return spent, images
+
+
 class Worker:
     """One Ray Train worker's stage: its models, optimiser and data, an epoch at a time."""
 
@@ -254,9 +267,13 @@ class Worker:
         return tally(self.models.backbone, self.evaluated, loader, self.costs, self.device, decided=decided)
 
     def calibrate(self, stats: EpochStats) -> None:
-        """The budget policy's table: what it spends at each price on all workers' training images."""
+        """The budget policy's table: what it spends at each price on the validation split, images it does not
+        train on (all workers' shards); data too small to hold images out: on the epoch's training images."""
+        found = (stats.spent, stats.images)
+        if len(self.data.val.dataset.dataset):  # every worker alike
+            found = spend_on(self.models.policy, self.data.val, self.device)
         spent, images = None, 0
-        for s, n in _gather((stats.spent, stats.images), self.world):
+        for s, n in _gather(found, self.world):
             spent, images = (s if spent is None else spent + s), images + n
         self.models.policy.calibrate(spent, images)
 

@@ -21,7 +21,8 @@ knows about Ray. Each step returns per-image tensors (loss is a scalar) that the
   fixed), with the same soft labels. The budget policy (blockdrop.budget) runs the same stages; its
   finetune draws a mean budget per image from its range and trains the ResNet under the depths the
   policy chooses at those budgets (priced on the batch), and its depth and finetune stages measure
-  what the policy spends at each price on the training images: the table a budget is priced by.
+  what the policy spends at each price (blockdrop.distributed: on the validation split): the table a budget is
+  priced by.
 - finetune: policy and ResNet jointly: REINFORCE + cross-entropy of the ResNet run in train mode
   under the sampled policy, by the executor (blockdrop.execution.Executor: sparse by default, each
   block's BatchNorm seeing the images that run it; masked as the original on request); the greedy
