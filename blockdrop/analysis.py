@@ -173,11 +173,13 @@ class Comparison:
         if interval.verdict == "better":
             return (f"Per-image policies pay here: {interval.text()} over the strongest competitor ({label}) at "
                     "equal FLOPs.")
+        serve = (f" The simpler model to serve is the pruned ResNet ({label}): a dense network, no policy to run; "
+                 "its checkpoint and MLflow model are kept beside the job's." if best in TRAINED else "")
         if interval.verdict == "tie":
             return (f"A static policy is as good on this data: against the strongest competitor ({label}) the "
-                    f"learned policy is {interval.text()} at equal FLOPs, an interval that holds 0.")
+                    f"learned policy is {interval.text()} at equal FLOPs, an interval that holds 0.{serve}")
         return (f"A static policy is better on this data: {label} is {100 * -interval.difference:.2f} points more "
-                f"accurate at the same FLOPs ({interval.text()}).")
+                f"accurate at the same FLOPs ({interval.text()}).{serve}")
 
     def text(self) -> str:
         r = self.learned

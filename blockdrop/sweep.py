@@ -45,7 +45,7 @@ from blockdrop.presets import get_preset
 from blockdrop.pyfunc import input_example
 from blockdrop.ray_session import output_folder, start_ray, storage_location
 from blockdrop.stages import StageConfig
-from blockdrop.tracking import Tracker, budget_points
+from blockdrop.tracking import Tracker, budget_points, point_metrics
 
 TRIAL_TAG = "blockdrop.trial"
 
@@ -138,9 +138,7 @@ def run_trial(config: dict, sweep: SweepSettings) -> None:
 def trial_result(report) -> dict[str, float]:
     """A trial's result, what the search optimises: the same keys as the per-epoch reports (its run
     keeps them as final_*)."""
-    return {"test_accuracy": report.accuracy, "flops_per_image": report.flops_mean, "speedup": report.speedup,
-            "blocks_used": report.blocks_mean, "unique_policies": report.unique_policies,
-            "val_accuracy": report.val_accuracy, "val_flops_per_image": report.val_flops}
+    return {key.removeprefix("final_"): value for key, value in point_metrics(report).items()}
 
 
 class Progress(Callback):

@@ -306,8 +306,20 @@ class Tracker:
 
 
 def report_metrics(report: Report) -> dict[str, float]:
-    """A final report as MLflow metrics (final_*): its numbers, the reference's where there is one."""
-    return {f"final_{k}": v for k, v in asdict(report).items() if isinstance(v, (int, float))}
+    """A final report as MLflow metrics (final_*): its numbers, the reference's where there is one, and the names
+    every model of a sweep's chart shares (a trial's, a competitor's: point_metrics)."""
+    return {f"final_{k}": v for k, v in asdict(report).items() if isinstance(v, (int, float))} | point_metrics(report)
+
+
+def point_metrics(report: Report) -> dict[str, float]:
+    """A model's place on an accuracy-vs-FLOPs chart, named alike for every kind of model (final_*): test accuracy,
+    FLOPs, speedup and blocks, and the validation split's accuracy and FLOPs (what a front is chosen on)."""
+    out = {"final_test_accuracy": report.accuracy, "final_flops_per_image": report.flops_mean,
+           "final_speedup": report.speedup, "final_blocks_used": report.blocks_mean,
+           "final_unique_policies": report.unique_policies}
+    if report.val_accuracy is not None:
+        out |= {"final_val_accuracy": report.val_accuracy, "final_val_flops_per_image": report.val_flops}
+    return out
 
 
 def _version(package: str) -> str:

@@ -103,17 +103,24 @@ def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(gri
     steps = [m.step for m in client.get_metric_history(done.info.run_id, "test_accuracy")]
     assert sorted(steps) == [0, 1]  # the finished trial was not run again
 
+    # the competitors, trained after the trials, are models of the sweep too: block-pruned at the counts that
+    # bracket the trials' front, channel-pruned at each of its FLOPs
+    competitors = [r for r in client.search_runs([parent.info.experiment_id])
+                   if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id and "competitor" in r.data.params]
+    kinds = sorted({r.data.params["competitor"] for r in competitors})
+    assert kinds == ["channel_prune", "prune_finetune"] and all(r.info.status == "FINISHED" for r in competitors)
+    every = children + competitors
     points = {c.info.run_id: (c.data.metrics["final_test_accuracy"], c.data.metrics["final_flops_per_image"])
-              for c in children}
-    # the front is chosen on the validation split's figures; the test images only measure
+              for c in every}
+    # the front of whatever wins is chosen on the validation split's figures; the test images only measure
     chosen = {c.info.run_id: (c.data.metrics["final_val_accuracy"], c.data.metrics["final_val_flops_per_image"])
-              for c in children}
+              for c in every}
 
     def dominated(rid):
         a, f = chosen[rid]
         return any(a2 >= a and f2 <= f and (a2 > a or f2 < f) for other, (a2, f2) in chosen.items() if other != rid)
 
-    for c in children:
+    for c in every:
         assert c.data.tags["pareto_optimal"] == str(not dominated(c.info.run_id)).lower()
 
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "pareto")}
@@ -121,6 +128,7 @@ def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(gri
     on_front = [rid for rid in points if not dominated(rid)]
     summary = parent.data.metrics  # the parent reads as the sweep's result
     assert summary["trials_finished"] == 2 and summary["pareto_points"] == len(on_front)
+    assert summary["competitors"] == len(competitors)
     assert summary["best_accuracy"] == max(a for a, _ in points.values())
     assert summary["lowest_flops_per_image"] == min(f for _, f in points.values())
     front_table = json.loads(Path(client.download_artifacts(parent.info.run_id, "pareto/front_table.json",
@@ -139,14 +147,18 @@ def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(gri
     # the user's ResNet is the reference, as the checkpoint recorded it
     assert table["reference"]["accuracy"] == 0.5 and table["reference"]["source"] == "the test's ResNet"
     assert summary["reference_accuracy"] == 0.5
-    # prune-and-finetune from the user's ResNet: a curve, and every front point against it with an interval
-    pruned = table["prune_finetune"]
-    assert pruned and all(0 <= p["keep"] <= K for p in pruned)
+    # block and channel pruning from the user's ResNet: a curve each, every learned front point against both
+    pruned, narrowed = table["prune_finetune"], table["channel_prune"]
+    assert pruned and all(0 <= p["keep"] <= K for p in pruned) and narrowed and all(p["keep"] == K for p in narrowed)
     for row in table["front"]:
-        assert row["gain_over_pruning_low"] <= row["gain_over_pruning"] <= row["gain_over_pruning_high"]
-        trial = client.get_run(row["run_id"]).data.metrics
-        assert trial["gain_over_pruning"] == pytest.approx(row["gain_over_pruning"])
-    assert "vs prune and finetune" in again.stdout and "verdict:" in again.stdout
+        if "method" in row:  # a competitor that won its place on the front
+            continue
+        for key in ("gain_over_pruning", "gain_over_channel_pruning"):
+            assert row[f"{key}_low"] <= row[key] <= row[f"{key}_high"]
+            trial = client.get_run(row["run_id"]).data.metrics
+            assert trial[key] == pytest.approx(row[key])
+    assert "vs prune and finetune" in again.stdout and "vs channel pruning" in again.stdout
+    assert "verdict:" in again.stdout
     assert summary["prune_baseline_seconds"] > 0
     for c in children:
         m = c.data.metrics
@@ -155,7 +167,8 @@ def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(gri
         pictures = {a.path for a in client.list_artifacts(c.info.run_id, "policy")}
         assert {"policy/top_policies.png", "policy/blocks_per_class.png", "policy/baselines.json"} <= pictures
     gains = [c.data.metrics["gain_over_static"] for c in children if not dominated(c.info.run_id)]
-    assert parent.data.metrics["front_gain_over_static"] == pytest.approx(sum(gains) / len(gains))
+    if gains:  # the front may be all pruned ResNets
+        assert parent.data.metrics["front_gain_over_static"] == pytest.approx(sum(gains) / len(gains))
 
     import mlflow.pyfunc
     import numpy as np
@@ -183,14 +196,18 @@ def test_grid_sweep_interrupted_resumes_then_publishes_front_tags_and_models(gri
         assert float(v.tags["flops_per_image"]) == pytest.approx(final["final_flops_per_image"])
         assert float(v.tags["speedup"]) == pytest.approx(final["final_speedup"])
         assert float(v.tags["blocks_used"]) == pytest.approx(final["final_blocks_used"])
-        assert v.tags["preset"] == PRESET.name and float(v.tags["gamma"]) == float(client.get_run(v.run_id).data.params["gamma"])
         assert f"accuracy {final['final_test_accuracy']:.4f}" in v.description and "Pareto point" in v.description
+        params = client.get_run(v.run_id).data.params
+        if "competitor" in params:  # a pruned ResNet that won its place: a static model, registered like a trial
+            assert v.tags["method"] == params["competitor"] and "static model" in v.description
+            continue
+        assert v.tags["preset"] == PRESET.name and float(v.tags["gamma"]) == float(params["gamma"])
         model_id = v.model_id or client.get_run(v.run_id).outputs.model_outputs[0].model_id
         logged = {m.key: m.value for m in client.get_logged_model(model_id).metrics}
         for key in ("final_test_accuracy", "final_flops_per_image", "final_speedup", "final_blocks_used"):
             assert logged[key] == pytest.approx(final[key]), key
         assert logged["test_accuracy"] == pytest.approx(final["test_accuracy"])  # the last epoch's, not the first
-        assert client.get_logged_model(model_id).params["gamma"] == client.get_run(v.run_id).data.params["gamma"]
+        assert client.get_logged_model(model_id).params["gamma"] == params["gamma"]
     # runs read well: trial names say what differs; MLflow's source tags; lr as a parameter only
     assert sorted(c.info.run_name for c in children) == ["gamma=-0.5 lr=0.001", "gamma=-20 lr=0.001"]
     for run in [parent, *children]:
