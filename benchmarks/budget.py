@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from method import PRESET, models_of, payload, plan_for, train, user_resnet  # noqa: E402
+from method import PRESET, modules, plan_for, train, user_resnet  # noqa: E402
 from results_table import emit  # noqa: E402
 
 from blockdrop.analysis import holdout, pruned_curve  # noqa: E402
@@ -45,7 +45,7 @@ from blockdrop.checkpoints import read_checkpoint  # noqa: E402
 from blockdrop.data import load_dataset  # noqa: E402
 from blockdrop.flops import cost_model  # noqa: E402
 from blockdrop.metrics import budget_curve, tally  # noqa: E402
-from blockdrop.plans import prune_settings, resnet_steps  # noqa: E402
+from blockdrop.plans import prune_settings, resnet_cycles, resnet_steps  # noqa: E402
 from blockdrop.prune import keeps_bracketing, static_chooser  # noqa: E402
 from blockdrop.sample_data import write_folder  # noqa: E402
 from blockdrop.stats import paired_difference  # noqa: E402
@@ -102,7 +102,7 @@ def main() -> None:
     data = workdir / "data"
     if not data.exists():
         write_folder(args.data, data, 32, args.per_class)
-    user_path, _ = user_resnet(data, workdir, max(1, round(args.pretrain_epochs * scale)))
+    user_path = user_resnet(data, workdir, max(1, round(args.pretrain_epochs * scale)))
     user = {"backbone": read_checkpoint(user_path).backbone, "policy": None}
     test = load_dataset(PRESET, "test", "imagefolder", data)
     train_size = len(load_dataset(PRESET, "train", "imagefolder", data))
@@ -115,19 +115,17 @@ def main() -> None:
 
     # 1. nest and depth, once, as the budget policy (its table is measured, the network is the depth policy's)
     extra = ["--budget-range", args.budget_range]
-    plan = dict(plan_for("budget", user_path, data, gammas[0], extra))
-    nested, s_nest = train("nest", plan["nest"], data, user, user, seed, order=order, scale=scale)
-    trained, s_depth = train("depth", plan["depth"], data, payload(nested), None, seed, scale=scale)
-    shared = payload(trained)
+    plan = plan_for("budget", user_path, data, gammas[0], extra)
+    nested, s_nest, _ = train("nest", plan["nest"], data, user, user, seed, scale, order=order)
+    shared, s_depth, _ = train("depth", plan["depth"], data, nested, None, seed, scale)
     print(f"nest {s_nest:.0f} s, depth {s_depth:.0f} s", flush=True)
 
     # 2. the per-gamma front: one finetune per gamma
     front = []
     for gamma in gammas:
-        settings = dict(plan_for("depth", user_path, data, gamma))["finetune"]
-        models, seconds = cpu_timed(train, "finetune", settings, data, as_depth_policy(shared), user, seed,
-                                    scale=scale)
-        backbone, policy = models_of(payload(models))
+        settings = plan_for("depth", user_path, data, gamma)["finetune"]
+        state, seconds = cpu_timed(train, "finetune", settings, data, as_depth_policy(shared), user, seed, scale)
+        backbone, policy = modules(state)
         correct, report = outcome(backbone, policy, test)
         front.append({"gamma": gamma, "seconds": seconds, "correct": correct, "report": report})
         print(f"gamma {gamma:g}: {100 * report.accuracy:.2f}% at {report.flops_mean:.2E} ({seconds:.0f} CPU s)",
@@ -137,10 +135,9 @@ def main() -> None:
     full = cost_model(PRESET).full
     models = {}
     for sampling in args.samplings.split(","):
-        settings = dict(plan_for("budget", user_path, data, gammas[0], extra + ["--budget-sampling", sampling]))
-        trained_models, seconds = cpu_timed(train, "finetune", settings["finetune"], data, shared, user, seed,
-                                            scale=scale)
-        backbone, policy = models_of(payload(trained_models))
+        settings = plan_for("budget", user_path, data, gammas[0], extra + ["--budget-sampling", sampling])
+        state, seconds = cpu_timed(train, "finetune", settings["finetune"], data, shared, user, seed, scale)
+        backbone, policy = modules(state)
         curve = budget_curve(backbone, policy, DataLoader(test, batch_size=256), cost_model(PRESET, policy), CPU,
                              curve_budgets(float(policy.base), CURVE))
         models[sampling] = {"backbone": backbone, "policy": policy, "seconds": seconds, "curve": curve}
@@ -150,16 +147,21 @@ def main() -> None:
     # 4. prune-and-finetune at the block counts that bracket the front
     pruned = None
     if not args.no_prune:
-        steps = resnet_steps([(s, v) for s, v in plan_for("depth", user_path, data, gammas[0])], train_size)
+        # as many ResNet steps as a per-gamma model's (nest and finetune), in the same two cosine cycles
+        depth = plan_for("depth", user_path, data, gammas[0])
+        stages = [("nest", depth["nest"]), ("finetune", depth["finetune"])]
         settings = prune_settings(PRESET, argparse.Namespace(dataset="imagefolder", batch_size=None, lr=None,
-                                                               epochs=None, preset=PRESET.name), train_size, steps)
+                                                               epochs=None, preset=PRESET.name), train_size,
+                                  resnet_steps(stages, train_size))
+        cycles = resnet_cycles(stages, train_size, settings["batch_size"], settings["lr"])
+        settings["epochs"] = sum(int(n) for n, _ in cycles)
         keeps = sorted({k for f in front for k in keeps_bracketing(cost_model(PRESET), order, f["report"].flops_mean)})
         runs = []
         for keep in keeps:
             static = from_order(keep, order).int().tolist()
-            m, _ = train("prune", settings, data, user, user, seed, static=static, scale=scale)
-            runs.append((keep, m.backbone, torch.tensor(static, dtype=torch.float32)))
-        pruned = pruned_curve(runs, test, cost_model(PRESET), CPU)
+            state, _, _ = train("prune", settings, data, user, user, seed, scale, static_policy=static, cycles=cycles)
+            runs.append((keep, modules(state)[0], torch.tensor(static, dtype=torch.float32)))
+        pruned = pruned_curve(runs, test, PRESET, CPU)
 
     variants = {}
     for sampling, m in models.items():
@@ -234,7 +236,7 @@ def write(args, tag, user_report, variants, models, front_seconds, shared_second
     for sampling, m in models.items():
         curve = m["curve"]
         lines += [f"The budget model's curve, budgets drawn {sampling} (mean budgets; spent: the mean share of the "
-                  "full ResNet's FLOPs on the test images, the table measured on the training images):", "",
+                  "full ResNet's FLOPs on the test images, the table measured on the validation split):", "",
                   "| asked | spent | max image | accuracy | blocks | unique policies | speedup |",
                   "|---|---|---|---|---|---|---|"]
         for p in curve:

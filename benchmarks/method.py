@@ -59,7 +59,7 @@ from blockdrop.plans import prune_settings, resnet_cycles, resnet_steps, validat
 from blockdrop.presets import get_preset  # noqa: E402
 from blockdrop.prune import keeps_bracketing, static_chooser  # noqa: E402
 from blockdrop.sample_data import write_folder  # noqa: E402
-from blockdrop.stages import StageConfig, setup_stage, train_epoch  # noqa: E402
+from blockdrop.stages import StageConfig, setup_stage, spend_on, train_epoch  # noqa: E402
 from blockdrop.stats import seeded_difference  # noqa: E402
 
 PRESET = get_preset("R32_C10")
@@ -90,8 +90,12 @@ def train(stage: str, settings: dict, data: Path, init: dict | None, teacher: di
     row = None if cfg.static_policy is None else torch.tensor(cfg.static_policy, dtype=torch.float32)
     began = time.process_time()
     for epoch in range(cfg.epochs):
-        train_epoch(stage, models, loader, optimizer, epoch, cfg.gamma, CPU, cfg.drop_rate, static=row)
+        stats = train_epoch(stage, models, loader, optimizer, epoch, cfg.gamma, CPU, cfg.drop_rate, static=row,
+                            budget_range=cfg.budget_range, budget_sampling=cfg.budget_sampling)
         schedule.step()
+        if stats.spent is not None:  # a budget policy: its price table, on the validation split as the workers do
+            val = load_dataset(PRESET, "val", "imagefolder", data)
+            models.policy.calibrate(*spend_on(models.policy, DataLoader(val, batch_size=256), CPU))
     trains_resnet = stage in ("pretrain", "nest", "prune", "finetune")
     return state_of(models), time.process_time() - began, cfg.epochs * len(loader) if trains_resnet else 0
 
@@ -109,10 +113,11 @@ def user_resnet(data: Path, workdir: Path, epochs: int) -> Path:
     return path
 
 
-def depth_plan(user: Path, data: Path, gamma: float) -> dict[str, dict]:
-    """train_job.py's depth-policy stages and settings for `--init USER --penalty GAMMA` on this folder."""
+def plan_for(policy: str, user: Path, data: Path, gamma: float, extra: list[str] | None = None) -> dict[str, dict]:
+    """train_job.py's stages and settings for `--init USER --policy POLICY --penalty GAMMA` (and `extra` flags) on
+    this folder."""
     args = build_parser().parse_args(["--preset", PRESET.name, "--dataset", "imagefolder", "--data-dir", str(data),
-                                      "--init", str(user), "--policy", "depth", f"--penalty={gamma}"])
+                                      "--init", str(user), "--policy", policy, f"--penalty={gamma}"] + (extra or []))
     return dict(validate(args).stages)
 
 
@@ -168,7 +173,7 @@ def measure(model: Model, test, val) -> None:
 def run_seed(seed: int, args, data: Path, user: Path, user_state: dict, order: list[int], scale: float) -> list[Model]:
     """Every model of one seed, trained and measured."""
     gammas = [float(g) for g in args.gammas.split(",")]
-    plans = {g: depth_plan(user, data, g) for g in gammas}
+    plans = {g: plan_for("depth", user, data, g) for g in gammas}
     plan = plans[gammas[0]]
     train_size = len(load_dataset(PRESET, "train", "imagefolder", data))
     stages = [("nest", plan["nest"]), ("finetune", plan["finetune"])]

@@ -35,14 +35,13 @@ from blockdrop.checkpoints import build_policy, load_models, save_checkpoint
 from blockdrop.data import allowed_unreadable, default_loader_workers, load_dataset, loader_options, skipped_images
 from blockdrop.errors import UserError
 from blockdrop.flops import cost_model
-from blockdrop.budget import PRICES, ceiling, curve_budgets, gap, spend
+from blockdrop.budget import ceiling, curve_budgets, gap
 from blockdrop.metrics import Tally, tally, tallies
 from blockdrop.models.resnet import PolicyNet
 from blockdrop.presets import Preset, get_preset
 from blockdrop.prune import static_chooser
 from blockdrop.reinforce import curriculum_index, curriculum_mask
-from blockdrop.stages import (EpochStats, Models, StageConfig, blocks_can_go_unused, setup_stage, to_device,
-                              train_epoch)
+from blockdrop.stages import EpochStats, Models, StageConfig, blocks_can_go_unused, setup_stage, spend_on, train_epoch
 
 STATE_FILE = "train_state.pt"
 MODEL_FILE = "model.pt"
@@ -181,18 +180,6 @@ def resume(cfg: StageConfig, models: Models, optimizer, schedule, device: torch.
     if ray.train.get_context().get_world_rank() == 0:
         progress(f"[{cfg.stage}] resuming after epoch {state['epoch']} (from the last checkpoint)")
     return state["epoch"] + 1
-
-
-@torch.no_grad()
-def spend_on(policy, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, int]:
-    """A budget policy's blocks' share spent at each price (blockdrop.budget.spend), summed over `loader`'s images,
-    and their number."""
-    policy.eval()
-    spent, images = torch.zeros(len(PRICES), dtype=torch.float64), 0
-    for batch, _ in loader:
-        spent += spend(policy.correct_prob(to_device(batch, device)), policy.costs).cpu()
-        images += len(batch)
-    return spent, images
 
 
 class Worker:

@@ -186,6 +186,18 @@ def budget_finetune_step(policy: BudgetPolicy, executor: nn.Module, images: torc
     return StepOut(loss.detach(), logits[:n].argmax(1) == labels, blocks=depths[:n].float(), spent=spent)
 
 
+@torch.no_grad()
+def spend_on(policy: BudgetPolicy, loader: Iterable, device: torch.device) -> tuple[torch.Tensor, int]:
+    """A budget policy's blocks' share spent at each price (blockdrop.budget.spend), summed over `loader`'s images,
+    and their number: its price table measured on images it does not train on (the validation split)."""
+    policy.eval()
+    spent, images = torch.zeros(len(BU.PRICES), dtype=torch.float64), 0
+    for batch, _ in loader:
+        spent += BU.spend(policy.correct_prob(to_device(batch, device)), policy.costs).cpu()
+        images += len(batch)
+    return spent, images
+
+
 def uses_sgd(stage: str, depth: bool = False) -> bool:
     """The ResNet's own stages train with SGD + momentum and a cosine schedule; BlockDrop's policy stages
     with Adam (as the paper). The depth policy's finetune trains only the ResNet: SGD."""
