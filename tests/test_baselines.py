@@ -239,17 +239,33 @@ PICTURES = ["block_usage.png", "blocks_histogram.png", "blocks_per_class.png", "
 @pytest.mark.slow
 def test_evaluate_cli_writes_pictures_report_and_comparison(tmp_path):
     out = tmp_path / "report"
+    # the two pruned competitors a job writes: a block-pruned ResNet and a channel-pruned one
+    from blockdrop import channels as C
+
+    torch.manual_seed(1)
+    resnet = randomize_batchnorm(DIGITS.build_backbone())
+    save_checkpoint(tmp_path / "prune-K4.pt", DIGITS, resnet, None,
+                    {"stage": "prune", "config": {"static_policy": [1] * 4 + [0] * 8}})
+    narrow = C.pruned(resnet, C.keep_top(C.scores(resnet, "l1", 8), C.widths_at(resnet.spec, 0.3)), 10)
+    save_checkpoint(tmp_path / "channels-30.pt", DIGITS, narrow, None,
+                    {"stage": "prune", "config": {"static_policy": [1] * 12}})
     proc = run_module("blockdrop.evaluate", "--preset", "R26_DIGITS", "--checkpoint", str(digits_checkpoint(tmp_path)),
-                      "--compare", "--report-dir", str(out))
+                      "--compare", "--report-dir", str(out), "--pruned",
+                      f"{tmp_path / 'prune-K4.pt'},{tmp_path / 'channels-30.pt'}")
     assert proc.returncode == 0, proc.stderr
     assert "At the learned policy's FLOPs" in proc.stdout and "greedy static" in proc.stdout
+    for competitor in ("prune and finetune", "channel pruning", "shuffled policies"):
+        assert competitor in proc.stdout
     for name in PICTURES:
         with Image.open(out / name) as image:
             assert image.width > 300 and image.height > 150
             assert np.asarray(image.convert("L")).std() > 5  # drawn, not blank
     assert json.loads((out / "report.json").read_text())["blocks_mean"] == 4
     saved = json.loads((out / "baselines.json").read_text())
-    assert set(saved["at_equal_flops"]) == set(B.BASELINES) and saved["verdict"]
+    assert set(saved["at_equal_flops"]) == set(B.BASELINES) | {"shuffled", PRUNED, "channel_prune"} and saved["verdict"]
+    # the channel-pruned ResNet is read off at its own FLOPs (every block run, narrower)
+    assert saved["curves"]["channel_prune"][0]["keep"] == 12 and saved["curves"]["channel_prune"][0]["flops"] < \
+        0.35 * cost_model(DIGITS).full
 
 
 def test_pictures_of_varied_policies_on_rgb_images(tmp_path):
