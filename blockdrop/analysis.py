@@ -8,6 +8,7 @@ baseline of blockdrop.baselines at the block counts that bracket the learned pol
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,10 +20,11 @@ from blockdrop import baselines as B
 from blockdrop.choices import CHANNELS, PRUNED, SHUFFLED
 from blockdrop.data import difficulties, load_dataset
 from blockdrop.flops import CostModel, cost_model
+from blockdrop.inference import predict
 from blockdrop.metrics import Report, tally
 from blockdrop.models.resnet import FlatResNet, PolicyNet
 from blockdrop.pictures import draw_all
-from blockdrop.prune import static_chooser
+from blockdrop.prune import static_chooser, static_flops
 from blockdrop.stats import CONFIDENCE, PairedDifference, paired_difference
 
 HOLDOUT_IMAGES = 500  # training images the greedy static policy is chosen on (at most)
@@ -144,6 +146,9 @@ class Comparison:
     curves: dict[str, list[B.CurvePoint]] = field(default_factory=dict)
     greedy_order: list[int] = field(default_factory=list)
     groups: dict[str, Group] = field(default_factory=dict)  # "easy", "hard": where the data says which
+    # wall-clock milliseconds per image ("learned", and each trained competitor's model nearest its FLOPs):
+    # blockdrop.analysis.ms_per_image, on the device the analysis ran on
+    timing: dict[str, float] = field(default_factory=dict)
 
     @property
     def at_equal_flops(self) -> dict[str, float]:
@@ -189,6 +194,10 @@ class Comparison:
                  f"  {'learned policy':<24} {100 * r.accuracy:6.2f}%"]
         for name, v in sorted(self.versus.items(), key=lambda kv: -kv[1].accuracy):
             lines.append(f"  {LABELS[name]:<24} {100 * v.accuracy:6.2f}%  {v.interval.text()}  ({v.where})")
+        if self.timing:
+            lines.append("Wall-clock per image (a batch of the test images, sparse execution, on this analysis's "
+                         "device): " + ", ".join(f"{'learned policy' if n == 'learned' else LABELS[n]} {ms:.3f} ms"
+                                                 for n, ms in self.timing.items()))
         if self.groups:
             lines.append("Per difficulty: " + "; ".join(f"{name} images {g.blocks:.2f} blocks, {100 * g.accuracy:.1f}% "
                                                        f"({g.images})" for name, g in self.groups.items()))
@@ -206,20 +215,21 @@ class Comparison:
                 out |= {key: interval.difference, f"{key}_low": interval.low, f"{key}_high": interval.high}
         for name, g in self.groups.items():
             out |= {f"blocks_{name}": g.blocks, f"accuracy_{name}": g.accuracy}
-        return out
+        return out | {f"ms_per_image_{name}": ms for name, ms in self.timing.items()}
 
     @classmethod
     def from_json(cls, data: dict) -> Comparison:
         versus = {n: Versus(v["accuracy"], PairedDifference(**v["interval"]), v["where"]) for n, v in data["versus"].items()}
         return cls(Report(**data["learned"]), versus,
                    {n: [B.CurvePoint(**p) for p in c] for n, c in data["curves"].items()}, data["greedy_order"],
-                   {n: Group(**g) for n, g in data.get("groups", {}).items()})
+                   {n: Group(**g) for n, g in data.get("groups", {}).items()}, data.get("timing", {}))
 
     def to_json(self) -> dict:
         return {"learned": asdict(self.learned), "versus": {n: asdict(v) for n, v in self.versus.items()},
                 "at_equal_flops": self.at_equal_flops, "best_baseline": self.best_baseline,
                 "gain_over_static": self.versus[self.best_static].interval.difference, "verdict": self.verdict(),
                 "greedy_order": self.greedy_order, "groups": {n: asdict(g) for n, g in self.groups.items()},
+                "timing": self.timing,
                 "curves": {n: [asdict(p) for p in c] for n, c in self.curves.items()}}
 
 
@@ -311,10 +321,47 @@ def analyse(preset, backbone: FlatResNet, policy: PolicyNet, dataset: str | None
     layout = {"memory_format": torch.channels_last}
     comparison, learned = compare(backbone.to(device, **layout), policy.to(device, **layout), test, train, costs, device,
                                   pruned=curve)
+    comparison.timing = timing(preset, backbone, policy, pruned or [], test, comparison.learned.flops_mean, device)
     write(comparison, folder)
     stages = [stage for stage, _ in preset.backbone.block_index]
     draw_all(learned.records(), test, preset.mean, preset.std, stages, class_names(test), folder)
     return comparison
+
+
+TIMED_IMAGES = 256  # the batch of test images wall-clock time is measured on
+TIMED_REPEATS = 3  # its best of this many passes (after one to warm up)
+
+
+def ms_per_image(backbone: FlatResNet, policy, images: torch.Tensor, costs: CostModel, device: torch.device) -> float:
+    """Wall-clock milliseconds per image of predicting `images` (one batch, sparse execution): the best of
+    TIMED_REPEATS passes after a warm-up, so that a busy machine's interruptions count as little as they can."""
+    images = images.to(device, memory_format=torch.channels_last)
+    predict(backbone, policy, images, costs)
+    best = float("inf")
+    for _ in range(TIMED_REPEATS):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        predict(backbone, policy, images, costs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - began)
+    return 1000 * best / len(images)
+
+
+def timing(preset, backbone: FlatResNet, policy, pruned: list, test: Dataset, flops: float,
+           device: torch.device) -> dict[str, float]:
+    """Milliseconds per image of the learned policy and, of each kind of trained competitor, the model nearest
+    its FLOPs (`pruned`: (K, ResNet, 0/1 row) each), on the same batch of test images."""
+    images = next(iter(DataLoader(test, batch_size=TIMED_IMAGES)))[0]
+    out = {"learned": ms_per_image(backbone, policy, images, cost_model(preset, policy, backbone), device)}
+    for kind, models in ((PRUNED, [m for m in pruned if m[1].spec.mids is None]),
+                         (CHANNELS, [m for m in pruned if m[1].spec.mids])):
+        if models:
+            _, resnet, row = min(models, key=lambda m: abs(static_flops(cost_model(preset, None, m[1]), m[2]) - flops))
+            resnet = resnet.to(device, memory_format=torch.channels_last).eval()
+            out[kind] = ms_per_image(resnet, static_chooser(row), images, cost_model(preset, None, resnet), device)
+    return out
 
 
 def greedy_order_on(preset, backbone: FlatResNet, dataset: str | None, data_dir: str | None,

@@ -84,8 +84,10 @@ def train_competitors(preset: Preset, runs: PruneRuns, payloads: Payloads, refer
     settings |= {"epochs": sum(int(c[0]) for c in cycles), "cycles": cycles}
     keeps = sorted({keep for f in flops for keep in keeps_bracketing(cost_model(preset), order, f)})
     targets = sorted(set(flops))
-    print(f"== the competitors, from {reference['source']}, {settings['epochs']} epochs each in {len(cycles)} "
-          f"cycle(s) (as many steps as the policy's stages trained the ResNet, the same schedule and soft labels): "
+    steps = settings["epochs"] * max(runs.train_size // settings["batch_size"], 1)
+    print(f"== the competitors, from {reference['source']}, {steps} ResNet steps each ({settings['epochs']} epochs in "
+          f"{len(cycles)} cosine cycle(s); the policy's stages: {resnet_steps(stages, runs.train_size)} ResNet steps, "
+          f"{' + '.join(stage for stage, _ in stages if stage in ('adapt', 'nest', 'finetune'))}), the same soft labels: "
           f"prune and finetune with the greedy {', '.join(map(str, keeps))} blocks; channel pruning to "
           f"{', '.join(f'{f / cost_model(preset).full:.2f}' for f in targets)} of the FLOPs", file=sys.stderr)
     began = time.time()

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from blockdrop import inference
-from blockdrop.analysis import Comparison, class_names, compare, competitor_curves, holdout, write
+from blockdrop.analysis import Comparison, class_names, compare, competitor_curves, holdout, timing, write
 from blockdrop.baselines import RANDOM_SEEDS, chooser, greedy_order
 from blockdrop.data import check_unreadable, load_dataset
 from blockdrop.errors import UserError, run_cli
@@ -206,6 +206,8 @@ def run(args: argparse.Namespace) -> None:
         curves = competitor_curves(pruned, loader.dataset, preset, device, args.batch_size) if pruned else None
         comparison, _ = compare(model.backbone, model.policy, loader.dataset, train, model.costs, device,
                                 args.batch_size, records=False, pruned=curves)
+        comparison.timing = timing(preset, model.backbone, model.policy, pruned, loader.dataset,
+                                   comparison.learned.flops_mean, device)
     if args.report_dir:
         write_report_dir(preset, args, result, report, label, loader, test, comparison)
     if args.json:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -256,6 +257,9 @@ def test_evaluate_cli_writes_pictures_report_and_comparison(tmp_path):
     assert "At the learned policy's FLOPs" in proc.stdout and "greedy static" in proc.stdout
     for competitor in ("prune and finetune", "channel pruning", "shuffled policies"):
         assert competitor in proc.stdout
+    # the dense competitor's wall-clock time beside the policy's, on the same images
+    assert re.search(r"Wall-clock per image .*: learned policy \d+\.\d+ ms, prune and finetune \d+\.\d+ ms, "
+                     r"channel pruning \d+\.\d+ ms", proc.stdout), proc.stdout
     for name in PICTURES:
         with Image.open(out / name) as image:
             assert image.width > 300 and image.height > 150

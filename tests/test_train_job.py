@@ -241,7 +241,9 @@ def test_all_stages_with_two_workers_learn_to_drop_blocks(tmp_path):
                          proc.stdout), competitor
     assert {"gain_over_static", "gain_over_static_low", "gain_over_pruning", "baseline_prune_finetune_accuracy",
             "gain_over_channel_pruning", "baseline_channel_prune_accuracy", "gain_over_shuffled",
-            "baseline_greedy_accuracy", "prune_baseline_seconds", "blockdrop_seconds"} <= set(final)
+            "baseline_greedy_accuracy", "prune_baseline_seconds", "blockdrop_seconds", "ms_per_image_learned",
+            "ms_per_image_channel_prune", "ms_per_image_prune_finetune"} <= set(final)
+    assert "Wall-clock per image" in proc.stdout
     assert final["gain_over_pruning_low"] <= final["gain_over_pruning"] <= final["gain_over_pruning_high"]
     # the competitors train as long as the policy's stages trained the ResNet (nest 4 epochs, finetune 3), in the
     # same two cosine cycles, from the user's ResNet under their static policy; each is a model of its own
