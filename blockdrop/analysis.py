@@ -258,14 +258,16 @@ def difficulty_groups(records, hard: np.ndarray | None) -> dict[str, Group]:
     return groups
 
 
-def shuffled_scores(backbone: FlatResNet, learned, loader: DataLoader, costs: CostModel, device: torch.device) -> np.ndarray:
+def shuffled_scores(backbone: FlatResNet, learned, loader: DataLoader, costs: CostModel,
+                    device: torch.device) -> np.ndarray:
     """Each image's outcome under the shuffled-policy control of the learned policy (its tally with records,
     over `loader` in order)."""
     control = tally(backbone, Shuffled(learned.records().policies), loader, costs, device, records=True)
     return control.records().correct.astype(np.float64)
 
 
-def shuffled_versus(backbone: FlatResNet, learned, loader: DataLoader, costs: CostModel, device: torch.device) -> Versus:
+def shuffled_versus(backbone: FlatResNet, learned, loader: DataLoader, costs: CostModel,
+                    device: torch.device) -> Versus:
     """The learned policy against the shuffled-policy control."""
     scores = shuffled_scores(backbone, learned, loader, costs, device)
     return Versus(float(scores.mean()), paired_difference(learned.records().correct.astype(np.float64), scores),

@@ -11,8 +11,9 @@ their mean cost; its Lagrangian relaxation decides each image on its own,
 with one price for the budget (c_d: the share of the full ResNet's FLOPs the first d blocks cost). A
 higher price buys fewer blocks; the images that gain least from a block drop it first. The price of a
 budget is read off a table measured on the validation split at the end of training (`spend`: the mean
-share spent at each of PRICES, on images the model did not train on), so an image's choice depends on its budget alone, never on the other
-images of its batch: a served answer equals the evaluation's, whatever the batch.
+share spent at each of PRICES, on images the model did not train on), so an image's choice depends on its
+budget alone, never on the other images of its batch: a served answer equals the evaluation's, whatever
+the batch.
 
 Two kinds of budget, each named for what it is:
 - a mean target (`budget`, `mean_flops`): the images' MEAN cost is held to it (on images like the
