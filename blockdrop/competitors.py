@@ -7,6 +7,7 @@ its own: a child run with its checkpoint and its MLflow model, servable like any
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -83,13 +84,15 @@ def train_competitors(preset: Preset, runs: PruneRuns, payloads: Payloads, refer
     cycles = resnet_cycles(stages, runs.train_size, settings["batch_size"], settings["lr"])
     settings |= {"epochs": sum(int(c[0]) for c in cycles), "cycles": cycles}
     keeps = sorted({keep for f in flops for keep in keeps_bracketing(cost_model(preset), order, f)})
-    targets = sorted(set(flops))
+    full = cost_model(preset).full
+    # one channel-pruned model per 0.5% of the full FLOPs the points fall in, at most their FLOPs
+    targets = sorted({math.floor(200 * f / full) * full / 200 for f in flops})
     steps = settings["epochs"] * max(runs.train_size // settings["batch_size"], 1)
     print(f"== the competitors, from {reference['source']}, {steps} ResNet steps each ({settings['epochs']} epochs in "
           f"{len(cycles)} cosine cycle(s); the policy's stages: {resnet_steps(stages, runs.train_size)} ResNet steps, "
           f"{' + '.join(stage for stage, _ in stages if stage in ('adapt', 'nest', 'finetune'))}), the same soft labels: "
           f"prune and finetune with the greedy {', '.join(map(str, keeps))} blocks; channel pruning to "
-          f"{', '.join(f'{f / cost_model(preset).full:.2f}' for f in targets)} of the FLOPs", file=sys.stderr)
+          f"{', '.join(f'{f / full:.2f}' for f in targets)} of the FLOPs", file=sys.stderr)
     began = time.time()
     runs.output.mkdir(parents=True, exist_ok=True)
     trained = [_train(preset, runs, start, reference, settings, PRUNED, keep, from_order(keep, order).int().tolist())

@@ -180,8 +180,8 @@ def collect_front(tracker: Tracker, parent_id: str, reference: Point) -> tuple[l
     points, unchosen = [], 0
     for run in tracker.children(parent_id):
         m, params = run.data.metrics, run.data.params
-        if run.info.status != "FINISHED" or "final_test_accuracy" not in m:
-            continue
+        if run.info.status != "FINISHED" or "final_test_accuracy" not in m or "competitor" in params:
+            continue  # unfinished, or a competitor's run (points of their own: prune_front)
         found = budget_trial_points(run) if "budget_range" in params else [gamma_trial_point(run)]
         chosen = [p for p in found if p.info.get("val_accuracy") is not None]
         unchosen += len(found) - len(chosen)
