@@ -319,7 +319,8 @@ class Worker:
 
     def epoch_line(self, epoch: int, metrics: dict[str, float], began: float) -> str:
         cfg = self.cfg
-        tested = (f"test acc {metrics['test_accuracy']:.3f}  blocks {metrics['blocks_used']:.2f}/"
+        validated = f"val acc {metrics['val_accuracy']:.3f}  " if "val_accuracy" in metrics else ""
+        tested = (f"{validated}test acc {metrics['test_accuracy']:.3f}  blocks {metrics['blocks_used']:.2f}/"
                   f"{self.preset.num_blocks}  speedup {metrics['speedup']:.2f}x" if "test_accuracy" in metrics else
                   f"train acc {metrics['train_accuracy']:.3f}  (not evaluated: --eval-every {cfg.eval_every})")
         return (f"[{cfg.stage}] epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.3f}  {tested}  "
