@@ -382,3 +382,24 @@ def test_a_front_is_chosen_on_validation_so_shuffled_test_labels_pick_the_same_f
         fronts[label] = ([r["gamma"] for r in rows], registered, [r["accuracy"] for r in rows])
     assert fronts["intact"][:2] == fronts["shuffled"][:2] == ([-20.0, -2.0, -0.5], {"-20.0", "-2.0", "-0.5"})
     assert fronts["shuffled"][2] == [0.11, 0.12, 0.08]  # what is shown: the test figures of the chosen models
+
+
+def test_the_verdict_names_the_simpler_model_when_pruning_wins_or_ties():
+    """The sweep's verdict from its front: pruned ResNets on the front, or intervals against either kind of
+    pruning that hold 0 or lie below it, send the user to the pruned ResNet."""
+    from blockdrop.pareto import Point
+    from blockdrop.sweep import method, recommend
+
+    def learned(low, high, channel=(0.01, 0.02)):
+        return Point(0.9, 1e6, "g", {"gain_over_pruning": (low + high) / 2, "gain_over_pruning_low": low,
+                                     "gain_over_pruning_high": high, "gain_over_channel_pruning": sum(channel) / 2,
+                                     "gain_over_channel_pruning_low": channel[0],
+                                     "gain_over_channel_pruning_high": channel[1]})
+
+    pruned = Point(0.91, 1e6, "K=4", {"method": "prune_finetune", "keep": 4})
+    assert "beats both kinds of pruning" in recommend([learned(0.01, 0.03)], "s")
+    assert "worth the same" in recommend([learned(-0.01, 0.03)], "s")  # a tie with block pruning
+    assert "a pruned ResNet is more accurate" in recommend([learned(0.01, 0.03, (-0.05, -0.01))], "s")
+    assert "a pruned ResNet is more accurate" in recommend([learned(0.01, 0.03), pruned], "s")  # one won its place
+    assert "pruning wins on this data" in recommend([pruned], "s") and "prune and finetune" in recommend([pruned], "s")
+    assert [method(p.info) for p in (pruned, learned(0, 0))] == ["prune and finetune", "learned policy"]
