@@ -100,14 +100,18 @@ def scatter_state(x_metric: str, y_metric: str, columns: list[str], parent_run_i
     }
 
 
-SWEEP_COLUMNS = [column("params", "gamma"), column("params", "budget_range"), column("params", "lr"), column("metrics", "final_test_accuracy"),
-                 column("metrics", "final_flops_per_image"), column("metrics", "final_speedup"),
-                 column("metrics", "final_blocks_used"), column("tags", "pareto_optimal")]
+# a sweep's rows: its trials and its pruned competitors (params.competitor, keep), each with the validation
+# accuracy its place on the front was chosen by and the test figures the chart plots
+SWEEP_COLUMNS = [column("params", "gamma"), column("params", "budget_range"), column("params", "competitor"),
+                 column("params", "keep"), column("params", "lr"), column("metrics", "final_val_accuracy"),
+                 column("metrics", "final_test_accuracy"), column("metrics", "final_flops_per_image"),
+                 column("metrics", "final_speedup"), column("metrics", "final_blocks_used"),
+                 column("tags", "pareto_optimal")]
 
 
 def save_sweep_view(client, experiment_id: str, parent_run_id: str, sweep_name: str, metrics: list[str] = ()) -> str:
-    """The sweep's view (FLOPs per image on x, test accuracy on y, one point per trial) saved on the
-    experiment; returns its key (the parent run's id: one view per sweep, replaced when it resumes).
+    """The sweep's view (FLOPs per image on x, test accuracy on y, one point per trial and per pruned competitor)
+    saved on the experiment; returns its key (the parent run's id: one view per sweep, replaced when it resumes).
     `metrics`: every metric the trials logged (no bar chart for them)."""
     state = scatter_state("final_flops_per_image", "final_test_accuracy", SWEEP_COLUMNS, parent_run_id, metrics)
     client.set_experiment_tag(experiment_id, TAG_PREFIX + parent_run_id, encode(state, f"{sweep_name}: Pareto front"))
