@@ -103,3 +103,24 @@ def test_the_criterion_is_the_one_most_accurate_on_the_validation_images():
     assert set(choice.accuracy) == set(C.CHANNEL_CRITERIA) and choice.accuracy["fpgm"] == 1.0
     assert choice.criterion == max(choice.accuracy, key=choice.accuracy.get)
     assert choice.flops <= 0.5 * cost_model(preset).full
+
+
+def test_a_channel_pruned_model_is_served_at_its_own_cost(tmp_path):
+    """The inference path every consumer shares (evaluation, the MLflow model, the server): a channel-pruned
+    checkpoint predicts what its network computes, every block run, at the narrower ResNet's FLOPs, with a
+    speedup against the unpruned ResNet."""
+    from blockdrop import inference
+
+    preset = get_preset("R26_DIGITS")
+    backbone = randomised("R26_DIGITS")
+    model = C.pruned(backbone, C.keep_top(C.scores(backbone, "l2", 8), C.widths_at(backbone.spec, 0.4)), 10).eval()
+    path = tmp_path / "channels.pt"
+    save_checkpoint(path, preset, model, None, {"stage": "prune", "config": {"static_policy": [1] * 12}})
+    served = inference.load(path)
+    images = torch.randn(5, 1, 8, 8)
+    out = served.predict(images)
+    with torch.no_grad():
+        assert torch.equal(out.logits.argmax(1), model(images).argmax(1))
+    narrow = cost_model(preset, None, model).backbone.total
+    assert out.policies.sum(1).tolist() == [12.0] * 5 and out.flops.tolist() == [float(narrow)] * 5
+    assert served.costs.full == cost_model(preset).full > narrow
