@@ -66,8 +66,9 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: tor
     """Cross-entropy, mixed with the KL divergence from the user's ResNet's softened predictions (scaled by
     T^2 so that its gradients keep their size): the ResNet run with fewer blocks learns to answer as the
     whole ResNet did, which the labels alone do not say. Only on the images the user's ResNet classifies
-    correctly: where it is wrong its soft labels teach the mistake (a weak ResNet, 47% on the mixed
-    folder, cost its distilled students 5-17 points: benchmarks/results/method_mixed_weak_resnet.md)."""
+    correctly: where it is wrong its soft labels teach the mistake (a weak ResNet, 47% on the mixed folder,
+    cost its distilled students 5-17 points in an early single-seed run, read on test images before the
+    validation split existed; every competitor gets the same rule, so the comparisons stay fair)."""
     ce = F.cross_entropy(logits, labels, reduction="none")
     if teacher_logits is None or weight == 0:
         return ce.mean()

@@ -43,9 +43,10 @@ class StageDefaults:
 # The paper's schedules where the paper gives them; pretraining follows the usual ResNet recipes.
 # adapt: a short stochastic-depth finetuning of a ResNet pretrained without it (blockdrop.stages).
 # The depth policy's stages (blockdrop.depth): nest, depth, and its own finetune ("finetune_depth": the
-# ResNet alone under the policy's choices, SGD). Chosen on the image folders of benchmarks/results/
-# method_mixed.md, method_shapes.md and method_digits.md; the CIFAR and ImageNet figures are scaled
-# from them, untried.
+# ResNet alone under the policy's choices, SGD). Set on the image folders of single-seed runs read on their
+# test images, before the validation split existed: not yet re-chosen on validation (only the pretrain
+# stage's image-folder default is: OTHER_DATA_STAGES); the CIFAR and ImageNet figures are scaled from them,
+# untried.
 CIFAR_STAGES = {
     "pretrain": StageDefaults(164, 128, 0.1, 1e-4),
     "adapt": StageDefaults(10, 128, 0.02, 1e-4, drop_rate=0.5),
