@@ -140,6 +140,12 @@ class WorkerData:
     val: DataLoader
     smallest_batch: int  # the fewest images a training step of this worker sees
 
+    def skipped(self) -> int | None:
+        """Unreadable files this worker met so far: in its training images and in its shard of the validation
+        split (often carved from the same folder), None for datasets that cannot have any."""
+        counts = [k for k in (skipped_images(self.train), skipped_images(self.val.dataset)) if k is not None]
+        return sum(counts) if counts else None
+
     @classmethod
     def load(cls, cfg: StageConfig, preset: Preset, device: torch.device) -> WorkerData:
         ctx = ray.train.get_context()
@@ -222,7 +228,7 @@ class Worker:
         test, val = (self.test(epoch, loader) for loader in (self.data.test, self.data.val)) if evaluate else (None, None)
         merged_stats, skipped = EpochStats(), None
         merged_test, merged_val = (Tally(), Tally()) if evaluate else (None, None)
-        for s, t, v, k in _gather((stats, test, val, skipped_images(self.data.train)), self.world):
+        for s, t, v, k in _gather((stats, test, val, self.data.skipped()), self.world):
             merged_stats.merge(s)
             if evaluate:
                 merged_test.merge(t)

@@ -215,14 +215,16 @@ def test_failed_download_says_how_to_provide_the_data(tmp_path, cifar_archive_se
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["digits", "shapes"])
 def test_sample_folders_are_written_as_train_and_test_class_folders(tmp_path, name):
-    """The offline sample sets load as an image folder of 32x32 RGB images, 10 classes, 80/20."""
+    """The offline sample sets load as an image folder of 32x32 RGB images, 10 classes, 80/20, the
+    validation split a tenth of the training folder's images."""
     proc = run_module("blockdrop.sample_data", name, str(tmp_path / name))
     assert proc.returncode == 0, proc.stderr
     preset = get_preset("R32_C10")
-    train = load_dataset(preset, "train", "imagefolder", tmp_path / name)
-    test = load_dataset(preset, "test", "imagefolder", tmp_path / name)
-    assert len(train.classes) == len(test.classes) == 10
-    assert abs(len(test) / (len(train) + len(test)) - 0.2) < 0.01 and len(train) + len(test) >= 1797
+    train, val, test = (load_dataset(preset, split, "imagefolder", tmp_path / name) for split in ("train", "val", "test"))
+    assert len(train.classes) == len(val.classes) == len(test.classes) == 10
+    whole = len(train) + len(val) + len(test)
+    assert abs(len(test) / whole - 0.2) < 0.01 and whole >= 1797
+    assert abs(len(val) / (len(train) + len(val)) - 0.1) < 0.01
     with Image.open(test.samples[0][0]) as image:
         assert image.size == (32, 32) and image.mode == "RGB"
     again = run_module("blockdrop.sample_data", name, str(tmp_path / name))
