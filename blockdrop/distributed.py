@@ -299,9 +299,11 @@ class Worker:
         return out | {"budget_gap": sum(gaps) / len(gaps), "budget_ceiling": most}
 
     def check_unreadable(self, skipped: int) -> None:
-        allowed = allowed_unreadable(self.cfg.max_bad_images, len(self.data.train))
+        # the share of the images the count covers: the training images and the whole validation split
+        images = len(self.data.train) + len(self.data.val.dataset.dataset)
+        allowed = allowed_unreadable(self.cfg.max_bad_images, images)
         if skipped > allowed:
-            raise UserError(f"{skipped} unreadable training images, more than --max-bad-images "
+            raise UserError(f"{skipped} unreadable training and validation images, more than --max-bad-images "
                             f"{self.cfg.max_bad_images:g} allows ({allowed}); the warnings name them")
 
     def report(self, epoch: int, metrics: dict[str, float], began: float) -> None:
