@@ -33,6 +33,7 @@ import copy
 import os
 import pickle
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -98,6 +99,22 @@ def train(stage: str, settings: dict, data: Path, init: dict | None, teacher: di
             models.policy.calibrate(*spend_on(models.policy, DataLoader(val, batch_size=256), CPU))
     trains_resnet = stage in ("pretrain", "nest", "prune", "finetune")
     return state_of(models), time.process_time() - began, cfg.epochs * len(loader) if trains_resnet else 0
+
+
+def kept(parts: Path | None, label: str, run) -> tuple[dict, float, int]:
+    """`run()` (one stage: state, seconds, ResNet steps), or what it returned before, kept under `parts/label.pt`:
+    an interrupted seed resumes after its last finished stage (every stage reseeds itself, so skipping the ones
+    before changes nothing)."""
+    path = None if parts is None else parts / f"{label}.pt"
+    if path is not None and path.exists():
+        saved = torch.load(path, weights_only=False)
+        return saved["state"], saved["seconds"], saved["steps"]
+    state, seconds, steps = run()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": state, "seconds": seconds, "steps": steps}, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    return state, seconds, steps
 
 
 def user_resnet(data: Path, workdir: Path, epochs: int) -> Path:
@@ -170,8 +187,9 @@ def measure(model: Model, test, val) -> None:
                              for ds in (test, val))
 
 
-def run_seed(seed: int, args, data: Path, user: Path, user_state: dict, order: list[int], scale: float) -> list[Model]:
-    """Every model of one seed, trained and measured."""
+def run_seed(seed: int, args, data: Path, user: Path, user_state: dict, order: list[int], scale: float,
+             parts: Path | None = None) -> list[Model]:
+    """Every model of one seed, trained and measured (each trained stage kept under `parts`)."""
     gammas = [float(g) for g in args.gammas.split(",")]
     plans = {g: plan_for("depth", user, data, g) for g in gammas}
     plan = plans[gammas[0]]
@@ -180,10 +198,13 @@ def run_seed(seed: int, args, data: Path, user: Path, user_state: dict, order: l
     models: list[Model] = []
 
     def depth_models(method: str, start: dict, start_order: list[int]) -> None:
-        nested, s_nest, n_nest = train("nest", plan["nest"], data, start, user_state, seed, scale, order=start_order)
-        trained, s_depth, _ = train("depth", plan["depth"], data, nested, None, seed, scale)
+        nested, s_nest, n_nest = kept(parts, f"{method}-nest", lambda: train(
+            "nest", plan["nest"], data, start, user_state, seed, scale, order=start_order))
+        trained, s_depth, _ = kept(parts, f"{method}-depth", lambda: train(
+            "depth", plan["depth"], data, nested, None, seed, scale))
         for gamma in gammas:
-            state, s_ft, n_ft = train("finetune", plans[gamma]["finetune"], data, trained, user_state, seed, scale)
+            state, s_ft, n_ft = kept(parts, f"{method}-finetune-gamma{gamma:g}", lambda: train(
+                "finetune", plans[gamma]["finetune"], data, trained, user_state, seed, scale))
             label = "depth policy" if method == "depth" else f"depth policy on channels {args.combine:g}"
             models.append(Model(f"{label}, gamma {gamma:g}", method, seed, state, n_nest + n_ft, s_nest + s_depth + s_ft))
             print(f"[seed {seed}] {models[-1].name}: {models[-1].seconds:.0f} CPU s", flush=True)
@@ -209,16 +230,17 @@ def run_seed(seed: int, args, data: Path, user: Path, user_state: dict, order: l
     flops = [m.flops for m in learned]
     for keep in sorted({k for f in flops for k in keeps_bracketing(cost_model(PRESET), order, f)}):
         row = from_order(keep, order).int().tolist()
-        state, seconds, steps = train("prune", settings, data, user_state, user_state, seed, scale, static_policy=row,
-                                      cycles=cycles)
+        state, seconds, steps = kept(parts, f"blocks-K{keep}", lambda: train(
+            "prune", settings, data, user_state, user_state, seed, scale, static_policy=row, cycles=cycles))
         models.append(Model(f"block pruning K={keep}", PRUNED, seed, state, steps, seconds, row, keep))
     backbone, _ = modules(user_state)
     val = load_dataset(PRESET, "val", "imagefolder", data)
     for target in sorted(set(flops)):
         choice = C.choose(backbone, target, 32, 10, DataLoader(holdout(val, 1000), batch_size=256), CPU)
         row = [1] * PRESET.num_blocks
-        state, seconds, steps = train("prune", settings, data, user_state, user_state, seed, scale, static_policy=row,
-                                      cycles=cycles, channels=choice.kept)
+        state, seconds, steps = kept(parts, f"channels-{target:.6g}", lambda: train(
+            "prune", settings, data, user_state, user_state, seed, scale, static_policy=row, cycles=cycles,
+            channels=choice.kept))
         models.append(Model(f"channel pruning {target / cost_model(PRESET).full:.2f}", CHANNELS, seed, state, steps,
                             seconds, row, PRESET.num_blocks, extra={"criterion": choice.criterion,
                                                                     "criteria": choice.accuracy}))
@@ -267,7 +289,8 @@ def main() -> None:
     data = workdir / "data"
     if not data.exists():
         write_folder(args.data, data, 32, args.per_class)
-    user = user_resnet(data, workdir, max(1, round(args.pretrain_epochs * scale)))
+    args.user_epochs = max(1, round(args.pretrain_epochs * scale))
+    user = user_resnet(data, workdir, args.user_epochs)
     user_state = {"backbone": read_checkpoint(user).backbone, "policy": None}
     args.splits = (load_dataset(PRESET, "test", "imagefolder", data), load_dataset(PRESET, "val", "imagefolder", data))
     backbone, _ = modules(user_state)
@@ -279,14 +302,17 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         # each seed's measured models are kept in the work folder: a rerun resumes after the last finished seed
         # (the same settings: delete the file to train that seed again)
+        # (the same settings: delete the file to train that seed again); within a seed, each trained stage is kept
+        # under seedN-.../ so an interrupted seed resumes after its last finished stage
         cache = workdir / f"seed{seed}-{args.gammas}-{args.combine:g}{'-quick' if args.quick else ''}.pkl"
         if cache.exists():
             by_seed[seed] = pickle.loads(cache.read_bytes())
             continue
-        by_seed[seed] = run_seed(seed, args, data, user, user_state, order, scale)
+        by_seed[seed] = run_seed(seed, args, data, user, user_state, order, scale, cache.with_suffix(""))
         for m in by_seed[seed]:
             m.state = None  # measured: the weights are not needed again
         cache.write_bytes(pickle.dumps(by_seed[seed]))
+        shutil.rmtree(cache.with_suffix(""), ignore_errors=True)  # the seed's stages: kept in the file now
     write(args, tag, data, user_model, by_seed)
 
 
@@ -303,7 +329,7 @@ def write(args, tag: str, data: Path, user: Model, by_seed: dict[int, list[Model
              f"{', quick (every stage a tenth as long: not evidence)' if args.quick else ''}. Command: "
              f"`python benchmarks/method.py --data {args.data} --seeds {args.seeds} --gammas={args.gammas} "
              f"--combine {args.combine:g}`", "",
-             f"Your ResNet-32 (standard training, {args.pretrain_epochs} epochs, fixed across seeds): "
+             f"Your ResNet-32 (standard training, {args.user_epochs} epochs, fixed across seeds): "
              f"**{100 * u.accuracy:.2f}%** on the test images ({100 * user.val.report(full).accuracy:.2f}% on "
              f"validation), 15 blocks, {full:.2E} FLOPs. Every competitor trained the ResNet for the depth policy's "
              f"ResNet steps, in the same cosine cycles, with the same distillation from your ResNet; every figure "
