@@ -59,8 +59,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     folders = args.data.split(",")
-    lrs, steps, seeds = ([float(x) for x in args.lrs.split(",")], [int(x) for x in args.steps.split(",")],
-                         [int(x) for x in args.seeds.split(",")])
+    try:
+        lrs, steps, seeds = ([float(x) for x in args.lrs.split(",")], [int(x) for x in args.steps.split(",")],
+                             [int(x) for x in args.seeds.split(",")])
+    except ValueError as err:
+        parser.error(f"--lrs, --steps and --seeds take comma-separated numbers ({err})")
     found: dict[tuple[float, int, float], dict[str, list[tuple[float, float]]]] = {}
     for name in folders:
         data = Path(args.workdir, f"method-{name}").resolve() / "data"
@@ -71,8 +74,10 @@ def main() -> None:
         # every finished run is kept beside the folder: a rerun (or a larger grid) trains only what is missing, and
         # the table holds every kept setting that has run on every folder at these seeds
         kept_runs = data.parent / "defaults-runs.jsonl"
-        kept = [json.loads(line) for line in kept_runs.read_text().splitlines()] if kept_runs.exists() else []
-        done = {(r["lr"], r["steps"], r.get("weight_decay", 5e-4), r["seed"]) for r in kept}
+        # (runs kept before the weight decay was recorded ran at 5e-4)
+        kept = [{"weight_decay": 5e-4} | json.loads(line) for line in kept_runs.read_text().splitlines()] \
+            if kept_runs.exists() else []
+        done = {(r["lr"], r["steps"], r["weight_decay"], r["seed"]) for r in kept}
         for lr, length, seed in itertools.product(lrs, steps, seeds):
             if (lr, length, args.weight_decay, seed) in done:
                 continue
@@ -88,7 +93,7 @@ def main() -> None:
             kept.append(run)
         for r in kept:
             if r["seed"] in seeds:
-                setting = (r["lr"], r["steps"], r.get("weight_decay", 5e-4))
+                setting = (r["lr"], r["steps"], r["weight_decay"])
                 found.setdefault(setting, {}).setdefault(name, []).append((r["val"], r["test"]))
     found = {k: v for k, v in found.items() if all(name in v for name in folders)}
     write(args, folders, seeds, found)

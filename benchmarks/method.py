@@ -101,19 +101,18 @@ def train(stage: str, settings: dict, data: Path, init: dict | None, teacher: di
     return state_of(models), time.process_time() - began, cfg.epochs * len(loader) if trains_resnet else 0
 
 
-def kept(parts: Path | None, label: str, run) -> tuple[dict, float, int]:
+def kept(parts: Path, label: str, run) -> tuple[dict, float, int]:
     """`run()` (one stage: state, seconds, ResNet steps), or what it returned before, kept under `parts/label.pt`:
     an interrupted seed resumes after its last finished stage (every stage reseeds itself, so skipping the ones
     before changes nothing)."""
-    path = None if parts is None else parts / f"{label}.pt"
-    if path is not None and path.exists():
+    path = parts / f"{label}.pt"
+    if path.exists():
         saved = torch.load(path, weights_only=False)
         return saved["state"], saved["seconds"], saved["steps"]
     state, seconds, steps = run()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state": state, "seconds": seconds, "steps": steps}, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": state, "seconds": seconds, "steps": steps}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
     return state, seconds, steps
 
 
@@ -188,7 +187,7 @@ def measure(model: Model, test, val) -> None:
 
 
 def run_seed(seed: int, args, data: Path, user: Path, user_state: dict, order: list[int], scale: float,
-             parts: Path | None = None) -> list[Model]:
+             parts: Path) -> list[Model]:
     """Every model of one seed, trained and measured (each trained stage kept under `parts`)."""
     gammas = [float(g) for g in args.gammas.split(",")]
     plans = {g: plan_for("depth", user, data, g) for g in gammas}
@@ -301,7 +300,6 @@ def main() -> None:
     by_seed = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         # each seed's measured models are kept in the work folder: a rerun resumes after the last finished seed
-        # (the same settings: delete the file to train that seed again)
         # (the same settings: delete the file to train that seed again); within a seed, each trained stage is kept
         # under seedN-.../ so an interrupted seed resumes after its last finished stage
         cache = workdir / f"seed{seed}-{args.gammas}-{args.combine:g}{'-quick' if args.quick else ''}.pkl"
